@@ -1,0 +1,1 @@
+"""Reproducible ResNet-18 / CIFAR-10 tuning rounds with DVC and MLflow."""

@@ -1,0 +1,182 @@
+"""MLflow at the edges of the stages: one run per training run, in the repository's store.
+
+The default store is sqlite `mlflow.db` with artifacts in `mlartifacts/`, both
+at the repository root. Queued DVC experiments run in temporary copies of the
+repository, so the root comes from DVC_ROOT, never from the working folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.params import Params
+
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    """params > $MLFLOW_TRACKING_URI > sqlite store at the repository root."""
+    return (
+        params.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{root / STORE_FILE}"
+    )
+
+
+def run_name(params: Params) -> str:
+    return os.environ.get("DVC_EXP_NAME") or params.tracking.run_name
+
+
+def git_commit(root: Path) -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def experiment_id(client: MlflowClient, name: str, root: Path, local_store: bool) -> str:
+    """Get or create the experiment; local stores keep artifacts at the root, absolute."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (root / ARTIFACTS_DIR).as_uri() if local_store else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another worker created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def open_client(params: Params) -> tuple[MlflowClient, str]:
+    """A client on the resolved store and the experiment id, creating both once under a lock."""
+    root = repo_root()
+    uri = tracking_uri(params, root)
+    local = uri.startswith("sqlite:")
+    # Two queue workers starting at once would both run the sqlite schema migration.
+    with FileLock(str(root / f".{STORE_FILE}.lock")) if local else nullcontext():
+        client = MlflowClient(uri)
+        return client, experiment_id(client, params.tracking.experiment_name, root, local)
+
+
+def run_tags(params: Params, device: torch.device) -> dict[str, str]:
+    root = repo_root()
+    commit = git_commit(Path.cwd())
+    return {
+        "mlflow.source.git.commit": commit,
+        "git_commit": commit,
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "dvc_root": str(root),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+        "params_digest": params.digest(),
+    }
+
+
+class Tracker:
+    """One MLflow run: params and tags once, metrics per epoch, artifacts at the end."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def start(cls, params: Params, device: torch.device, resume_run_id: str | None = None) -> Tracker:
+        client, exp_id = open_client(params)
+        if resume_run_id and _run_exists(client, resume_run_id):
+            client.update_run(resume_run_id, status="RUNNING")
+            return cls(client, resume_run_id)
+        tags = run_tags(params, device)
+        run = client.create_run(exp_id, run_name=run_name(params), tags=tags)
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def attach(cls, params: Params, run_id: str) -> Tracker:
+        client, _ = open_client(params)
+        return cls(client, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._log([Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_series(self, key: str, values: dict[int, float]) -> None:
+        """One metric at many steps (e.g. the per-step gradient norm)."""
+        now = int(time.time() * 1000)
+        self._log([Metric(key, float(v), now, step) for step, v in values.items()])
+
+    def _log(self, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_BATCH])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
+        """Log a file, optionally under another name."""
+        if name is None or name == path.name:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            renamed = Path(tmp) / name
+            shutil.copyfile(path, renamed)
+            self.client.log_artifact(self.run_id, str(renamed), artifact_path)
+
+    def log_pytorch_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """Save as an MLflow model in the `pt2` (torch.export) format: no pickled code to trust."""
+        import mlflow.pytorch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pytorch.save_model(
+                model, Path(tmp) / "model", serialization_format="pt2", input_example=example.numpy()
+            )
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+@contextmanager
+def terminated_on_exit(tracker: Tracker) -> Iterator[Tracker]:
+    """End the run FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        tracker.finish(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        tracker.finish(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

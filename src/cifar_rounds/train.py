@@ -1,0 +1,270 @@
+"""Stage `train`: ResNet-18 with SGD, MultiStepLR and early stopping, from params.yaml.
+
+Writes every epoch, atomically: the full training state (`last.pt`, enough to
+resume bit for bit), the best weights (`best.pt`), the per-epoch history (a DVC
+plot) and a summary. MLflow gets params, per-epoch metrics and gradient norms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
+from cifar_rounds.model import ResNet18
+from cifar_rounds.params import ModelParams, Params, TrainParams, load_params
+from cifar_rounds.pipeline import TrainBatches, eval_batches
+from cifar_rounds.split import Split
+from cifar_rounds.tracking import Tracker, terminated_on_exit
+
+HISTORY_FIELDS = (
+    "epoch", "learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+    "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s",
+)
+
+
+def select_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError("train.device: 'cuda' requested but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays (CUDA); None means plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def configure_determinism(deterministic: bool) -> None:
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def build_model(model_params: ModelParams, num_classes: int, device: torch.device) -> nn.Module:
+    model = ResNet18(num_classes=num_classes, width=model_params.width)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def build_optimizer(model: nn.Module, tp: TrainParams) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=tp.learning_rate, momentum=tp.momentum,
+        nesterov=tp.nesterov, weight_decay=tp.weight_decay,
+    )
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, tp.lr_milestones, tp.lr_gamma)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Progress:
+    """What resumes a run besides the tensors: the epoch reached, history, early stopping."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopper: dict = field(default_factory=dict)
+    run_id: str | None = None
+    finished: bool = False
+
+
+def training_state(net, optimizer, scheduler, generator, progress: Progress, digest: str) -> dict:
+    return {
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "progress": asdict(progress),
+        "params_digest": digest,
+    }
+
+
+def resumable_state(path: Path, digest: str) -> dict | None:
+    """The last checkpoint if it belongs to these params and did not finish; says why not."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["params_digest"] != digest:
+        print(f"train: {path} was made with other params; starting fresh")
+        return None
+    if state["progress"]["finished"]:
+        return None
+    print(f"train: resuming from {path} after epoch {state['progress']['epoch']}")
+    return state
+
+
+def restore(state: dict, net, optimizer, scheduler, generator) -> Progress:
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return Progress(**state["progress"])
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def progress_bar(iterable, total: int, desc: str):
+    """A tqdm bar on a terminal; the bare iterable elsewhere (epoch lines are printed instead)."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def step_series(result: EpochResult, epoch: int, steps: int, interval: int) -> dict[int, float]:
+    """The per-step gradient norms at global steps divisible by `interval`."""
+    first = (epoch - 1) * steps
+    return {first + i + 1: v for i, v in enumerate(result.step_grad_norms) if (first + i + 1) % interval == 0}
+
+
+def epoch_record(epoch: int, lr: float, result: EpochResult, val: dict, seconds: float, images: int) -> dict:
+    m = result.metrics
+    return {
+        "epoch": epoch, "learning_rate": lr, **m, **val,
+        "train_val_accuracy_gap": m["train_accuracy"] - val["val_accuracy"],
+        "epoch_time_s": seconds, "images_per_s": images / seconds,
+    }
+
+
+@dataclass(frozen=True)
+class Outputs:
+    models: Path
+    history: Path
+    summary: Path
+
+    @property
+    def last(self) -> Path:
+        return self.models / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.models / "best.pt"
+
+
+def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dict:
+    """Train to the end or early stop, checkpointing every epoch; returns the summary."""
+    tp = params.train
+    configure_determinism(tp.deterministic)
+    digest = params.digest("data", "model", "train")
+    torch.manual_seed(params.data.seed)
+    generator = torch.Generator().manual_seed(params.data.seed)
+    net = build_model(params.model, len(split.label_names), device)
+    optimizer, scheduler = build_optimizer(net, tp)
+    state = resumable_state(out.last, digest)
+    progress = restore(state, net, optimizer, scheduler, generator) if state else Progress()
+    stopper = EarlyStopping(tp.monitor, tp.patience, tp.min_delta, **progress.stopper)
+    model = torch.compile(net) if tp.compile else net
+    dtype = amp_dtype(tp.precision, device)
+
+    to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    batches = TrainBatches(to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip)
+    if len(batches) == 0:
+        raise StageError(f"train.batch_size: {tp.batch_size} exceeds the {len(split.train_labels)} training images")
+    val_x, val_y = to_dev(split.val_images), to_dev(split.val_labels)
+
+    tracker = Tracker.start(params, device, progress.run_id)
+    progress.run_id = tracker.run_id
+    with terminated_on_exit(tracker):
+        for epoch in range(progress.epoch + 1, tp.num_epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            stream = progress_bar(batches.epoch(generator), len(batches), f"epoch {epoch}")
+            result = train_one_epoch(model, optimizer, stream, len(batches), device, dtype)
+            seconds = time.perf_counter() - start
+            if result.first_bad_step is not None:
+                raise StageError(
+                    f"loss became non-finite at epoch {epoch}, step {result.first_bad_step + 1} "
+                    f"(learning rate {lr:g}); the last good checkpoint is kept in {out.last}"
+                )
+            val = evaluate(model, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, device, dtype)
+            scheduler.step()
+            record = epoch_record(epoch, lr, result, val, seconds, len(batches) * tp.batch_size)
+            if stopper.update(record[tp.monitor], epoch):
+                save_atomic({"model": net.state_dict(), "epoch": epoch, "width": params.model.width}, out.best)
+            progress.epoch, progress.stopper = epoch, asdict(stopper)
+            progress.history.append(record)
+            progress.finished = stopper.should_stop or epoch == tp.num_epochs
+            save_atomic(training_state(net, optimizer, scheduler, generator, progress, digest), out.last)
+            write_history(progress.history, out.history)
+            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            tracker.log_series("grad_norm_step", step_series(result, epoch, len(batches), params.tracking.grad_norm_interval))
+            print(
+                f"epoch {epoch}/{tp.num_epochs} lr {lr:.4g} train loss {record['train_loss']:.4f} "
+                f"acc {record['train_accuracy']:.4f} | val loss {val['val_loss']:.4f} acc {val['val_accuracy']:.4f} "
+                f"| {record['images_per_s']:.0f} img/s", flush=True,
+            )
+            if stopper.should_stop:
+                print(f"early stop: no {tp.monitor} improvement > {tp.min_delta} in {tp.patience} epochs")
+                break
+        summary = {
+            "best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch,
+            "early_stopped": stopper.should_stop, "mlflow_run_id": tracker.run_id,
+        }
+        tracker.log_metrics({"best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch}, step=progress.epoch)
+        tracker.log_artifact(out.best, "checkpoints", f"best-epoch-{stopper.best_epoch:03d}.pt")
+        tracker.log_artifact(out.last, "checkpoints", f"last-epoch-{progress.epoch:03d}.pt")
+        tracker.log_artifact(out.history)
+        if params.tracking.log_model:
+            best = build_model(params.model, len(split.label_names), torch.device("cpu"))
+            best.load_state_dict(torch.load(out.best, map_location="cpu", weights_only=True)["model"])
+            tracker.log_pytorch_model(best.eval(), torch.zeros(1, 3, 32, 32))
+        write_json(summary, out.summary)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", type=Path, required=True, help="split stage's .npz")
+    parser.add_argument("--models", type=Path, required=True, help="folder for best.pt and last.pt")
+    parser.add_argument("--history", type=Path, required=True, help="per-epoch history CSV (DVC plot)")
+    parser.add_argument("--summary", type=Path, required=True, help="JSON: best/stopped epoch, MLflow run id")
+    args = parser.parse_args()
+    params = load_params()
+    device = select_device(params.train.device)
+    split = Split.load(args.split)
+    summary = fit(params, split, Outputs(args.models, args.history, args.summary), device)
+    print(f"train: best epoch {summary['best_epoch']}, stopped after {summary['stopped_epoch']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
