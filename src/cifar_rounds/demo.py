@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from cifar_rounds.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
@@ -38,6 +39,11 @@ def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def dvc(*args: str, cwd: Path) -> None:
+    """DVC from this interpreter's environment, whatever PATH says."""
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True)
+
+
 def init_project(source: Path, target: Path, params: Params) -> None:
     """A fresh git + DVC project holding the pipeline and the given params."""
     target.mkdir(parents=True, exist_ok=True)
@@ -53,8 +59,8 @@ def init_project(source: Path, target: Path, params: Params) -> None:
         git("config", "user.email", "pipeline@localhost", cwd=target)
         git("config", "user.name", "cifar-rounds", cwd=target)
     if not (target / ".dvc").exists():
-        subprocess.run(["dvc", "init", "-q"], cwd=target, check=True)
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=target, check=True)
+        dvc("init", "-q", cwd=target)
+        dvc("config", "core.analytics", "false", cwd=target)
     (target / ".gitignore").write_text("/mlflow.db\n/.mlflow.db.lock\n/mlartifacts/\n/" + ARCHIVE + "\n")
 
 
@@ -73,8 +79,8 @@ def main() -> None:
     archive = target / ARCHIVE
     md5 = write_archive(archive, args.train_size, args.test_size, seed=0)
     init_project(Path.cwd(), target, offline_params(load_params(), archive, md5, {}))
-    subprocess.run(["dvc", "repro"], cwd=target, check=True)
-    subprocess.run(["dvc", "metrics", "show"], cwd=target, check=True)
+    dvc("repro", cwd=target)
+    dvc("metrics", "show", cwd=target)
     print(f"offline run complete in {target}; MLflow: mlflow ui --backend-store-uri sqlite:///{target}/mlflow.db")
 
 

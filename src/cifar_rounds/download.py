@@ -45,8 +45,8 @@ def fetch(url: str, workdir: Path) -> Path:
         download_url(url, str(workdir), name)
     except (urllib.error.URLError, OSError) as error:
         raise StageError(
-            f"data.url: cannot download {url} ({getattr(error, 'reason', error)}); without network, "
-            "copy the archive here and set data.url to its path or file:// URL "
+            f"data.url: cannot download {url} ({getattr(error, 'reason', error)}); to use a local copy, "
+            "set data.url to its path or file:// URL "
             "(dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz)"
         ) from None
     return workdir / name

@@ -119,7 +119,11 @@ def main() -> None:
     plot_confusion(confusion, names, args.confusion_png, f"test accuracy {test['accuracy']:.2%}")
 
     tracker = Tracker.attach(params, summary["mlflow_run_id"])
-    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    # train_/val_ already name the per-epoch series; the best model's values get their own names
+    flat = {
+        f"final_{k}" if k.startswith(("train_", "val_")) else k: v
+        for k, v in metrics.items() if isinstance(v, (int, float))
+    }
     flat.update({f"test_accuracy/{n}": v for n, v in metrics["per_class_accuracy"].items()})
     tracker.log_metrics(flat, step=summary["stopped_epoch"])
     for path in (args.metrics, args.predictions, args.confusion_png):

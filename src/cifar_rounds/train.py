@@ -247,7 +247,8 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dic
         if params.tracking.log_model:
             best = build_model(params.model, len(split.label_names), torch.device("cpu"))
             best.load_state_dict(torch.load(out.best, map_location="cpu", weights_only=True)["model"])
-            tracker.log_pytorch_model(best.eval(), torch.zeros(1, 3, 32, 32))
+            # batch 2: torch.export specialises a batch dimension of size 1
+            tracker.log_pytorch_model(best.eval(), torch.zeros(2, 3, 32, 32))
         write_json(summary, out.summary)
     return summary
 

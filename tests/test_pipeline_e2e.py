@@ -1,0 +1,113 @@
+"""The real pipeline under `dvc repro` in a temporary git repository, read back through DVC and MLflow.
+
+The tests in this module share one project and run in order.
+"""
+
+import hashlib
+import json
+import math
+
+import mlflow.pytorch
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.params import Params, load_params
+from conftest import make_project, read_json, run
+
+pytestmark = pytest.mark.slow
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, archive):
+    path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS})
+    run(["dvc", "repro"], path)
+    return path
+
+
+def client(project) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{project}/mlflow.db")
+
+
+def runs(project):
+    c = client(project)
+    return c.search_runs([c.get_experiment_by_name("cifar-rounds").experiment_id])
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_metrics_reported_by_dvc(project):
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    metrics = shown[""]["data"]["metrics.json"]["data"]
+    for split in ("test", "val", "train"):
+        assert 0 <= metrics[f"{split}_accuracy"] <= 1 and metrics[f"{split}_loss"] > 0
+    assert metrics["test_accuracy"] > 0.3  # ten classes: chance is 0.1
+    assert metrics["stopped_epoch"] == EPOCHS and 1 <= metrics["best_epoch"] <= EPOCHS
+    assert len(metrics["per_class_accuracy"]) == 10
+    history = (project / "reports/history.csv").read_text().splitlines()
+    assert len(history) == EPOCHS + 1 and history[0].startswith("epoch,learning_rate")
+    assert len((project / "reports/test_predictions.csv").read_text().splitlines()) == 401
+    assert (project / "reports/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
+    (r,) = runs(project)
+    assert r.info.status == "FINISHED" and r.info.run_name == "workspace"
+    params = load_params(project / "params.yaml")
+    assert r.data.params == {k: str(v) for k, v in params.flat().items()}
+    assert {"git_commit", "device", "torch_version", "params_digest"} <= r.data.tags.keys()
+    assert r.data.tags["params_digest"] == params.digest()
+    assert read_json(project / "metrics.json")["mlflow_run_id"] == r.info.run_id
+    c = client(project)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
+                "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "grad_norm_mean", "grad_norm/layer1.0"):
+        history = c.get_metric_history(r.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
+        assert all(math.isfinite(m.value) for m in history)
+    assert all(m.value > 0 for m in c.get_metric_history(r.info.run_id, "grad_norm_max"))
+    assert r.data.metrics["test_accuracy"] == read_json(project / "metrics.json")["test_accuracy"]
+    names = {a.path for a in c.list_artifacts(r.info.run_id, "checkpoints")}
+    best = read_json(project / "metrics.json")["best_epoch"]
+    assert names == {f"checkpoints/best-epoch-{best:03d}.pt", f"checkpoints/last-epoch-{EPOCHS:03d}.pt"}
+    assert "evaluation/confusion_matrix.png" in {a.path for a in c.list_artifacts(r.info.run_id, "evaluation")}
+    model = mlflow.pytorch.load_model(f"{r.info.artifact_uri}/model")
+    assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_second_repro_runs_nothing(project):
+    out = run(["dvc", "repro"], project).stdout
+    assert "Running stage" not in out
+    assert len(runs(project)) == 1
+
+
+def test_bad_params_stop_before_any_work_and_keep_outputs(project):
+    good = (project / "params.yaml").read_text()
+    kept = {p: digest(project / p) for p in ("models/best.pt", "models/last.pt", "metrics.json", "reports/history.csv")}
+    raw = yaml.safe_load(good)
+    raw["train"]["learning_rate"] = -0.1
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        result = run(["dvc", "repro"], project, check=False)
+    finally:
+        (project / "params.yaml").write_text(good)
+    assert result.returncode != 0
+    assert "error: params.yaml: train.learning_rate: Input should be greater than 0 (got -0.1)" in result.stderr
+    assert {p: digest(project / p) for p in kept} == kept
+    assert [r.info.status for r in runs(project)] == ["FINISHED"]
+
+
+def test_changing_a_train_param_reruns_train_and_evaluate_only(project):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["lr_gamma"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = run(["dvc", "repro"], project).stdout
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'download'" not in out and "Running stage 'split'" not in out
+    # the old checkpoint belonged to other params: a fresh run, not a resume
+    assert "other params; starting fresh" in out
+    assert sorted(r.info.status for r in runs(project)) == ["FINISHED", "FINISHED"]
