@@ -17,7 +17,7 @@ from pathlib import Path
 from cifar_rounds.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.synthetic import write_archive
 
-PROJECT_FILES = ("dvc.yaml", "src")
+PROJECT_FILES = ("dvc.yaml", "src", "MLproject", "conda.yaml")
 ARCHIVE = "cifar-10-synthetic.tar.gz"
 
 # Small enough for 2 CPU cores in about a minute, large enough that every stage runs for real.

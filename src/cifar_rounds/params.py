@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -84,16 +84,15 @@ class TrainParams(Section):
         False, description="Deterministic kernels (bit-for-bit reruns), no cudnn autotuning."
     )
 
-    @model_validator(mode="after")
-    def _milestones_within_run(self) -> TrainParams:
-        m = self.lr_milestones
+    @field_validator("lr_milestones")
+    @classmethod
+    def _milestones_within_run(cls, m: list[int], info: ValidationInfo) -> list[int]:
         if any(b <= a for a, b in zip(m, m[1:])):
-            raise ValueError(f"lr_milestones must be strictly increasing, got {m}")
-        if m and not (1 <= m[0] and m[-1] < self.num_epochs):
-            raise ValueError(
-                f"lr_milestones must lie in [1, num_epochs={self.num_epochs}), got {m}"
-            )
-        return self
+            raise ValueError(f"must be strictly increasing, got {m}")
+        epochs = info.data.get("num_epochs")
+        if m and epochs is not None and not (1 <= m[0] and m[-1] < epochs):
+            raise ValueError(f"must lie in [1, num_epochs={epochs}), got {m}")
+        return m
 
 
 class TrackingParams(Section):
@@ -144,7 +143,7 @@ def _describe(error: ValidationError, path: Path) -> str:
     field = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{path}: unknown key '{field}' (check its spelling against params.py)"
-    got = "" if first["type"] == "missing" else f" (got {first['input']!r})"
+    got = "" if first["type"] in ("missing", "value_error") else f" (got {first['input']!r})"
     message = first["msg"].removeprefix("Value error, ")
     more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
     return f"{path}: {field}: {message}{got}{more}"

@@ -35,12 +35,18 @@ def repo_root() -> Path:
 
 
 def tracking_uri(params: Params, root: Path) -> str:
-    """params > $MLFLOW_TRACKING_URI > sqlite store at the repository root."""
-    return (
-        params.tracking.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{root / STORE_FILE}"
-    )
+    """params > $MLFLOW_TRACKING_URI > sqlite store at the repository root.
+
+    A relative sqlite path is taken from the repository root, not from the
+    working folder (a queued experiment's temporary copy).
+    """
+    uri = params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        return f"sqlite:///{root / STORE_FILE}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri.removeprefix(prefix)).is_absolute():
+        return f"{prefix}{root / uri.removeprefix(prefix)}"
+    return uri
 
 
 def run_name(params: Params) -> str:
@@ -103,9 +109,15 @@ class Tracker:
             client.update_run(resume_run_id, status="RUNNING")
             return cls(client, resume_run_id)
         tags = run_tags(params, device)
-        run = client.create_run(exp_id, run_name=run_name(params), tags=tags)
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
-        return cls(client, run.info.run_id)
+        # under `mlflow run`, the run it opened is this run
+        run_id = os.environ.get("MLFLOW_RUN_ID")
+        if run_id:
+            client.update_run(run_id, status="RUNNING", name=run_name(params))
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        else:
+            run_id = client.create_run(exp_id, run_name=run_name(params), tags=tags).info.run_id
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
+        return cls(client, run_id)
 
     @classmethod
     def attach(cls, params: Params, run_id: str) -> Tracker:
@@ -124,9 +136,6 @@ class Tracker:
     def _log(self, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_BATCH])
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""

@@ -1,0 +1,121 @@
+"""MLflow beyond the default store: a real `mlflow server`, queued DVC experiments, `mlflow run`."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.params import Params, load_params
+from conftest import REPO, env, make_project, read_json, run
+
+pytestmark = pytest.mark.slow
+TWO_EPOCHS = {"train.num_epochs": 2, "train.lr_milestones": [1]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def finished_runs(client: MlflowClient, experiment: str = "cifar-rounds"):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_pipeline_logs_to_a_real_mlflow_server_over_http(tmp_path, archive, mlflow_server):
+    project = make_project(tmp_path / "p", archive, **TWO_EPOCHS)
+    run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=mlflow_server)
+    assert not (project / "mlflow.db").exists()
+    client = MlflowClient(mlflow_server)
+    (r,) = finished_runs(client)
+    assert r.info.status == "FINISHED" and r.info.run_id == read_json(project / "metrics.json")["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_loss")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"checkpoints", "model", "evaluation"}
+
+
+def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path, archive):
+    project = make_project(tmp_path / "p", archive, **TWO_EPOCHS)
+    names = [f"q{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr_gamma={0.2 + 0.1 * i:.1f}"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.time() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.time() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") == 4, status + run(["dvc", "queue", "logs", names[0]], project, check=False).stdout
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    runs = {r.info.run_name: r for r in finished_runs(client)}
+    assert sorted(runs) == names
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    exp_run_ids = {
+        e["name"]: e["data"]["metrics"]["metrics.json"]["data"]["mlflow_run_id"]
+        for baseline in shown for e in (x for exps in baseline["experiments"] or [] for x in exps["revs"])
+    }
+    for name, r in runs.items():
+        assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] == name
+        assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
+        assert exp_run_ids[name] == r.info.run_id
+    assert (project / "mlartifacts").is_dir() and not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params(tmp_path, archive):
+    project = make_project(tmp_path / "p", archive, **{"train.lr_milestones": [1]})
+    before = (project / "params.yaml").read_text()
+    run([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar-rounds",
+         "-P", "num_epochs=2", "-P", "lr_gamma=0.5", "-P", "patience=5"], project)
+    assert (project / "params.yaml").read_text() == before
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    (r,) = finished_runs(client)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["train.num_epochs"] == "2" and r.data.params["train.lr_gamma"] == "0.5"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
+
+
+def test_conda_env_and_mlproject_pin_what_requirements_pin():
+    pins = {line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert pins == {p for p in pip_section if "==" in p}
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    assert project["conda_env"] == "conda.yaml"
+    main = project["entry_points"]["main"]
+    defaults = Params().train
+    for name, spec in main["parameters"].items():
+        assert spec["default"] == getattr(defaults, name), name
+        assert f"train.{name}={{{name}}}" in main["command"]
+    assert {"download", "split", "train", "evaluate"} <= project["entry_points"].keys()
