@@ -7,6 +7,7 @@ gradient norms accumulate in device tensors and reach the host once an epoch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -79,24 +80,27 @@ def train_one_epoch(
     steps: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    grad_norms: bool = True,
 ) -> EpochResult:
+    """One pass over `batches` (at most `steps` of them); losses, accuracy and gradient norms."""
     model.train()
-    norms = GradNorms(model, steps, device)
+    norms = GradNorms(model, steps, device) if grad_norms else None
     losses = torch.zeros(steps, device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for step, (x, y) in enumerate(batches):
+    for step, (x, y) in enumerate(itertools.islice(batches, steps)):
         with autocast(device, amp_dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norms.record()
+        if norms:
+            norms.record()
         optimizer.step()
         losses[step] = loss.detach()
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    grad_stats, step_norms = norms.epoch_summary()
+    grad_stats, step_norms = norms.epoch_summary() if norms else ({}, [])
     host_losses = losses.cpu()
     bad = (~torch.isfinite(host_losses)).nonzero()
     metrics = {"train_loss": host_losses.mean().item(), "train_accuracy": correct.item() / max(seen, 1)}

@@ -110,11 +110,27 @@ class TrackingParams(Section):
     log_model: bool = Field(True, description="Log the best model as an MLflow model.")
 
 
+class ReportParams(Section):
+    """Success criteria of a round (the seed's), checked by `python -m cifar_rounds.report`."""
+
+    min_test_accuracy: float = Field(0.88, ge=0, le=1, description="Test accuracy must exceed this (fraction).")
+    max_train_test_gap: float = Field(
+        0.08, ge=0, le=1, description="Train minus test accuracy must stay below this (fraction)."
+    )
+    max_val_loss_rise: float = Field(
+        0.10, ge=0, description="Stable validation loss: at the stop at most this fraction above its minimum."
+    )
+    significance: float = Field(
+        0.05, gt=0, lt=1, description="McNemar p-value below which a change in test accuracy counts as real."
+    )
+
+
 class Params(Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     tracking: TrackingParams = TrackingParams()
+    report: ReportParams = ReportParams()
 
     def flat(self) -> dict[str, object]:
         """Every field under the dotted name `dvc params diff` prints."""
@@ -181,12 +197,19 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    return params_from_text(text, Path(path))
+
+
+def params_from_text(text: str, source: Path) -> Params:
+    """Validate params.yaml content read from elsewhere (a git revision, an MLflow artifact)."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
-    return parse_params(raw, Path(path))
+        raise ParamsError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    return parse_params(raw, source)
 
 
 def dump_params(params: Params, path: Path) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
 from cifar_rounds.model import ResNet18
-from cifar_rounds.params import ModelParams, Params, TrainParams, load_params
+from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
 from cifar_rounds.pipeline import TrainBatches, eval_batches
 from cifar_rounds.split import Split
 from cifar_rounds.tracking import Tracker, terminated_on_exit
@@ -203,6 +203,7 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dic
     val_x, val_y = to_dev(split.val_images), to_dev(split.val_labels)
 
     tracker = Tracker.start(params, device, progress.run_id)
+    tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
     progress.run_id = tracker.run_id
     with terminated_on_exit(tracker):
         for epoch in range(progress.epoch + 1, tp.num_epochs + 1):

@@ -1,0 +1,104 @@
+"""Cost of gradient-norm measurement and MLflow tracking, as a share of epoch time.
+
+    python benchmarks/tracking_overhead.py [--width 64] [--batch-size 96] [--steps 6]
+
+Trains the same model on random data with gradient norms off and on (alternating
+rounds, so drift hits both), times `GradNorms.record` alone, and times one epoch's
+MLflow logging (epoch metrics plus the per-step series at the default interval)
+into a real sqlite store. The overhead is projected onto a full CIFAR-10 epoch
+(45,000 training images) at the given batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from cifar_rounds.engine import GradNorms, train_one_epoch
+from cifar_rounds.model import ResNet18
+from cifar_rounds.params import Params, with_overrides
+from cifar_rounds.pipeline import TrainBatches
+from cifar_rounds.train import build_optimizer
+from cifar_rounds.tracking import Tracker
+
+TRAIN_IMAGES = 45_000
+
+
+def timed_epoch(model, optimizer, batches, generator, steps, grad_norms: bool) -> float:
+    start = time.perf_counter()
+    train_one_epoch(model, optimizer, batches.epoch(generator), steps, torch.device("cpu"), None, grad_norms)
+    return (time.perf_counter() - start) / steps
+
+
+def record_cost(model, repeats: int = 200) -> float:
+    """Seconds per GradNorms.record() call, gradients already present."""
+    model(torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
+    norms = GradNorms(model, repeats, torch.device("cpu"))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        norms.record()
+    norms.epoch_summary()
+    return (time.perf_counter() - start) / repeats
+
+
+def tracking_cost(params: Params, steps_per_epoch: int, epochs: int = 5) -> float:
+    """Seconds of MLflow logging per epoch into a fresh sqlite store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = with_overrides(params, {"tracking.tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
+        tracker = Tracker.start(params, torch.device("cpu"))
+        metrics = {f"metric_{i}": float(i) for i in range(40)}  # epoch metrics plus per-block norms
+        interval = params.tracking.grad_norm_interval
+        start = time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            tracker.log_metrics(metrics, step=epoch)
+            first = (epoch - 1) * steps_per_epoch
+            tracker.log_series("grad_norm_step", {s: 1.0 for s in range(first + 1, first + steps_per_epoch + 1) if s % interval == 0})
+        elapsed = (time.perf_counter() - start) / epochs
+        tracker.finish()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating off/on rounds")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = ResNet18(width=args.width).to(memory_format=torch.channels_last)
+    params = with_overrides(Params(), {"model.width": args.width, "train.batch_size": args.batch_size})
+    optimizer, _ = build_optimizer(model, params.train)
+    n = args.batch_size * args.steps
+    batches = TrainBatches(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)),
+                           args.batch_size, crop=True, flip=True)
+    generator = torch.Generator().manual_seed(0)
+    timed_epoch(model, optimizer, batches, generator, 1, False)  # warm-up
+    off, on = [], []
+    for _ in range(args.rounds):
+        off.append(timed_epoch(model, optimizer, batches, generator, args.steps, False))
+        on.append(timed_epoch(model, optimizer, batches, generator, args.steps, True))
+    step_off, step_on = statistics.median(off), statistics.median(on)
+    steps_per_epoch = TRAIN_IMAGES // args.batch_size
+    record = record_cost(model)
+    logging = tracking_cost(params, steps_per_epoch)
+    epoch_off = step_off * steps_per_epoch
+    direct = (record * steps_per_epoch + logging) / epoch_off
+    print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model width {args.width}, batch {args.batch_size}, {steps_per_epoch} steps per CIFAR-10 epoch")
+    print(f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians of {args.rounds} rounds of {args.steps} steps)")
+    print(f"GradNorms.record alone: {record * 1e3:.3f} ms per step")
+    print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")
+    print(f"overhead per epoch, from the direct costs: {direct:.3%}")
+    print(f"overhead per epoch, from the step times (noisy): {(step_on - step_off) / step_off:+.3%}")
+
+
+if __name__ == "__main__":
+    main()

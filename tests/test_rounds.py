@@ -1,0 +1,104 @@
+"""The seed's two rounds as DVC experiments, compared by DVC, MLflow and the round report."""
+
+import csv
+import io
+import json
+import re
+
+import dvc.api
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.params import Params, load_params
+from cifar_rounds.report import ArtifactPaths, from_mlflow, mcnemar_exact, wilson_interval
+from cifar_rounds.rounds import PRESETS
+from cifar_rounds.synthetic import write_archive
+from conftest import make_project, run
+
+SEED_CHANGES = {"train.learning_rate", "train.lr_gamma", "train.weight_decay", "train.batch_size",
+                "train.num_epochs", "train.patience", "train.min_delta"}
+
+
+def test_mcnemar_exact_matches_hand_computed_binomial_tails():
+    assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # n = 10, k <= 2
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(8, 2) == mcnemar_exact(2, 8)
+
+
+def test_wilson_interval_contains_the_estimate_and_narrows_with_n():
+    lo, hi = wilson_interval(8329, 10000)
+    assert lo < 0.8329 < hi and hi - lo == pytest.approx(0.0146, abs=5e-4)
+    lo_small, hi_small = wilson_interval(83, 100)
+    assert hi_small - lo_small > hi - lo
+
+
+def test_presets_are_the_seed_rounds_and_differ_in_exactly_seven_values():
+    assert PRESETS["round-1"]["train.learning_rate"] == 0.01 and PRESETS["round-2"]["train.batch_size"] == 96
+    changed = {k for k in PRESETS["round-1"] if PRESETS["round-1"][k] != PRESETS["round-2"][k]}
+    assert changed == SEED_CHANGES
+    assert {k: v for k, v in Params().flat().items() if k in PRESETS["round-2"]} == PRESETS["round-2"]
+
+
+@pytest.fixture(scope="module")
+def rounds_project(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rounds")
+    archive = tmp / "small.tar.gz"
+    md5 = write_archive(archive, train_size=300, test_size=100, seed=2)
+    project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 4, "train.lr_milestones": [1]})
+    for preset in ("round-1", "round-2"):
+        run(["python", "-m", "cifar_rounds.rounds", "run", preset], project)
+    return project
+
+
+@pytest.mark.slow
+def test_dvc_compares_the_two_rounds(rounds_project):
+    diff = json.loads(run(["dvc", "params", "diff", "round-1", "round-2", "--json"], rounds_project).stdout)
+    assert set(diff["params.yaml"]) == SEED_CHANGES
+    assert diff["params.yaml"]["train.learning_rate"]["old"] == 0.01
+    assert diff["params.yaml"]["train.learning_rate"]["new"] == 0.05
+    metrics = json.loads(run(["dvc", "metrics", "diff", "round-1", "round-2", "--json"], rounds_project).stdout)
+    assert "test_accuracy" in metrics["metrics.json"]
+    plots = run(["dvc", "plots", "diff", "round-1", "round-2", "--json"], rounds_project).stdout
+    assert "round-1" in plots and "round-2" in plots
+    client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
+    exp = client.get_experiment_by_name("cifar-rounds")
+    assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["round-1", "round-2"]
+
+
+def _metrics(project, rev):
+    return json.loads(dvc.api.read("metrics.json", repo=str(project), rev=rev))
+
+
+def _predictions(project, rev):
+    return list(csv.DictReader(io.StringIO(dvc.api.read("reports/test_predictions.csv", repo=str(project), rev=rev))))
+
+
+@pytest.mark.slow
+def test_report_numbers_come_from_the_rounds_measurements(rounds_project):
+    run(["python", "-m", "cifar_rounds.report", "round-1", "round-2"], rounds_project)
+    report = (rounds_project / "reports/round-round-1-vs-round-2.md").read_text()
+    assert (rounds_project / "reports/round-round-1-vs-round-2.png").read_bytes()[:4] == b"\x89PNG"
+    m1, m2 = _metrics(rounds_project, "round-1"), _metrics(rounds_project, "round-2")
+    assert f"- Test accuracy: {m1['test_accuracy']:.2%} -> {m2['test_accuracy']:.2%}" in report
+    assert f"- Stopped at epoch: {m1['stopped_epoch']} -> {m2['stopped_epoch']}" in report
+    assert f"- Validation loss: {m1['val_loss']:.4f} -> {m2['val_loss']:.4f}" in report
+    changed = set(re.findall(r"^\| `([\w.]+)` \|", report, re.M))
+    assert changed == SEED_CHANGES
+    p1, p2 = _predictions(rounds_project, "round-1"), _predictions(rounds_project, "round-2")
+    b = sum(x["predicted"] == x["actual"] != y["predicted"] for x, y in zip(p1, p2))
+    c = sum(y["predicted"] == y["actual"] != x["predicted"] for x, y in zip(p1, p2))
+    assert f"{b} images only round-1 got right, {c} only round-2 got right; p = {mcnemar_exact(b, c):.4g}" in report
+    assert "Success criteria" in report and "test accuracy > 88.00%" in report
+    client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
+    artifacts = {a.path for a in client.list_artifacts(m2["mlflow_run_id"], "report")}
+    assert artifacts == {"report/round-round-1-vs-round-2.md", "report/round-round-1-vs-round-2.png"}
+
+
+@pytest.mark.slow
+def test_a_round_can_be_read_back_from_mlflow_alone(rounds_project, monkeypatch):
+    monkeypatch.chdir(rounds_project)
+    params = load_params(rounds_project / "params.yaml")
+    r = from_mlflow(params, "round-1", ArtifactPaths.from_dvc(rounds_project))
+    assert r.metrics == _metrics(rounds_project, "round-1")
+    assert r.params.train.learning_rate == 0.01 and len(r.predictions) == 100
