@@ -57,9 +57,9 @@ def tracking_cost(params: Params, steps_per_epoch: int, epochs: int = 5) -> floa
         interval = params.tracking.grad_norm_interval
         start = time.perf_counter()
         for epoch in range(1, epochs + 1):
-            tracker.log_metrics(metrics, step=epoch)
             first = (epoch - 1) * steps_per_epoch
-            tracker.log_series("grad_norm_step", {s: 1.0 for s in range(first + 1, first + steps_per_epoch + 1) if s % interval == 0})
+            series = {s: 1.0 for s in range(first + 1, first + steps_per_epoch + 1) if s % interval == 0}
+            tracker.log_metrics(metrics, epoch, {"grad_norm_step": series})
         elapsed = (time.perf_counter() - start) / epochs
         tracker.finish()
     return elapsed

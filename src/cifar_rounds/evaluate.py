@@ -21,13 +21,13 @@ from cifar_rounds.params import Params, load_params
 from cifar_rounds.pipeline import eval_batches
 from cifar_rounds.split import Split
 from cifar_rounds.tracking import Tracker
-from cifar_rounds.train import amp_dtype, build_model, select_device, write_json
+from cifar_rounds.train import amp_dtype, build_model, load_checkpoint, select_device, write_json
 
 
 def load_best(path: Path, params: Params, num_classes: int, device: torch.device) -> torch.nn.Module:
     if not path.exists():
         raise StageError(f"{path}: no best checkpoint; run the train stage first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path)
     model = build_model(params.model, num_classes, device)
     model.load_state_dict(checkpoint["model"])
     return model

@@ -124,18 +124,20 @@ class Tracker:
         client, _ = open_client(params)
         return cls(client, run_id)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self._log([Metric(k, float(v), now, step) for k, v in metrics.items()])
+    def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None) -> None:
+        """Metrics at one step, plus whole series (key -> {step: value}), in one batch where MLflow allows.
 
-    def log_series(self, key: str, values: dict[int, float]) -> None:
-        """One metric at many steps (e.g. the per-step gradient norm)."""
+        One batch is one transaction in MLflow's stores, so an epoch is logged entirely or not at all.
+        """
         now = int(time.time() * 1000)
-        self._log([Metric(key, float(v), now, step) for step, v in values.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch += [Metric(k, float(v), now, s) for k, values in (series or {}).items() for s, v in values.items()]
+        for i in range(0, len(batch), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH])
 
-    def _log(self, metrics: list[Metric]) -> None:
-        for i in range(0, len(metrics), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_BATCH])
+    def last_step(self, key: str) -> int:
+        """The highest step logged for `key` (0 if none): where a resumed run picks up logging."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""

@@ -85,6 +85,7 @@ class Progress:
     stopper: dict = field(default_factory=dict)
     run_id: str | None = None
     finished: bool = False
+    last_grad_norm_steps: dict[int, float] = field(default_factory=dict)  # the last epoch's logged series
 
 
 def training_state(net, optimizer, scheduler, generator, progress: Progress, digest: str) -> dict:
@@ -104,14 +105,23 @@ def resumable_state(path: Path, digest: str) -> dict | None:
     """The last checkpoint if it belongs to these params and did not finish; says why not."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["params_digest"] != digest:
+    state = load_checkpoint(path)
+    if state.get("params_digest") != digest:
         print(f"train: {path} was made with other params; starting fresh")
         return None
     if state["progress"]["finished"]:
         return None
     print(f"train: resuming from {path} after epoch {state['progress']['epoch']}")
     return state
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load restricted to tensors and plain containers: a checkpoint cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, truncated zip, ...: all mean "not a usable checkpoint"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StageError(f"{path}: not a loadable checkpoint ({first_line}); delete it to start over") from None
 
 
 def restore(state: dict, net, optimizer, scheduler, generator) -> Progress:
@@ -157,6 +167,19 @@ def step_series(result: EpochResult, epoch: int, steps: int, interval: int) -> d
     return {first + i + 1: v for i, v in enumerate(result.step_grad_norms) if (first + i + 1) % interval == 0}
 
 
+def log_epoch(tracker: Tracker, record: dict, series: dict[int, float]) -> None:
+    tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, int(record["epoch"]), {"grad_norm_step": series})
+
+
+def backfill(tracker: Tracker, progress: Progress) -> None:
+    """After a kill between checkpoint and logging, log the checkpointed epochs MLflow lacks."""
+    logged = tracker.last_step("train_loss")
+    for record in progress.history:
+        if record["epoch"] > logged:
+            last = record["epoch"] == progress.epoch
+            log_epoch(tracker, record, progress.last_grad_norm_steps if last else {})
+
+
 def epoch_record(epoch: int, lr: float, result: EpochResult, val: dict, seconds: float, images: int) -> dict:
     m = result.metrics
     return {
@@ -181,77 +204,113 @@ class Outputs:
         return self.models / "best.pt"
 
 
-def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dict:
-    """Train to the end or early stop, checkpointing every epoch; returns the summary."""
+@dataclass
+class Trainer:
+    """Everything one epoch needs, built once."""
+
+    net: nn.Module  # the module whose state is saved
+    model: nn.Module  # what runs: `net`, or its compiled form
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    batches: TrainBatches
+    val: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype | None
+
+
+def build_trainer(params: Params, split: Split, device: torch.device) -> Trainer:
     tp = params.train
     configure_determinism(tp.deterministic)
-    digest = params.digest("data", "model", "train")
     torch.manual_seed(params.data.seed)
-    generator = torch.Generator().manual_seed(params.data.seed)
     net = build_model(params.model, len(split.label_names), device)
     optimizer, scheduler = build_optimizer(net, tp)
-    state = resumable_state(out.last, digest)
-    progress = restore(state, net, optimizer, scheduler, generator) if state else Progress()
-    stopper = EarlyStopping(tp.monitor, tp.patience, tp.min_delta, **progress.stopper)
-    model = torch.compile(net) if tp.compile else net
-    dtype = amp_dtype(tp.precision, device)
-
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     batches = TrainBatches(to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip)
     if len(batches) == 0:
         raise StageError(f"train.batch_size: {tp.batch_size} exceeds the {len(split.train_labels)} training images")
-    val_x, val_y = to_dev(split.val_images), to_dev(split.val_labels)
+    return Trainer(
+        net, torch.compile(net) if tp.compile else net, optimizer, scheduler,
+        torch.Generator().manual_seed(params.data.seed), batches,
+        (to_dev(split.val_images), to_dev(split.val_labels)), device, amp_dtype(tp.precision, device),
+    )
 
+
+def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResult]:
+    """Train one epoch, validate, step the schedule; the epoch's record."""
+    lr = t.optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    stream = progress_bar(t.batches.epoch(t.generator), len(t.batches), f"epoch {epoch}")
+    result = train_one_epoch(t.model, t.optimizer, stream, len(t.batches), t.device, t.dtype)
+    seconds = time.perf_counter() - start
+    if result.first_bad_step is not None:
+        raise StageError(
+            f"loss became non-finite at epoch {epoch}, step {result.first_bad_step + 1} "
+            f"(learning rate {lr:g}); the last good checkpoint is kept"
+        )
+    val_x, val_y = t.val
+    val = evaluate(t.model, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, t.device, t.dtype)
+    t.scheduler.step()
+    return epoch_record(epoch, lr, result, val, seconds, len(t.batches) * tp.batch_size), result
+
+
+def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dict:
+    """Train to the end or early stop, checkpointing every epoch; returns the summary."""
+    tp, digest = params.train, params.digest("data", "model", "train")
+    t = build_trainer(params, split, device)
+    state = resumable_state(out.last, digest)
+    progress = restore(state, t.net, t.optimizer, t.scheduler, t.generator) if state else Progress()
+    stopper = EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
     tracker = Tracker.start(params, device, progress.run_id)
     tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
     progress.run_id = tracker.run_id
     with terminated_on_exit(tracker):
-        for epoch in range(progress.epoch + 1, tp.num_epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            stream = progress_bar(batches.epoch(generator), len(batches), f"epoch {epoch}")
-            result = train_one_epoch(model, optimizer, stream, len(batches), device, dtype)
-            seconds = time.perf_counter() - start
-            if result.first_bad_step is not None:
-                raise StageError(
-                    f"loss became non-finite at epoch {epoch}, step {result.first_bad_step + 1} "
-                    f"(learning rate {lr:g}); the last good checkpoint is kept in {out.last}"
-                )
-            val = evaluate(model, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, device, dtype)
-            scheduler.step()
-            record = epoch_record(epoch, lr, result, val, seconds, len(batches) * tp.batch_size)
+        backfill(tracker, progress)
+        while not progress.finished:
+            epoch = progress.epoch + 1
+            record, result = run_epoch(t, epoch, tp)
             if stopper.update(record[tp.monitor], epoch):
-                save_atomic({"model": net.state_dict(), "epoch": epoch, "width": params.model.width}, out.best)
+                save_atomic({"model": t.net.state_dict(), "epoch": epoch, "width": params.model.width}, out.best)
             progress.epoch, progress.stopper = epoch, asdict(stopper)
             progress.history.append(record)
             progress.finished = stopper.should_stop or epoch == tp.num_epochs
-            save_atomic(training_state(net, optimizer, scheduler, generator, progress, digest), out.last)
+            progress.last_grad_norm_steps = step_series(result, epoch, len(t.batches), params.tracking.grad_norm_interval)
+            # checkpoint first, then log: a kill in between is repaired by `backfill` on resume
+            save_atomic(training_state(t.net, t.optimizer, t.scheduler, t.generator, progress, digest), out.last)
             write_history(progress.history, out.history)
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            tracker.log_series("grad_norm_step", step_series(result, epoch, len(batches), params.tracking.grad_norm_interval))
-            print(
-                f"epoch {epoch}/{tp.num_epochs} lr {lr:.4g} train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.4f} | val loss {val['val_loss']:.4f} acc {val['val_accuracy']:.4f} "
-                f"| {record['images_per_s']:.0f} img/s", flush=True,
-            )
-            if stopper.should_stop:
-                print(f"early stop: no {tp.monitor} improvement > {tp.min_delta} in {tp.patience} epochs")
-                break
+            log_epoch(tracker, record, progress.last_grad_norm_steps)
+            print_epoch(record, tp)
+        if stopper.should_stop:
+            print(f"early stop: no {tp.monitor} improvement > {tp.min_delta} in {tp.patience} epochs")
         summary = {
             "best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch,
             "early_stopped": stopper.should_stop, "mlflow_run_id": tracker.run_id,
         }
-        tracker.log_metrics({"best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch}, step=progress.epoch)
-        tracker.log_artifact(out.best, "checkpoints", f"best-epoch-{stopper.best_epoch:03d}.pt")
-        tracker.log_artifact(out.last, "checkpoints", f"last-epoch-{progress.epoch:03d}.pt")
-        tracker.log_artifact(out.history)
-        if params.tracking.log_model:
-            best = build_model(params.model, len(split.label_names), torch.device("cpu"))
-            best.load_state_dict(torch.load(out.best, map_location="cpu", weights_only=True)["model"])
-            # batch 2: torch.export specialises a batch dimension of size 1
-            tracker.log_pytorch_model(best.eval(), torch.zeros(2, 3, 32, 32))
+        log_final(tracker, params, out, summary, len(split.label_names))
         write_json(summary, out.summary)
     return summary
+
+
+def print_epoch(record: dict, tp: TrainParams) -> None:
+    print(
+        f"epoch {record['epoch']}/{tp.num_epochs} lr {record['learning_rate']:.4g} "
+        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+        f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} | {record['images_per_s']:.0f} img/s",
+        flush=True,
+    )
+
+
+def log_final(tracker: Tracker, params: Params, out: Outputs, summary: dict, num_classes: int) -> None:
+    """Checkpoints (named by epoch), the history and the best model as an MLflow model."""
+    tracker.log_metrics({"best_epoch": summary["best_epoch"], "stopped_epoch": summary["stopped_epoch"]}, summary["stopped_epoch"])
+    tracker.log_artifact(out.best, "checkpoints", f"best-epoch-{summary['best_epoch']:03d}.pt")
+    tracker.log_artifact(out.last, "checkpoints", f"last-epoch-{summary['stopped_epoch']:03d}.pt")
+    tracker.log_artifact(out.history)
+    if params.tracking.log_model:
+        best = build_model(params.model, num_classes, torch.device("cpu"))
+        best.load_state_dict(load_checkpoint(out.best)["model"])
+        # batch 2: torch.export specialises a batch dimension of size 1
+        tracker.log_pytorch_model(best.eval(), torch.zeros(2, 3, 32, 32))
 
 
 def main() -> None:
