@@ -2,20 +2,21 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, TrainBatches, crop_and_flip, draw_epoch, normalize
+from cifar_rounds.pipeline import (
+    CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, TrainBatches, crop_and_flip, draw_epoch, normalize, pack_padded,
+)
 
 
 def test_crop_and_flip_equals_torchvision_on_each_image():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
     draws = draw_epoch(16, g, crop=True, flip=True)
-    padded = torch.nn.functional.pad(images, (CROP_PADDING,) * 4)
-    out = crop_and_flip(padded, torch.arange(16), draws.dy, draws.dx, draws.flip)
+    out = crop_and_flip(pack_padded(images), torch.arange(16), draws.dy, draws.dx, draws.flip)
     for i in range(16):
         ref = TF.crop(TF.pad(images[i], [CROP_PADDING]), int(draws.dy[i]), int(draws.dx[i]), 32, 32)
         ref = TF.horizontal_flip(ref) if draws.flip[i] else ref
         assert torch.equal(out[i], ref)
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert normalize(out).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_offsets_and_flips_match_torchvision_distributions():

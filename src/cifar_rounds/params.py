@@ -80,6 +80,9 @@ class TrainParams(Section):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is far slower on CPUs)."
     )
     compile: bool = Field(False, description="Compile the model with torch.compile.")
+    sync_batchnorm: bool = Field(
+        False, description="Under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)."
+    )
     deterministic: bool = Field(
         False, description="Deterministic kernels (bit-for-bit reruns), no cudnn autotuning."
     )

@@ -163,6 +163,19 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
+class NullTracker:
+    """What ranks other than 0 log to: nothing (so the training loop needs no rank checks)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics, step, series=None) -> None: ...
+    def last_step(self, key: str) -> int:
+        return 0
+    def log_artifact(self, path, artifact_path=None, name=None) -> None: ...
+    def log_pytorch_model(self, model, example) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
     try:
         client.get_run(run_id)

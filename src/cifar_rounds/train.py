@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
@@ -25,7 +26,8 @@ from cifar_rounds.model import ResNet18
 from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
 from cifar_rounds.pipeline import TrainBatches, eval_batches
 from cifar_rounds.split import Split
-from cifar_rounds.tracking import Tracker, terminated_on_exit
+from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
+from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
 
 HISTORY_FIELDS = (
     "epoch", "learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -33,12 +35,12 @@ HISTORY_FIELDS = (
 )
 
 
-def select_device(choice: str) -> torch.device:
+def select_device(choice: str, local_rank: int = 0) -> torch.device:
+    """CUDA (this process's GPU under torchrun) when available or asked for, else CPU."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise StageError("train.device: 'cuda' requested but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -110,6 +112,7 @@ def resumable_state(path: Path, digest: str) -> dict | None:
         print(f"train: {path} was made with other params; starting fresh")
         return None
     if state["progress"]["finished"]:
+        print(f"train: {path} is a finished run; starting a new one")
         return None
     print(f"train: resuming from {path} after epoch {state['progress']['epoch']}")
     return state
@@ -213,26 +216,41 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
-    batches: TrainBatches
+    batches: TrainBatches  # global batches; this rank trains on its shard of each
     val: tuple[torch.Tensor, torch.Tensor]
     device: torch.device
     dtype: torch.dtype | None
+    world: World
 
 
-def build_trainer(params: Params, split: Split, device: torch.device) -> Trainer:
+def wrap_for_world(net: nn.Module, tp: TrainParams, device: torch.device, world: World) -> nn.Module:
+    """DDP over the process group (with SyncBatchNorm if asked), then torch.compile if asked."""
+    if tp.sync_batchnorm and device.type != "cuda":
+        raise StageError("train.sync_batchnorm: PyTorch's SyncBatchNorm runs on CUDA devices only")
+    model = net
+    if world.size > 1:
+        if tp.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if tp.compile else model
+
+
+def build_trainer(params: Params, split: Split, device: torch.device, world: World) -> Trainer:
     tp = params.train
+    if tp.batch_size % world.size:
+        raise StageError(f"train.batch_size: {tp.batch_size} (the global batch) must divide by the {world.size} processes")
     configure_determinism(tp.deterministic)
     torch.manual_seed(params.data.seed)
     net = build_model(params.model, len(split.label_names), device)
+    model = wrap_for_world(net, tp, device, world)  # SyncBatchNorm shares `net`'s parameters
     optimizer, scheduler = build_optimizer(net, tp)
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     batches = TrainBatches(to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip)
     if len(batches) == 0:
         raise StageError(f"train.batch_size: {tp.batch_size} exceeds the {len(split.train_labels)} training images")
     return Trainer(
-        net, torch.compile(net) if tp.compile else net, optimizer, scheduler,
-        torch.Generator().manual_seed(params.data.seed), batches,
-        (to_dev(split.val_images), to_dev(split.val_labels)), device, amp_dtype(tp.precision, device),
+        net, model, optimizer, scheduler, torch.Generator().manual_seed(params.data.seed), batches,
+        (to_dev(split.val_images), to_dev(split.val_labels)), device, amp_dtype(tp.precision, device), world,
     )
 
 
@@ -240,28 +258,50 @@ def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResul
     """Train one epoch, validate, step the schedule; the epoch's record."""
     lr = t.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    stream = progress_bar(t.batches.epoch(t.generator), len(t.batches), f"epoch {epoch}")
+    stream = progress_bar(t.batches.epoch(t.generator, t.world.shard), len(t.batches), f"epoch {epoch}")
     result = train_one_epoch(t.model, t.optimizer, stream, len(t.batches), t.device, t.dtype)
     seconds = time.perf_counter() - start
+    result = reduce_over_ranks(result, t.world)
     if result.first_bad_step is not None:
         raise StageError(
             f"loss became non-finite at epoch {epoch}, step {result.first_bad_step + 1} "
             f"(learning rate {lr:g}); the last good checkpoint is kept"
         )
     val_x, val_y = t.val
-    val = evaluate(t.model, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, t.device, t.dtype)
+    # the plain module: no DDP collectives (or recompilation) for evaluation
+    val = evaluate(t.net, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, t.device, t.dtype)
     t.scheduler.step()
-    return epoch_record(epoch, lr, result, val, seconds, len(t.batches) * tp.batch_size), result
+    record = epoch_record(epoch, lr, result, val, seconds, len(t.batches) * tp.batch_size)
+    return from_main_rank(record, t.world), result
 
 
-def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dict:
-    """Train to the end or early stop, checkpointing every epoch; returns the summary."""
+def reduce_over_ranks(result: EpochResult, world: World) -> EpochResult:
+    """Train loss and accuracy over the global batch; a non-finite loss on any rank counts.
+
+    Gradient norms need nothing: DDP's gradients are already all-reduced.
+    """
+    if world.size == 1:
+        return result
+    m = result.metrics
+    loss, accuracy, bad = mean_over_ranks(
+        [m["train_loss"], m["train_accuracy"], float(result.first_bad_step is not None)], world
+    )
+    metrics = {**m, "train_loss": loss, "train_accuracy": accuracy}
+    first_bad = (result.first_bad_step or 0) if bad else None
+    return EpochResult(metrics, result.step_grad_norms, first_bad)
+
+
+def fit(params: Params, split: Split, out: Outputs, device: torch.device, world: World = World()) -> dict:
+    """Train to the end or early stop, checkpointing every epoch; returns the summary.
+
+    Under torchrun every rank runs this; only rank 0 writes files and logs.
+    """
     tp, digest = params.train, params.digest("data", "model", "train")
-    t = build_trainer(params, split, device)
+    t = build_trainer(params, split, device, world)
     state = resumable_state(out.last, digest)
     progress = restore(state, t.net, t.optimizer, t.scheduler, t.generator) if state else Progress()
     stopper = EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
-    tracker = Tracker.start(params, device, progress.run_id)
+    tracker = Tracker.start(params, device, progress.run_id) if world.is_main else NullTracker()
     tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
     progress.run_id = tracker.run_id
     with terminated_on_exit(tracker):
@@ -269,25 +309,27 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device) -> dic
         while not progress.finished:
             epoch = progress.epoch + 1
             record, result = run_epoch(t, epoch, tp)
-            if stopper.update(record[tp.monitor], epoch):
+            if stopper.update(record[tp.monitor], epoch) and world.is_main:
                 save_atomic({"model": t.net.state_dict(), "epoch": epoch, "width": params.model.width}, out.best)
             progress.epoch, progress.stopper = epoch, asdict(stopper)
             progress.history.append(record)
             progress.finished = stopper.should_stop or epoch == tp.num_epochs
             progress.last_grad_norm_steps = step_series(result, epoch, len(t.batches), params.tracking.grad_norm_interval)
-            # checkpoint first, then log: a kill in between is repaired by `backfill` on resume
-            save_atomic(training_state(t.net, t.optimizer, t.scheduler, t.generator, progress, digest), out.last)
-            write_history(progress.history, out.history)
-            log_epoch(tracker, record, progress.last_grad_norm_steps)
-            print_epoch(record, tp)
+            if world.is_main:
+                # checkpoint first, then log: a kill in between is repaired by `backfill` on resume
+                save_atomic(training_state(t.net, t.optimizer, t.scheduler, t.generator, progress, digest), out.last)
+                write_history(progress.history, out.history)
+                log_epoch(tracker, record, progress.last_grad_norm_steps)
+                print_epoch(record, tp)
         if stopper.should_stop:
             print(f"early stop: no {tp.monitor} improvement > {tp.min_delta} in {tp.patience} epochs")
         summary = {
             "best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch,
             "early_stopped": stopper.should_stop, "mlflow_run_id": tracker.run_id,
         }
-        log_final(tracker, params, out, summary, len(split.label_names))
-        write_json(summary, out.summary)
+        if world.is_main:
+            log_final(tracker, params, out, summary, len(split.label_names))
+            write_json(summary, out.summary)
     return summary
 
 
@@ -321,10 +363,15 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True, help="JSON: best/stopped epoch, MLflow run id")
     args = parser.parse_args()
     params = load_params()
-    device = select_device(params.train.device)
-    split = Split.load(args.split)
-    summary = fit(params, split, Outputs(args.models, args.history, args.summary), device)
-    print(f"train: best epoch {summary['best_epoch']}, stopped after {summary['stopped_epoch']}")
+    world = init_world(select_device(params.train.device).type == "cuda")
+    try:
+        device = select_device(params.train.device, world.local_rank)
+        split = Split.load(args.split)
+        summary = fit(params, split, Outputs(args.models, args.history, args.summary), device, world)
+    finally:
+        close_world(world)
+    if world.is_main:
+        print(f"train: best epoch {summary['best_epoch']}, stopped after {summary['stopped_epoch']}")
 
 
 if __name__ == "__main__":
