@@ -3,6 +3,7 @@
 The tests in this module share one project and run in order.
 """
 
+import csv
 import hashlib
 import json
 import math
@@ -77,6 +78,21 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     model = mlflow.pytorch.load_model(f"{r.info.artifact_uri}/model")
     assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project):
+    rows = list(csv.DictReader(open(project / "reports/history.csv")))
+    assert all(math.isfinite(float(r["noise_scale"])) for r in rows)
+    measured = [int(r["epoch"]) for r in rows if r["lambda_max"]]
+    milestones = load_params(project / "params.yaml").train.lr_milestones
+    assert measured == sorted(set(milestones) | {EPOCHS})
+    for r in rows:
+        if r["lambda_max"]:
+            assert float(r["stability_bound"]) == pytest.approx(2 / float(r["learning_rate"]))
+            assert float(r["hessian_trace"]) != 0
+    (r,) = runs(project)
+    lam = client(project).get_metric_history(r.info.run_id, "lambda_max")
+    assert sorted(m.step for m in lam) == measured
 
 
 def test_second_repro_runs_nothing(project):

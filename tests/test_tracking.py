@@ -1,11 +1,9 @@
 """MLflow beyond the default store: a real `mlflow server`, queued DVC experiments, `mlflow run`."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
@@ -16,34 +14,6 @@ from conftest import REPO, env, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
 TWO_EPOCHS = {"train.num_epochs": 2, "train.lr_milestones": [1]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def finished_runs(client: MlflowClient, experiment: str = "cifar-rounds"):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_rounds.diagnostics import SmallBatchProbe
 from cifar_rounds.model import block_name
 
 
@@ -71,6 +72,7 @@ class EpochResult:
     metrics: dict[str, float]
     step_grad_norms: list[float] = field(default_factory=list)
     first_bad_step: int | None = None  # first step whose loss was not finite
+    noise_samples: list[tuple[float, float, int, int]] = field(default_factory=list)  # see SmallBatchProbe
 
 
 def train_one_epoch(
@@ -81,14 +83,22 @@ def train_one_epoch(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     grad_norms: bool = True,
+    probe: SmallBatchProbe | None = None,
+    global_batch: int = 0,
 ) -> EpochResult:
-    """One pass over `batches` (at most `steps` of them); losses, accuracy and gradient norms."""
+    """One pass over `batches` (at most `steps` of them); losses, accuracy and gradient norms.
+
+    With a `probe`, every probe.interval steps a half-batch gradient is measured
+    first (for the noise scale against the `global_batch` gradient).
+    """
     model.train()
-    norms = GradNorms(model, steps, device) if grad_norms else None
+    norms = GradNorms(model, steps, device) if grad_norms or probe else None
     losses = torch.zeros(steps, device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for step, (x, y) in enumerate(itertools.islice(batches, steps)):
+        if probe and probe.due(step):
+            probe.measure(x, y, F.cross_entropy, autocast(device, amp_dtype))
         with autocast(device, amp_dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -104,7 +114,8 @@ def train_one_epoch(
     host_losses = losses.cpu()
     bad = (~torch.isfinite(host_losses)).nonzero()
     metrics = {"train_loss": host_losses.mean().item(), "train_accuracy": correct.item() / max(seen, 1)}
-    return EpochResult({**metrics, **grad_stats}, step_norms, int(bad[0]) if len(bad) else None)
+    samples = probe.results(norms.step_norms.square(), global_batch) if probe else []
+    return EpochResult({**metrics, **grad_stats}, step_norms, int(bad[0]) if len(bad) else None, samples)
 
 
 @torch.inference_mode()

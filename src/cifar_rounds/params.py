@@ -113,6 +113,21 @@ class TrackingParams(Section):
     log_model: bool = Field(True, description="Log the best model as an MLflow model.")
 
 
+class DiagnosticsParams(Section):
+    """Gradient noise scale and sharpness (see diagnostics.py); neither changes the training trajectory."""
+
+    noise_scale: bool = Field(True, description="Estimate the simple gradient noise scale B_simple during training.")
+    noise_interval: int = Field(20, ge=1, description="Measure the half-batch gradient every this many steps.")
+    noise_ema: float = Field(0.95, ge=0, lt=1, description="EMA decay of the |G|^2 and tr(Sigma) estimates, per measurement.")
+    sharpness: bool = Field(True, description="Measure the Hessian's top eigenvalue and trace at `sharpness_epochs`.")
+    sharpness_epochs: list[int] = Field(
+        [], description="Epochs to measure sharpness after; empty: each lr milestone and the last epoch."
+    )
+    sharpness_samples: int = Field(512, ge=1, description="Fixed, seeded subset of training images for the Hessian.")
+    power_iterations: int = Field(20, ge=1, description="Power-iteration steps for the top eigenvalue.")
+    hutchinson_samples: int = Field(10, ge=1, description="Rademacher probes for the Hessian trace.")
+
+
 class ReportParams(Section):
     """Success criteria of a round (the seed's), checked by `python -m cifar_rounds.report`."""
 
@@ -133,6 +148,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     tracking: TrackingParams = TrackingParams()
+    diagnostics: DiagnosticsParams = DiagnosticsParams()
     report: ReportParams = ReportParams()
 
     def flat(self) -> dict[str, object]:

@@ -56,7 +56,7 @@ def parse_round(label: str, params: str, metrics: str, history: str, predictions
     preds = [(r["actual"], r["predicted"]) for r in csv.DictReader(io.StringIO(predictions))]
     return Round(
         label, params_from_text(params, Path(f"{label}:{PARAMS_FILE}")), json.loads(metrics),
-        [{k: float(v) for k, v in r.items()} for r in rows], preds,
+        [{k: number(r, k) for k in r} for r in rows], preds,
     )
 
 
@@ -166,6 +166,32 @@ def overfitting(r: Round) -> list[str]:
     ]
 
 
+def number(row: dict, key: str) -> float:
+    """A history value; NaN where the column is absent or blank (diagnostic not measured that epoch)."""
+    value = row.get(key, "")
+    return float(value) if value not in ("", None) else math.nan
+
+
+def noise_and_sharpness(r: Round) -> list[str]:
+    """B_simple against the batch used, and sharpness where it was measured."""
+    lines = []
+    noise = [(int(row["epoch"]), number(row, "noise_scale")) for row in r.history]
+    noise = [(e, b) for e, b in noise if math.isfinite(b)]
+    batch = r.params.train.batch_size
+    if noise:
+        epoch, b_simple = noise[-1]
+        side = "below" if batch < b_simple else "above"
+        lines.append(f"- gradient noise scale B_simple at epoch {epoch}: {b_simple:.4g}; the batch size {batch} is "
+                     f"{max(batch, b_simple) / max(min(batch, b_simple), 1e-12):.3g}x {side} it (B_simple approximates the critical batch)")
+    rows = [row for row in r.history if math.isfinite(number(row, "lambda_max"))]
+    if rows:
+        lines += ["", "| epoch | lambda_max | 2/lr | Tr(H) | Tr(H)/lambda_max |", "|---|---|---|---|---|"]
+        for row in rows:
+            lam, tr = number(row, "lambda_max"), number(row, "hessian_trace")
+            lines.append(f"| {int(row['epoch'])} | {lam:.4g} | {number(row, 'stability_bound'):.4g} | {tr:.4g} | {tr / lam:.3g} |")
+    return lines or ["- not measured (diagnostics off)"]
+
+
 PERFORMANCE = (
     ("Test accuracy", "test_accuracy", "{:.2%}"), ("Training accuracy", "train_accuracy", "{:.2%}"),
     ("Validation accuracy", "val_accuracy", "{:.2%}"), ("Training loss", "train_loss", "{:.4f}"),
@@ -214,6 +240,7 @@ def render(base: Round, cand: Round, rp, figure: str) -> str:
         out += ["", "Success criteria:"]
         out += [f"- [{'x' if ok else ' '}] {name}: {value} ({'pass' if ok else 'FAIL'})" for name, value, ok in criteria(r, rp)]
         out += ["", "Diagnostics:"] + [f"- {x}" for x in diagnostics(r)]
+        out += ["", "Noise scale and sharpness (Tr(H)/lambda_max is the seed's B* proxy):"] + noise_and_sharpness(r)
     out += ["", "## Learning curves", "", f"![learning curves]({figure})", ""]
     return "\n".join(out)
 

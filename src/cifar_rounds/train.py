@@ -21,10 +21,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.diagnostics import NoiseScale, SmallBatchProbe, sharpness
 from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
-from cifar_rounds.pipeline import TrainBatches, eval_batches
+from cifar_rounds.pipeline import TrainBatches, eval_batches, normalize
 from cifar_rounds.split import Split
 from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
 from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
@@ -32,6 +33,7 @@ from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
 HISTORY_FIELDS = (
     "epoch", "learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s",
+    "noise_scale", "lambda_max", "hessian_trace", "stability_bound",  # diagnostics; blank when off or not due
 )
 
 
@@ -88,6 +90,7 @@ class Progress:
     run_id: str | None = None
     finished: bool = False
     last_grad_norm_steps: dict[int, float] = field(default_factory=dict)  # the last epoch's logged series
+    noise: dict = field(default_factory=dict)  # NoiseScale's moving averages
 
 
 def training_state(net, optimizer, scheduler, generator, progress: Progress, digest: str) -> dict:
@@ -142,7 +145,7 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, HISTORY_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, HISTORY_FIELDS, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, path)
@@ -221,6 +224,8 @@ class Trainer:
     device: torch.device
     dtype: torch.dtype | None
     world: World
+    probe: SmallBatchProbe | None
+    sharpness_set: tuple[torch.Tensor, torch.Tensor] | None  # fixed training images for the Hessian
 
 
 def wrap_for_world(net: nn.Module, tp: TrainParams, device: torch.device, world: World) -> nn.Module:
@@ -248,10 +253,25 @@ def build_trainer(params: Params, split: Split, device: torch.device, world: Wor
     batches = TrainBatches(to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip)
     if len(batches) == 0:
         raise StageError(f"train.batch_size: {tp.batch_size} exceeds the {len(split.train_labels)} training images")
+    dp = params.diagnostics
     return Trainer(
         net, model, optimizer, scheduler, torch.Generator().manual_seed(params.data.seed), batches,
         (to_dev(split.val_images), to_dev(split.val_labels)), device, amp_dtype(tp.precision, device), world,
+        SmallBatchProbe(net, dp.noise_interval) if dp.noise_scale else None,
+        sharpness_subset(split, dp.sharpness_samples, params.data.seed, device) if dp.sharpness else None,
     )
+
+
+def sharpness_subset(split: Split, n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same seeded, un-augmented training images at every measurement."""
+    pick = torch.randperm(len(split.train_labels), generator=torch.Generator().manual_seed(seed))[:n].numpy()
+    images = normalize(torch.from_numpy(split.train_images[pick]).to(device))
+    return images, torch.from_numpy(split.train_labels[pick]).to(device)
+
+
+def sharpness_due(epoch: int, finished: bool, params: Params) -> bool:
+    epochs = params.diagnostics.sharpness_epochs or params.train.lr_milestones
+    return finished or epoch in epochs
 
 
 def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResult]:
@@ -259,7 +279,8 @@ def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResul
     lr = t.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     stream = progress_bar(t.batches.epoch(t.generator, t.world.shard), len(t.batches), f"epoch {epoch}")
-    result = train_one_epoch(t.model, t.optimizer, stream, len(t.batches), t.device, t.dtype)
+    result = train_one_epoch(t.model, t.optimizer, stream, len(t.batches), t.device, t.dtype,
+                             probe=t.probe, global_batch=tp.batch_size)
     seconds = time.perf_counter() - start
     result = reduce_over_ranks(result, t.world)
     if result.first_bad_step is not None:
@@ -288,7 +309,24 @@ def reduce_over_ranks(result: EpochResult, world: World) -> EpochResult:
     )
     metrics = {**m, "train_loss": loss, "train_accuracy": accuracy}
     first_bad = (result.first_bad_step or 0) if bad else None
-    return EpochResult(metrics, result.step_grad_norms, first_bad)
+    # each rank's half-batch norm is an independent small-batch sample: their mean is too
+    small = mean_over_ranks([s for s, *_ in result.noise_samples], world)
+    samples = [(s, *rest) for s, (_, *rest) in zip(small, result.noise_samples)]
+    return EpochResult(metrics, result.step_grad_norms, first_bad, samples)
+
+
+def diagnose(t: Trainer, params: Params, result: EpochResult, noise: NoiseScale, lr: float, due: bool) -> dict:
+    """The epoch's noise scale (moving averages updated) and, when due, sharpness."""
+    out = {}
+    for sample in result.noise_samples:
+        noise.update(*sample)
+    if noise.updates:
+        out.update(noise_scale=noise.b_simple, noise_g_sq=noise.g_sq, noise_trace_sigma=noise.trace_sigma)
+    if t.sharpness_set is not None and due:
+        dp = params.diagnostics
+        out.update(sharpness(t.net, *t.sharpness_set, dp.power_iterations, dp.hutchinson_samples, params.data.seed))
+        out["stability_bound"] = 2 / lr  # gradient descent diverges along directions sharper than this
+    return out
 
 
 def fit(params: Params, split: Split, out: Outputs, device: torch.device, world: World = World()) -> dict:
@@ -301,6 +339,7 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device, world:
     state = resumable_state(out.last, digest)
     progress = restore(state, t.net, t.optimizer, t.scheduler, t.generator) if state else Progress()
     stopper = EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
+    noise = NoiseScale(**progress.noise) if progress.noise else NoiseScale(params.diagnostics.noise_ema)
     tracker = Tracker.start(params, device, progress.run_id) if world.is_main else NullTracker()
     tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
     progress.run_id = tracker.run_id
@@ -309,11 +348,14 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device, world:
         while not progress.finished:
             epoch = progress.epoch + 1
             record, result = run_epoch(t, epoch, tp)
-            if stopper.update(record[tp.monitor], epoch) and world.is_main:
-                save_atomic({"model": t.net.state_dict(), "epoch": epoch, "width": params.model.width}, out.best)
-            progress.epoch, progress.stopper = epoch, asdict(stopper)
-            progress.history.append(record)
+            improved = stopper.update(record[tp.monitor], epoch)
             progress.finished = stopper.should_stop or epoch == tp.num_epochs
+            if world.is_main:  # rank 0's record is every rank's; only it needs the diagnostics
+                record.update(diagnose(t, params, result, noise, record["learning_rate"], sharpness_due(epoch, progress.finished, params)))
+            if improved and world.is_main:
+                save_atomic({"model": t.net.state_dict(), "epoch": epoch, "width": params.model.width}, out.best)
+            progress.epoch, progress.stopper, progress.noise = epoch, asdict(stopper), asdict(noise)
+            progress.history.append(record)
             progress.last_grad_norm_steps = step_series(result, epoch, len(t.batches), params.tracking.grad_norm_interval)
             if world.is_main:
                 # checkpoint first, then log: a kill in between is repaired by `backfill` on resume
