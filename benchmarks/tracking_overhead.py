@@ -1,17 +1,19 @@
-"""Cost of gradient-norm measurement and MLflow tracking, as a share of epoch time.
+"""Cost of gradient-norm measurement, MLflow tracking and the noise-scale probe, as a share of epoch time.
 
     python benchmarks/tracking_overhead.py [--width 64] [--batch-size 96] [--steps 6]
 
 Trains the same model on random data with gradient norms off and on (alternating
-rounds, so drift hits both), times `GradNorms.record` alone, and times one epoch's
+rounds, so drift hits both), times `GradNorms.record` alone, times one epoch's
 MLflow logging (epoch metrics plus the per-step series at the default interval)
-into a real sqlite store. The overhead is projected onto a full CIFAR-10 epoch
-(45,000 training images) at the given batch size.
+into a real sqlite store, and times the gradient-noise-scale probe (a half-batch
+forward and backward every `diagnostics.noise_interval` steps). Overheads are
+projected onto a full CIFAR-10 epoch (45,000 training images) at the batch size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cifar_rounds.diagnostics import SmallBatchProbe
 from cifar_rounds.engine import GradNorms, train_one_epoch
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import Params, with_overrides
@@ -45,6 +48,18 @@ def record_cost(model, repeats: int = 200) -> float:
     for _ in range(repeats):
         norms.record()
     norms.epoch_summary()
+    return (time.perf_counter() - start) / repeats
+
+
+def probe_cost(model, batch_size: int, repeats: int = 3) -> float:
+    """Seconds per SmallBatchProbe.measure call (half-batch forward + backward, BN buffers restored)."""
+    probe = SmallBatchProbe(model, interval=1)
+    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+    probe.measure(x, y, torch.nn.functional.cross_entropy, contextlib.nullcontext())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        probe.measure(x, y, torch.nn.functional.cross_entropy, contextlib.nullcontext())
     return (time.perf_counter() - start) / repeats
 
 
@@ -91,6 +106,8 @@ def main() -> None:
     logging = tracking_cost(params, steps_per_epoch)
     epoch_off = step_off * steps_per_epoch
     direct = (record * steps_per_epoch + logging) / epoch_off
+    interval = params.diagnostics.noise_interval
+    noise = probe_cost(model, args.batch_size) * (steps_per_epoch // interval) / epoch_off
     print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model width {args.width}, batch {args.batch_size}, {steps_per_epoch} steps per CIFAR-10 epoch")
     print(f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians of {args.rounds} rounds of {args.steps} steps)")
@@ -98,6 +115,7 @@ def main() -> None:
     print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")
     print(f"overhead per epoch, from the direct costs: {direct:.3%}")
     print(f"overhead per epoch, from the step times (noisy): {(step_on - step_off) / step_off:+.3%}")
+    print(f"noise-scale probe every {interval} steps: {noise:.2%} of epoch time")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ fi
 stamp=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check \
-    -r requirements.txt -r requirements-test.txt -e .
+    -r requirements.txt -r requirements-test.txt -e . 2>&1 \
+    | sed "/is ignored: it is neither a file nor a directory/d"
   echo "$stamp" > .venv/.installed
 fi
 

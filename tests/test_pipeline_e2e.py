@@ -82,15 +82,19 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
 
 def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project):
     rows = list(csv.DictReader(open(project / "reports/history.csv")))
-    assert all(math.isfinite(float(r["noise_scale"])) for r in rows)
+    assert all(r["noise_scale"] for r in rows)  # NaN while the EMA of |G|^2 is not yet positive
+    (r,) = runs(project)
+    for key in ("noise_g_sq", "noise_trace_sigma"):
+        values = client(project).get_metric_history(r.info.run_id, key)
+        assert sorted(m.step for m in values) == list(range(1, EPOCHS + 1)) and all(math.isfinite(m.value) for m in values)
+    assert all(m.value > 0 for m in client(project).get_metric_history(r.info.run_id, "noise_trace_sigma"))
     measured = [int(r["epoch"]) for r in rows if r["lambda_max"]]
     milestones = load_params(project / "params.yaml").train.lr_milestones
     assert measured == sorted(set(milestones) | {EPOCHS})
-    for r in rows:
-        if r["lambda_max"]:
-            assert float(r["stability_bound"]) == pytest.approx(2 / float(r["learning_rate"]))
-            assert float(r["hessian_trace"]) != 0
-    (r,) = runs(project)
+    for row in rows:
+        if row["lambda_max"]:
+            assert float(row["stability_bound"]) == pytest.approx(2 / float(row["learning_rate"]))
+            assert float(row["hessian_trace"]) != 0
     lam = client(project).get_metric_history(r.info.run_id, "lambda_max")
     assert sorted(m.step for m in lam) == measured
 

@@ -32,6 +32,7 @@ TINY_RUN = {
     "train.device": "cpu",
     "train.deterministic": True,
     "tracking.log_model": True,
+    "diagnostics.noise_interval": 5,
     "diagnostics.sharpness_samples": 128,
     "diagnostics.power_iterations": 5,
     "diagnostics.hutchinson_samples": 2,
