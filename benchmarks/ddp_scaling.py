@@ -36,7 +36,7 @@ def throughput(project: Path, procs: int) -> float:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
          "-m", "cifar_rounds.train", "--split", "data/split.npz", "--models", f"models{procs}",
          "--history", history, "--summary", f"reports/ddp{procs}.json"],
-        cwd=project, check=True, stdout=subprocess.DEVNULL,
+        cwd=project, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     with open(project / history) as f:
         return float(list(csv.DictReader(f))[-1]["images_per_s"])

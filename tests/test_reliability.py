@@ -76,6 +76,22 @@ def test_training_killed_mid_run_resumes_bit_for_bit_into_the_same_mlflow_run(pr
     assert len(steps) == len(set(steps))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_ends_killed_not_running(project, sig):
+    models = f"models_{sig.name}"
+    cmd = train_cmd(models, f"reports/{sig.name}.csv", f"reports/{sig.name}.json")
+    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while not (project / models / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0
+    state = torch.load(project / models / "last.pt", weights_only=True)
+    client, _ = runs(project)
+    assert client.get_run(state["progress"]["run_id"]).info.status == "KILLED"
+
+
 def _hashes(project):
     files = ["models/best.pt", "models/last.pt", "metrics.json", "reports/history.csv", "data/split.npz"]
     return {f: hashlib.sha256((project / f).read_bytes()).hexdigest() for f in files}

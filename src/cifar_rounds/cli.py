@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from cifar_rounds.params import ParamsError
+
 
 class StageError(RuntimeError):
     """An expected failure (bad input, unreachable URL, NaN loss): one line for the user."""
@@ -12,8 +14,6 @@ class StageError(RuntimeError):
 
 def run_stage(main: Callable[[], object]) -> None:
     """Run a stage's main(); expected failures print `error: ...` and exit 1."""
-    from cifar_rounds.params import ParamsError
-
     try:
         main()
     except (StageError, ParamsError) as error:

@@ -9,6 +9,7 @@ params.yaml is never touched.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,6 @@ TINY_RUN = {
     "train.eval_batch_size": 500,
     "train.device": "cpu",
     "train.deterministic": True,
-    "tracking.log_model": True,
     "diagnostics.noise_interval": 5,
     "diagnostics.sharpness_samples": 128,
     "diagnostics.power_iterations": 5,
@@ -44,8 +44,9 @@ def git(*args: str, cwd: Path) -> None:
 
 
 def dvc(*args: str, cwd: Path) -> None:
-    """DVC from this interpreter's environment, whatever PATH says."""
-    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True)
+    """DVC from this interpreter's environment, whose `python` also runs the stages, whatever PATH says."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True, env={**os.environ, "PATH": path})
 
 
 def init_project(source: Path, target: Path, params: Params) -> None:

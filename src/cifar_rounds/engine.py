@@ -134,7 +134,10 @@ def predict(
     return torch.cat(losses).cpu(), torch.cat(preds).cpu()
 
 
-def evaluate(model, batches, labels: torch.Tensor, device, amp_dtype=None, prefix: str = "val") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
+    device: torch.device, amp_dtype: torch.dtype | None = None, prefix: str = "val",
+) -> dict[str, float]:
     losses, preds = predict(model, batches, device, amp_dtype)
     return {
         f"{prefix}_loss": losses.mean().item(),
@@ -155,7 +158,7 @@ class EarlyStopping:
 
     @property
     def sign(self) -> float:
-        return 1.0 if self.monitor.endswith("loss") else -1.0  # losses improve downwards
+        return 1.0 if self.monitor == "val_loss" else -1.0  # loss improves downwards, accuracy upwards
 
     def update(self, value: float, epoch: int) -> bool:
         """Record an epoch's value; True if it is a new best."""

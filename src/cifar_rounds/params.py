@@ -6,6 +6,7 @@ meaning and unit. The defaults are the seed's round 2.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -237,8 +238,6 @@ def dump_params(params: Params, path: Path) -> None:
 
 def main() -> None:
     """`python -m cifar_rounds.params [FILE]`: validate a params file, exit non-zero if bad."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("path", nargs="?", type=Path, default=PARAMS_FILE)
     args = parser.parse_args()

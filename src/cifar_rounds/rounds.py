@@ -50,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a preset as a named DVC experiment")
+    run.set_defaults(handler=run_preset)
     run.add_argument("preset", choices=sorted(PRESETS))
     run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override on top of the preset (e.g. train.num_epochs=3); repeatable")
@@ -59,10 +60,12 @@ def main() -> None:
     where.add_argument("--temp", action="store_true", help="run in a temporary copy; the workspace stays as it is")
     show = sub.add_parser("show", help="print a preset's values")
     show.add_argument("preset", choices=sorted(PRESETS))
+    show.set_defaults(handler=lambda args: print(json.dumps(PRESETS[args.preset], indent=2)))
     args = parser.parse_args()
-    if args.command == "show":
-        print(json.dumps(PRESETS[args.preset], indent=2))
-        return
+    args.handler(args)
+
+
+def run_preset(args: argparse.Namespace) -> None:
     values = {**PRESETS[args.preset], **dict(parse_override(s) for s in args.set)}
     with_overrides(load_params(), values)  # refuse bad values before DVC touches anything
     mode = ["--queue"] * args.queue + ["--temp"] * args.temp
