@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.engine import predict
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.pipeline import eval_batches
@@ -60,12 +61,7 @@ def write_predictions(path: Path, labels: np.ndarray, preds: np.ndarray, names: 
 
 
 def plot_confusion(confusion: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = pyplot().subplots(figsize=(7, 6))
     image = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -76,10 +72,7 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path, title: s
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                 color="white" if count > confusion.max() / 2 else "black")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.params import PARAMS_FILE, Params, load_params, params_from_text
 from cifar_rounds.tracking import Tracker, open_client, repo_root
 
@@ -246,12 +247,7 @@ def render(base: Round, cand: Round, rp, figure: str) -> str:
 
 
 def plot_curves(rounds: list[Round], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     for r, colour in zip(rounds, ("tab:blue", "tab:orange")):
         epochs = [row["epoch"] for row in r.history]
         for ax, key in ((axes[0], "accuracy"), (axes[1], "loss")):
@@ -263,10 +259,7 @@ def plot_curves(rounds: list[Round], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     axes[2].set_yscale("log")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
