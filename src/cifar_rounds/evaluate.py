@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.engine import predict
+from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.pipeline import eval_batches
 from cifar_rounds.split import Split
