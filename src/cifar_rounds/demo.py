@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.synthetic import write_archive
 
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2000, help="generated training images")
     parser.add_argument("--test-size", type=int, default=500, help="generated test images")
     args = parser.parse_args()
+    if not Path("dvc.yaml").exists():
+        raise StageError("no dvc.yaml here: run the offline demo from the repository root (scripts/offline.sh)")
     target = args.dir.resolve()
     target.mkdir(parents=True, exist_ok=True)
     archive = target / ARCHIVE
@@ -90,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

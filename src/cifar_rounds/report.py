@@ -258,6 +258,7 @@ def plot_curves(rounds: list[Round], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
+    axes[1].set_yscale("log")  # validation spikes would flatten everything else
     axes[2].set_yscale("log")
     save_figure(fig, path)
 

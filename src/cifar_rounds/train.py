@@ -159,12 +159,21 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def progress_bar(iterable, total: int, desc: str):
-    """A tqdm bar on a terminal; the bare iterable elsewhere (epoch lines are printed instead)."""
+    """A tqdm bar over batches on a terminal; the bare iterable elsewhere (epoch lines are printed instead)."""
     if not sys.stderr.isatty():
         return iterable
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def epoch_bar(total: int, done: int, world: World):
+    """A tqdm bar over epochs on rank 0's terminal; None elsewhere."""
+    if not (sys.stderr.isatty() and world.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="epochs", unit="epoch", dynamic_ncols=True)
 
 
 def step_series(result: EpochResult, epoch: int, steps: int, interval: int) -> dict[int, float]:
@@ -343,6 +352,7 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device, world:
     tracker = Tracker.start(params, device, progress.run_id) if world.is_main else NullTracker()
     tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
     progress.run_id = tracker.run_id
+    bar = epoch_bar(tp.num_epochs, progress.epoch, world)
     with terminated_on_exit(tracker):
         backfill(tracker, progress)
         while not progress.finished:
@@ -363,6 +373,10 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device, world:
                 write_history(progress.history, out.history)
                 log_epoch(tracker, record, progress.last_grad_norm_steps)
                 print_epoch(record, tp)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         if stopper.should_stop:
             print(f"early stop: no {tp.monitor} improvement > {tp.min_delta} in {tp.patience} epochs")
         summary = {
