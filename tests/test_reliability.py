@@ -80,7 +80,9 @@ def test_training_killed_mid_run_resumes_bit_for_bit_into_the_same_mlflow_run(pr
 def test_an_interrupted_run_ends_killed_not_running(project, sig):
     models = f"models_{sig.name}"
     cmd = train_cmd(models, f"reports/{sig.name}.csv", f"reports/{sig.name}.json")
-    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # a shell's background jobs inherit SIGINT ignored; give the child the default, as on a terminal
+    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline = time.time() + 300
     while not (project / models / "last.pt").exists():
         assert proc.poll() is None and time.time() < deadline
