@@ -136,12 +136,12 @@ def predict(
 
 def evaluate(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
-    device: torch.device, amp_dtype: torch.dtype | None = None, prefix: str = "val",
+    device: torch.device, amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     losses, preds = predict(model, batches, device, amp_dtype)
     return {
-        f"{prefix}_loss": losses.mean().item(),
-        f"{prefix}_accuracy": (preds == labels.cpu()).float().mean().item(),
+        "val_loss": losses.mean().item(),
+        "val_accuracy": (preds == labels.cpu()).float().mean().item(),
     }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from cifar_rounds.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names
 from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.files import atomic_path
 from cifar_rounds.params import load_params
 
 
@@ -28,11 +29,8 @@ class Split:
     label_names: list[str]
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in vars(self).items()})
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> Split:

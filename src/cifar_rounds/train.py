@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -22,12 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.diagnostics import NoiseScale, SmallBatchProbe, sharpness
+from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
 from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
+from cifar_rounds.files import atomic_path, write_json
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
 from cifar_rounds.pipeline import TrainBatches, eval_batches, normalize
 from cifar_rounds.split import Split
-from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
 from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
 
 HISTORY_FIELDS = (
@@ -74,10 +74,8 @@ def build_optimizer(model: nn.Module, tp: TrainParams) -> tuple[torch.optim.SGD,
 
 def save_atomic(obj: object, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @dataclass
@@ -142,20 +140,10 @@ def restore(state: dict, net, optimizer, scheduler, generator) -> Progress:
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, HISTORY_FIELDS, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
-
-
-def write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def progress_bar(iterable, total: int, desc: str):
