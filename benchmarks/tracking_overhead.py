@@ -13,7 +13,6 @@ projected onto a full CIFAR-10 epoch (45,000 training images) at the batch size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cifar_rounds.diagnostics import SmallBatchProbe
-from cifar_rounds.engine import GradNorms, train_one_epoch
+from cifar_rounds.engine import GradNorms, amp_dtype, autocast, train_one_epoch
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import Params, with_overrides
 from cifar_rounds.pipeline import TrainBatches
@@ -32,18 +31,19 @@ from cifar_rounds.train import build_optimizer
 from cifar_rounds.tracking import Tracker
 
 TRAIN_IMAGES = 45_000
+CPU = torch.device("cpu")
 
 
-def timed_epoch(model, optimizer, batches, generator, steps, grad_norms: bool) -> float:
+def timed_epoch(model, optimizer, batches, generator, steps, dtype, grad_norms: bool) -> float:
     start = time.perf_counter()
-    train_one_epoch(model, optimizer, batches.epoch(generator), steps, torch.device("cpu"), None, grad_norms)
+    train_one_epoch(model, optimizer, batches.epoch(generator), steps, CPU, dtype, grad_norms)
     return (time.perf_counter() - start) / steps
 
 
 def record_cost(model, repeats: int = 200) -> float:
     """Seconds per GradNorms.record() call, gradients already present."""
     model(torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
-    norms = GradNorms(model, repeats, torch.device("cpu"))
+    norms = GradNorms(model, repeats, CPU)
     start = time.perf_counter()
     for _ in range(repeats):
         norms.record()
@@ -51,15 +51,15 @@ def record_cost(model, repeats: int = 200) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def probe_cost(model, batch_size: int, repeats: int = 3) -> float:
+def probe_cost(model, batch_size: int, dtype, repeats: int = 3) -> float:
     """Seconds per SmallBatchProbe.measure call (half-batch forward + backward, BN buffers restored)."""
     probe = SmallBatchProbe(model, interval=1)
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
-    probe.measure(x, y, torch.nn.functional.cross_entropy, contextlib.nullcontext())
+    probe.measure(x, y, torch.nn.functional.cross_entropy, autocast(CPU, dtype))
     start = time.perf_counter()
     for _ in range(repeats):
-        probe.measure(x, y, torch.nn.functional.cross_entropy, contextlib.nullcontext())
+        probe.measure(x, y, torch.nn.functional.cross_entropy, autocast(CPU, dtype))
     return (time.perf_counter() - start) / repeats
 
 
@@ -67,7 +67,7 @@ def tracking_cost(params: Params, steps_per_epoch: int, epochs: int = 5) -> floa
     """Seconds of MLflow logging per epoch into a fresh sqlite store."""
     with tempfile.TemporaryDirectory() as tmp:
         params = with_overrides(params, {"tracking.tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
-        tracker = Tracker.start(params, torch.device("cpu"))
+        tracker = Tracker.start(params, CPU)
         metrics = {f"metric_{i}": float(i) for i in range(40)}  # epoch metrics plus per-block norms
         interval = params.tracking.grad_norm_interval
         start = time.perf_counter()
@@ -95,11 +95,12 @@ def main() -> None:
     batches = TrainBatches(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)),
                            args.batch_size, crop=True, flip=True)
     generator = torch.Generator().manual_seed(0)
-    timed_epoch(model, optimizer, batches, generator, 1, False)  # warm-up
+    dtype = amp_dtype(params.train.precision, CPU)  # what the train stage would use here
+    timed_epoch(model, optimizer, batches, generator, 1, dtype, False)  # warm-up
     off, on = [], []
     for _ in range(args.rounds):
-        off.append(timed_epoch(model, optimizer, batches, generator, args.steps, False))
-        on.append(timed_epoch(model, optimizer, batches, generator, args.steps, True))
+        off.append(timed_epoch(model, optimizer, batches, generator, args.steps, dtype, False))
+        on.append(timed_epoch(model, optimizer, batches, generator, args.steps, dtype, True))
     step_off, step_on = statistics.median(off), statistics.median(on)
     steps_per_epoch = TRAIN_IMAGES // args.batch_size
     record = record_cost(model)
@@ -107,9 +108,10 @@ def main() -> None:
     epoch_off = step_off * steps_per_epoch
     direct = (record * steps_per_epoch + logging) / epoch_off
     interval = params.diagnostics.noise_interval
-    noise = probe_cost(model, args.batch_size) * (steps_per_epoch // interval) / epoch_off
+    noise = probe_cost(model, args.batch_size, dtype) * (steps_per_epoch // interval) / epoch_off
     print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model width {args.width}, batch {args.batch_size}, {steps_per_epoch} steps per CIFAR-10 epoch")
+    print(f"model width {args.width}, batch {args.batch_size}, precision {params.train.precision} -> "
+          f"{'bf16' if dtype else 'fp32'}, {steps_per_epoch} steps per CIFAR-10 epoch")
     print(f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians of {args.rounds} rounds of {args.steps} steps)")
     print(f"GradNorms.record alone: {record * 1e3:.3f} ms per step")
     print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")

@@ -1,10 +1,10 @@
 """Training throughput: this project's device-resident pipeline against the conventional loop.
 
-    python benchmarks/training_throughput.py [--batch-size 128] [--steps 4] [--width 64]
+    python benchmarks/training_throughput.py [--batch-size 128] [--steps 4] [--width 64] [--precision auto]
 
 Same model, batch size and device for both:
 1. ours: uint8 images on the device, batched crop+flip+normalise, channels-last,
-   bf16 autocast on CUDA (`train.precision: auto`);
+   `train.precision` (auto: bf16 autocast where the hardware has bf16 units);
 2. conventional: a map-style dataset returning one PIL image per index (as
    torchvision.datasets.CIFAR10 does), RandomCrop(32, padding=4),
    RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with worker
@@ -28,10 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_rounds.engine import autocast
+from cifar_rounds.engine import amp_dtype, autocast
 from cifar_rounds.model import ResNet18
 from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
-from cifar_rounds.train import amp_dtype
 
 GFLOP_PER_IMAGE = 3.33  # forward + backward of the CIFAR ResNet-18, per training image
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -100,6 +99,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--images", type=int, default=10_000, help="size of the random stand-in training set")
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile (train.compile: true)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="ours: train.precision")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
@@ -115,7 +115,7 @@ def main() -> None:
 
     results = {}
     for name, stream, channels_last, dtype in (
-        ("ours", ours_stream, True, amp_dtype("auto", device)),
+        ("ours", ours_stream, True, amp_dtype(args.precision, device)),
         ("conventional", conv_stream, False, None),
     ):
         torch.manual_seed(0)
@@ -131,7 +131,9 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"date: {date.today()}  device: {name}  ({os.cpu_count()} CPU cores, torch {torch.__version__})")
-    print(f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; ours compiled: {args.compile}")
+    ours_dtype = "bf16" if amp_dtype(args.precision, device) else "fp32"
+    print(f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; "
+          f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile}; conventional: fp32")
     print(f"training, ours:         {results['ours']:10.1f} img/s")
     print(f"training, conventional: {results['conventional']:10.1f} img/s")
     print(f"training speed-up:      {results['ours'] / results['conventional']:10.2f}x")

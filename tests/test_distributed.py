@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
+from cifar_rounds.engine import amp_dtype, autocast
 from cifar_rounds.params import load_params
 from cifar_rounds.pipeline import TrainBatches
 from cifar_rounds.split import Split
@@ -54,7 +55,8 @@ def test_one_ddp_step_equals_averaging_the_per_rank_micro_batch_gradients(tmp_pa
 
 def one_step_of_averaged_micro_batches(params, split) -> torch.nn.Module:
     torch.manual_seed(params.data.seed)
-    net = build_model(params.model, 10, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    net = build_model(params.model, 10, cpu)
     optimizer, _ = build_optimizer(net, params.train)
     batches = TrainBatches(torch.from_numpy(split.train_images), torch.from_numpy(split.train_labels), 128, True, True)
     assert len(batches) == 1  # exactly one optimizer step
@@ -65,7 +67,9 @@ def one_step_of_averaged_micro_batches(params, split) -> torch.nn.Module:
         generator.set_state(start)  # every rank draws the same epoch and takes its own shard
         x, y = next(batches.epoch(generator, slice(rank, None, 2)))
         net.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        with autocast(cpu, amp_dtype(params.train.precision, cpu)):  # the precision the ranks trained in
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         grads.append([p.grad.clone() for p in net.parameters()])
     for p, g0, g1 in zip(net.parameters(), *grads):
         p.grad = (g0 + g1) / 2

@@ -1,17 +1,19 @@
 """CUDA paths: bf16 autocast, device-resident data, SyncBatchNorm under torchrun. Skipped without a GPU."""
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from cifar_rounds.cli import StageError
 from cifar_rounds.distributed import World
-from cifar_rounds.engine import train_one_epoch
+from cifar_rounds.engine import amp_dtype, train_one_epoch
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import Params, with_overrides
 from cifar_rounds.pipeline import TrainBatches
-from cifar_rounds.train import amp_dtype, select_device, wrap_for_world
+from cifar_rounds.train import select_device, wrap_for_world
 from conftest import make_project, read_json, run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,8 +25,12 @@ def test_sync_batchnorm_is_refused_on_cpu_with_the_field_named():
         wrap_for_world(ResNet18(width=4), tp, torch.device("cpu"), World())
 
 
-def test_precision_auto_is_fp32_on_cpu():
-    assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_precision_auto_is_bf16_exactly_where_the_cpu_has_bf16_units():
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is (torch.bfloat16 if flags & {"avx512_bf16", "amx_tile"} else None)
+    assert amp_dtype("fp32", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
 
 
 @needs_cuda

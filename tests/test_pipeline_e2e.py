@@ -14,6 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cifar_rounds.engine import amp_dtype
 from cifar_rounds.params import Params, load_params
 from conftest import make_project, read_json, run
 
@@ -62,6 +63,8 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert r.data.params == {k: str(v) for k, v in params.flat().items()}
     assert {"git_commit", "device", "torch_version", "params_digest"} <= r.data.tags.keys()
     assert r.data.tags["params_digest"] == params.digest()
+    resolved = amp_dtype(params.train.precision, torch.device("cpu"))
+    assert r.data.tags["precision"] == ("bf16" if resolved is torch.bfloat16 else "fp32")
     assert read_json(project / "metrics.json")["mlflow_run_id"] == r.info.run_id
     c = client(project)
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",

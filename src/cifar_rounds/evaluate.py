@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.engine import predict
+from cifar_rounds.engine import amp_dtype, predict
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.files import write_json
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.pipeline import eval_batches
 from cifar_rounds.split import Split
 from cifar_rounds.tracking import Tracker
-from cifar_rounds.train import amp_dtype, build_model, load_checkpoint, select_device
+from cifar_rounds.train import build_model, load_checkpoint, select_device
 
 
 def load_best(path: Path, params: Params, num_classes: int, device: torch.device) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.diagnostics import NoiseScale, SmallBatchProbe, sharpness
 from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
-from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
+from cifar_rounds.engine import EarlyStopping, EpochResult, amp_dtype, evaluate, train_one_epoch
 from cifar_rounds.files import atomic_path, write_json
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
@@ -43,13 +43,6 @@ def select_device(choice: str, local_rank: int = 0) -> torch.device:
         raise StageError("train.device: 'cuda' requested but no CUDA device is available")
     use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it pays (CUDA); None means plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def configure_determinism(deterministic: bool) -> None:
