@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--images", type=int, default=10_000, help="size of the random stand-in training set")
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile (train.compile: true)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default",
+                        help="torch.compile mode; reduce-overhead adds CUDA graphs (the train stage uses default)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="ours: train.precision")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +125,7 @@ def main() -> None:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        runnable = torch.compile(model) if args.compile and name == "ours" else model
+        runnable = torch.compile(model, mode=args.compile_mode) if args.compile and name == "ours" else model
         results[name] = images_per_second(make_step(runnable, optimizer, device, dtype), stream, args.steps, bs, device)
     noop = lambda x, y: (x.to(device, non_blocking=True), y.to(device, non_blocking=True))  # noqa: E731
     data_ours = images_per_second(noop, ours_stream, args.data_batches, bs, device)
@@ -133,7 +135,8 @@ def main() -> None:
     print(f"date: {date.today()}  device: {name}  ({os.cpu_count()} CPU cores, torch {torch.__version__})")
     ours_dtype = "bf16" if amp_dtype(args.precision, device) else "fp32"
     print(f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; "
-          f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile}; conventional: fp32")
+          f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile and args.compile_mode}; "
+          "conventional: fp32")
     print(f"training, ours:         {results['ours']:10.1f} img/s")
     print(f"training, conventional: {results['conventional']:10.1f} img/s")
     print(f"training speed-up:      {results['ours'] / results['conventional']:10.2f}x")
