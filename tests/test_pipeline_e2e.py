@@ -65,7 +65,9 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert r.data.tags["params_digest"] == params.digest()
     resolved = amp_dtype(params.train.precision, torch.device("cpu"))
     assert r.data.tags["precision"] == ("bf16" if resolved is torch.bfloat16 else "fp32")
-    assert read_json(project / "metrics.json")["mlflow_run_id"] == r.info.run_id
+    metrics = read_json(project / "metrics.json")
+    assert metrics["mlflow_run_id"] == r.info.run_id
+    assert (metrics["device"], metrics["precision"]) == ("cpu", r.data.tags["precision"])  # for the round report
     c = client(project)
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
                 "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "grad_norm_mean", "grad_norm/layer1.0"):

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.params import Params, load_params
-from cifar_rounds.report import ArtifactPaths, from_mlflow, mcnemar_exact, wilson_interval
+from cifar_rounds.report import ArtifactPaths, Round, condition_lines, from_mlflow, mcnemar_exact, wilson_interval
 from cifar_rounds.rounds import PRESETS
 from cifar_rounds.synthetic import write_archive
 from conftest import make_project, run
@@ -38,6 +38,14 @@ def test_presets_are_the_seed_rounds_and_differ_in_exactly_seven_values():
     changed = {k for k in PRESETS["round-1"] if PRESETS["round-1"][k] != PRESETS["round-2"][k]}
     assert changed == SEED_CHANGES
     assert {k: v for k, v in Params().flat().items() if k in PRESETS["round-2"]} == PRESETS["round-2"]
+
+
+def test_report_flags_rounds_trained_under_different_conditions():
+    fp32, bf16 = (Round(label, Params(), {"device": "cpu", "precision": p}, [], []) for label, p in (("a", "fp32"), ("b", "bf16")))
+    lines = condition_lines(fp32, bf16)
+    assert "- precision: fp32 -> bf16 (changed)" in lines and "- device: cpu" in lines
+    assert any("different conditions" in line for line in lines)
+    assert not any("different conditions" in line for line in condition_lines(fp32, fp32))
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +100,7 @@ def test_report_numbers_come_from_the_rounds_measurements(rounds_project):
     c = sum(y["predicted"] == y["actual"] != x["predicted"] for x, y in zip(p1, p2))
     assert f"{b} images only round-1 got right, {c} only round-2 got right; p = {mcnemar_exact(b, c):.4g}" in report
     assert "Success criteria" in report and "test accuracy > 88.00%" in report
+    assert f"- precision: {m1['precision']}\n" in report and "(changed)" not in report  # same machine
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(m2["mlflow_run_id"], "report")}
     assert artifacts == {"report/round-round-1-vs-round-2.md", "report/round-round-1-vs-round-2.png"}

@@ -80,6 +80,15 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+RUN_CONDITIONS = ("device", "precision")  # what params.yaml leaves to the machine
+
+
+def run_conditions(precision: str, device: torch.device) -> dict[str, str]:
+    """RUN_CONDITIONS here: the device's name and the precision `train.precision` became on it."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return dict(zip(RUN_CONDITIONS, (name, "bf16" if amp_dtype(precision, device) else "fp32")))
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.engine import amp_dtype, predict
+from cifar_rounds.engine import RUN_CONDITIONS, amp_dtype, predict
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.files import write_json
 from cifar_rounds.params import Params, load_params
@@ -107,6 +107,7 @@ def main() -> None:
         "stopped_epoch": summary["stopped_epoch"],
         "per_class_accuracy": per_class_accuracy(confusion, names),
         "mlflow_run_id": summary["mlflow_run_id"],
+        **{k: summary[k] for k in RUN_CONDITIONS},  # the training run's, for the round report
     }
     write_json(metrics, args.metrics)
     write_predictions(args.predictions, split.test_labels, test_preds, names)

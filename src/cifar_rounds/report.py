@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.engine import RUN_CONDITIONS
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.params import PARAMS_FILE, Params, load_params, params_from_text
 from cifar_rounds.tracking import Tracker, open_client, repo_root
@@ -215,6 +216,16 @@ def param_changes(base: Round, cand: Round) -> list[str]:
     return [f"| `{k}` | {a[k]} | {b[k]} |" for k in sorted(a) if a[k] != b[k]]
 
 
+def condition_lines(base: Round, cand: Round) -> list[str]:
+    """Device and precision of each round's training; a difference is a change params.yaml does not show."""
+    a, b = ({k: r.metrics.get(k, "not recorded") for k in RUN_CONDITIONS} for r in (base, cand))
+    lines = [f"- {k}: {a[k]}" + ("" if a[k] == b[k] else f" -> {b[k]} (changed)") for k in RUN_CONDITIONS]
+    if a != b:
+        lines.append("- the rounds trained under different conditions: part of any difference between them "
+                     "may come from these rather than from the hyperparameters")
+    return lines
+
+
 def significance_lines(base: Round, cand: Round, alpha: float) -> list[str]:
     b, c = discordant_pairs(base, cand)
     p = mcnemar_exact(b, c)
@@ -235,6 +246,7 @@ def render(base: Round, cand: Round, rp, figure: str) -> str:
     out += performance_lines(base, cand)
     out += ["", "## Hyperparameter changes", "", f"| parameter | {base.label} | {cand.label} |", "|---|---|---|"]
     out += param_changes(base, cand) or ["| (none) | | |"]
+    out += ["", "## Run conditions (not in params.yaml)"] + condition_lines(base, cand)
     out += ["", "## Is the change in test accuracy real?"] + significance_lines(base, cand, rp.significance)
     for r in (base, cand):
         out += ["", f"## {r.label}", "", "Overfitting indicators:"] + [f"- {x}" for x in overfitting(r)]

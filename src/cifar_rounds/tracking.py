@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.engine import amp_dtype
+from cifar_rounds.engine import run_conditions
 from cifar_rounds.params import Params
 
 STORE_FILE = "mlflow.db"
@@ -91,8 +91,7 @@ def run_tags(params: Params, device: torch.device) -> dict[str, str]:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "dvc_root": str(root),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": "bf16" if amp_dtype(params.train.precision, device) else "fp32",  # what `auto` became
+        **run_conditions(params.train.precision, device),
         "torch_version": torch.__version__,
         "params_digest": params.digest(),
     }

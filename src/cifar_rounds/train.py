@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.diagnostics import NoiseScale, SmallBatchProbe, sharpness
 from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
-from cifar_rounds.engine import EarlyStopping, EpochResult, amp_dtype, evaluate, train_one_epoch
+from cifar_rounds.engine import EarlyStopping, EpochResult, amp_dtype, evaluate, run_conditions, train_one_epoch
 from cifar_rounds.files import atomic_path, write_json
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
@@ -363,6 +363,7 @@ def fit(params: Params, split: Split, out: Outputs, device: torch.device, world:
         summary = {
             "best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch,
             "early_stopped": stopper.should_stop, "mlflow_run_id": tracker.run_id,
+            **run_conditions(tp.precision, device),
         }
         if world.is_main:
             log_final(tracker, params, out, summary, len(split.label_names))
