@@ -3,7 +3,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from cifar_rounds.pipeline import (
-    CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, TrainBatches, crop_and_flip, draw_epoch, normalize, pack_padded,
+    CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, TrainBatches, colour_channels, crop_and_flip, draw_epoch, normalize,
+    pack_padded,
 )
 
 
@@ -11,7 +12,9 @@ def test_crop_and_flip_equals_torchvision_on_each_image():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
     draws = draw_epoch(16, g, crop=True, flip=True)
-    out = crop_and_flip(pack_padded(images), torch.arange(16), draws.dy, draws.dx, draws.flip)
+    pixels = crop_and_flip(pack_padded(images), torch.arange(16), draws.dy, draws.dx, draws.flip)
+    assert (pixels[..., 3] == 0).all()  # the padding byte of each packed pixel
+    out = colour_channels(pixels)
     for i in range(16):
         ref = TF.crop(TF.pad(images[i], [CROP_PADDING]), int(draws.dy[i]), int(draws.dx[i]), 32, 32)
         ref = TF.horizontal_flip(ref) if draws.flip[i] else ref
@@ -45,3 +48,15 @@ def test_an_epoch_visits_distinct_images_in_full_batches():
     batches = TrainBatches(images, torch.arange(50), batch_size=16, crop=False, flip=False)
     seen = torch.cat([y for _, y in batches.epoch(torch.Generator().manual_seed(0))])
     assert len(batches) == 3 and len(seen) == 48 and len(set(seen.tolist())) == 48
+
+
+def test_training_batches_equal_torchvision_crop_flip_to_tensor_normalize():
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    batches = TrainBatches(images, torch.arange(40), batch_size=20, crop=True, flip=True)
+    x, y = next(batches.epoch(torch.Generator().manual_seed(7)))
+    draws = draw_epoch(40, torch.Generator().manual_seed(7), crop=True, flip=True)  # what that epoch drew
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    for j, i in enumerate(y.tolist()):  # labels are image indices here
+        ref = TF.crop(TF.pad(images[i], [CROP_PADDING]), int(draws.dy[j]), int(draws.dx[j]), 32, 32)
+        ref = TF.horizontal_flip(ref) if draws.flip[j] else ref
+        assert torch.allclose(x[j], TF.normalize(ref.float() / 255, CIFAR10_MEAN, CIFAR10_STD), atol=1e-5)

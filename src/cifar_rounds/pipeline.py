@@ -54,22 +54,27 @@ def crop_and_flip(
 ) -> torch.Tensor:
     """32x32 windows of the packed padded images packed[index], flipped where asked.
 
-    One gather; the result is a uint8 (B, 3, 32, 32) view in channels-last order.
+    One gather; the result is uint8 (B, 32, 32, 4): each pixel's RGB bytes and a zero byte.
     """
     size = packed.shape[-1] - 2 * CROP_PADDING
     ar = torch.arange(size, device=packed.device)
     rows = dy[:, None] + ar  # (B, 32)
     cols = torch.where(flip[:, None], dx[:, None] + (size - 1 - ar), dx[:, None] + ar)
     words = packed[index[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, 32, 32) int32
-    return words.view(torch.uint8).view(*words.shape, 4)[..., :3].permute(0, 3, 1, 2)
+    return words.view(torch.uint8).view(*words.shape, 4)
+
+
+def colour_channels(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 4) pixels -> a (B, 3, H, W) channels-last view of their RGB values."""
+    return pixels[..., :3].permute(0, 3, 1, 2)
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 images (any layout) -> standardised floats in channels-last memory."""
+    """Images in 0..255 (uint8 or float, any layout) -> standardised floats in channels-last memory."""
     mean = torch.tensor(CIFAR10_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
     out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=torch.channels_last)
-    return out.copy_(images).mul_(1 / (255 * std)).sub_(mean / std)
+    return torch.addcmul(-mean / std, images, 1 / (255 * std), out=out)
 
 
 class TrainBatches:
@@ -95,8 +100,10 @@ class TrainBatches:
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl][shard]
-            x = crop_and_flip(self.packed, idx, dy[sl][shard], dx[sl][shard], flip[sl][shard])
-            yield normalize(x), self.labels[idx]
+            pixels = crop_and_flip(self.packed, idx, dy[sl][shard], dx[sl][shard], flip[sl][shard])
+            # all four bytes to float in one contiguous pass first: converting the three colour
+            # bytes directly moves 3-element runs and makes normalisation 2.6x slower on CPU
+            yield normalize(colour_channels(pixels.float())), self.labels[idx]
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
