@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cifar_rounds.diagnostics import SmallBatchProbe
-from cifar_rounds.engine import GradNorms, amp_dtype, autocast, train_one_epoch
+from cifar_rounds.engine import GradNorms, amp_dtype, autocast, run_conditions, train_one_epoch
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import Params, with_overrides
 from cifar_rounds.pipeline import TrainBatches
@@ -111,7 +111,7 @@ def main() -> None:
     noise = probe_cost(model, args.batch_size, dtype) * (steps_per_epoch // interval) / epoch_off
     print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model width {args.width}, batch {args.batch_size}, precision {params.train.precision} -> "
-          f"{'bf16' if dtype else 'fp32'}, {steps_per_epoch} steps per CIFAR-10 epoch")
+          f"{run_conditions(params.train.precision, CPU)['precision']}, {steps_per_epoch} steps per CIFAR-10 epoch")
     print(f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians of {args.rounds} rounds of {args.steps} steps)")
     print(f"GradNorms.record alone: {record * 1e3:.3f} ms per step")
     print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")

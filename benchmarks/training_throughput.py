@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_rounds.engine import amp_dtype, autocast
+from cifar_rounds.engine import amp_dtype, autocast, run_conditions
 from cifar_rounds.model import ResNet18
 from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
 
@@ -133,7 +133,7 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"date: {date.today()}  device: {name}  ({os.cpu_count()} CPU cores, torch {torch.__version__})")
-    ours_dtype = "bf16" if amp_dtype(args.precision, device) else "fp32"
+    ours_dtype = run_conditions(args.precision, device)["precision"]
     print(f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; "
           f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile and args.compile_mode}; "
           "conventional: fp32")
