@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds import train
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.params import Params
+from cifar_rounds.params import Params, with_overrides
+from cifar_rounds.tracking import Tracker, terminated_on_exit
 from conftest import env, make_project, read_json, run
 from test_params import BAD, _raw
 
@@ -92,6 +93,29 @@ def test_an_interrupted_run_ends_killed_not_running(project, sig):
     state = torch.load(project / models / "last.pt", weights_only=True)
     client, _ = runs(project)
     assert client.get_run(state["progress"]["run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_store_write_lets_the_write_finish_then_ends_the_run_killed(tmp_path, sig):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as on a terminal, not a background job
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker.start(with_overrides(Params(), {"tracking.tracking_uri": uri}), torch.device("cpu"))
+    log_batch = tracker.client.log_batch
+
+    def interrupted_mid_write(*args, **kwargs):
+        os.kill(os.getpid(), sig)  # its Python handler runs before the next line
+        return log_batch(*args, **kwargs)
+
+    tracker.client.log_batch = interrupted_mid_write
+    after_write = False
+    try:
+        with pytest.raises(KeyboardInterrupt), terminated_on_exit(tracker):
+            tracker.log_metrics({"train_loss": 1.5}, step=1)
+            after_write = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run_ = MlflowClient(uri).get_run(tracker.run_id)
+    assert not after_write and run_.info.status == "KILLED" and run_.data.metrics == {"train_loss": 1.5}
 
 
 def _hashes(project):

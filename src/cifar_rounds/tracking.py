@@ -102,6 +102,24 @@ class Tracker:
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.writing = False  # inside a store write: an interrupt waits for its end (terminated_on_exit)
+        self.pending_signal: int | None = None
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A store write that an interrupt cannot cut in half; a signal that came meanwhile is raised after it.
+
+        A KeyboardInterrupt inside an sqlite transaction can leave the store locked, and the
+        run could then not be marked KILLED.
+        """
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+        if self.pending_signal is not None:
+            signum, self.pending_signal = self.pending_signal, None
+            raise KeyboardInterrupt(f"signal {signum}")
 
     @classmethod
     def start(cls, params: Params, device: torch.device, resume_run_id: str | None = None) -> Tracker:
@@ -133,8 +151,9 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         batch += [Metric(k, float(v), now, s) for k, values in (series or {}).items() for s, v in values.items()]
-        for i in range(0, len(batch), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH])
+        with self._write():
+            for i in range(0, len(batch), MAX_BATCH):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH])
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key` (0 if none): where a resumed run picks up logging."""
@@ -143,9 +162,10 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""
         if name is None or name == path.name:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            with self._write():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
             return
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, self._write():
             renamed = Path(tmp) / name
             shutil.copyfile(path, renamed)
             self.client.log_artifact(self.run_id, str(renamed), artifact_path)
@@ -161,13 +181,15 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        with self._write():
+            self.client.set_terminated(self.run_id, status)
 
 
 class NullTracker:
     """What ranks other than 0 log to: nothing (so the training loop needs no rank checks)."""
 
     run_id = None
+    writing = False
 
     def log_metrics(self, metrics, step, series=None) -> None: ...
     def last_step(self, key: str) -> int:
@@ -187,8 +209,20 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
 
 @contextmanager
 def terminated_on_exit(tracker: Tracker) -> Iterator[Tracker]:
-    """End the run FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    """End the run FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+
+    Ctrl-C (unless ignored, as in background jobs) and SIGTERM raise KeyboardInterrupt at once,
+    or, during a store write, when the write is done.
+    """
+
+    def interrupt(signum, frame) -> None:
+        if tracker.writing:
+            tracker.pending_signal = signum
+        else:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
+    previous = {signum: signal.signal(signum, interrupt) for signum in handled}
     try:
         yield tracker
     except KeyboardInterrupt:
@@ -200,8 +234,5 @@ def terminated_on_exit(tracker: Tracker) -> Iterator[Tracker]:
     else:
         tracker.finish(RunStatus.to_string(RunStatus.FINISHED))
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
