@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from cifar_rounds.diagnostics import SmallBatchProbe
-from cifar_rounds.engine import GradNorms, amp_dtype, autocast, run_conditions, train_one_epoch
+from cifar_rounds.engine import GradNorms, autocast, train_one_epoch
+from cifar_rounds.runtime import amp_dtype, run_conditions
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import Params, with_overrides
 from cifar_rounds.pipeline import TrainBatches

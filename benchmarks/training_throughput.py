@@ -28,7 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_rounds.engine import amp_dtype, autocast, run_conditions
+from cifar_rounds.engine import autocast
+from cifar_rounds.runtime import amp_dtype, run_conditions
 from cifar_rounds.model import ResNet18
 from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
 

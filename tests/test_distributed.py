@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.engine import amp_dtype, autocast
+from cifar_rounds.engine import autocast
+from cifar_rounds.runtime import amp_dtype
 from cifar_rounds.params import load_params
 from cifar_rounds.pipeline import TrainBatches
 from cifar_rounds.split import Split

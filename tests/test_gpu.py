@@ -9,11 +9,12 @@ import torch
 
 from cifar_rounds.cli import StageError
 from cifar_rounds.distributed import World
-from cifar_rounds.engine import amp_dtype, train_one_epoch
+from cifar_rounds.engine import train_one_epoch
+from cifar_rounds.runtime import amp_dtype, select_device
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import Params, with_overrides
 from cifar_rounds.pipeline import TrainBatches
-from cifar_rounds.train import select_device, wrap_for_world
+from cifar_rounds.train import wrap_for_world
 from conftest import make_project, read_json, run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

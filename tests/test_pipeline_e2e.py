@@ -14,7 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.engine import amp_dtype
+from cifar_rounds.runtime import amp_dtype
 from cifar_rounds.params import Params, load_params
 from conftest import make_project, read_json, run
 

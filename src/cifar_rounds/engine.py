@@ -61,34 +61,6 @@ class GradNorms:
         return stats, steps.tolist()
 
 
-def computes_bf16_natively(device: torch.device) -> bool:
-    """bf16 matrix units: CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX.
-
-    On those, bf16 autocast is about 2x faster than fp32 (benchmarks/RESULTS.md);
-    elsewhere it is emulated and slower.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    # torch's own CPU feature probes (its compiler uses them too); there is no public equivalent
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on this device; None means plain fp32."""
-    if precision == "bf16" or (precision == "auto" and computes_bf16_natively(device)):
-        return torch.bfloat16
-    return None
-
-
-RUN_CONDITIONS = ("device", "precision")  # what params.yaml leaves to the machine
-
-
-def run_conditions(precision: str, device: torch.device) -> dict[str, str]:
-    """RUN_CONDITIONS here: the device's name and the precision `train.precision` became on it."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(zip(RUN_CONDITIONS, (name, "bf16" if amp_dtype(precision, device) else "fp32")))
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()

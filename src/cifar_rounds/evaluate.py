@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.engine import RUN_CONDITIONS, amp_dtype, predict
+from cifar_rounds.engine import predict
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.files import write_json
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.pipeline import eval_batches
 from cifar_rounds.split import Split
 from cifar_rounds.tracking import Tracker
-from cifar_rounds.train import build_model, load_checkpoint, select_device
+from cifar_rounds.runtime import RUN_CONDITIONS, amp_dtype, configure_cpu, select_device
+from cifar_rounds.train import build_model, load_checkpoint
 
 
 def load_best(path: Path, params: Params, num_classes: int, device: torch.device) -> torch.nn.Module:
@@ -87,6 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     device = select_device(params.train.device)
+    configure_cpu(params.model.width, device)
     dtype = amp_dtype(params.train.precision, device)
     split = Split.load(args.split)
     names = split.label_names

@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.engine import RUN_CONDITIONS
+from cifar_rounds.runtime import RUN_CONDITIONS
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.params import PARAMS_FILE, Params, load_params, params_from_text
 from cifar_rounds.tracking import Tracker, open_client, repo_root

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.engine import run_conditions
+from cifar_rounds.runtime import run_conditions
 from cifar_rounds.params import Params
 
 STORE_FILE = "mlflow.db"

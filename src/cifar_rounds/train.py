@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.diagnostics import NoiseScale, SmallBatchProbe, sharpness
 from cifar_rounds.distributed import World, close_world, from_main_rank, init_world, mean_over_ranks
-from cifar_rounds.engine import EarlyStopping, EpochResult, amp_dtype, evaluate, run_conditions, train_one_epoch
+from cifar_rounds.engine import EarlyStopping, EpochResult, evaluate, train_one_epoch
 from cifar_rounds.files import atomic_path, write_json
 from cifar_rounds.model import ResNet18
 from cifar_rounds.params import PARAMS_FILE, ModelParams, Params, TrainParams, load_params
 from cifar_rounds.pipeline import TrainBatches, eval_batches, normalize
+from cifar_rounds.runtime import amp_dtype, configure_cpu, configure_determinism, run_conditions, select_device
 from cifar_rounds.split import Split
 from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
 
@@ -35,21 +35,6 @@ HISTORY_FIELDS = (
     "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s",
     "noise_scale", "lambda_max", "hessian_trace", "stability_bound",  # diagnostics; blank when off or not due
 )
-
-
-def select_device(choice: str, local_rank: int = 0) -> torch.device:
-    """CUDA (this process's GPU under torchrun) when available or asked for, else CPU."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError("train.device: 'cuda' requested but no CUDA device is available")
-    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-
-def configure_determinism(deterministic: bool) -> None:
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def build_model(model_params: ModelParams, num_classes: int, device: torch.device) -> nn.Module:
@@ -401,6 +386,7 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True, help="JSON: best/stopped epoch, MLflow run id")
     args = parser.parse_args()
     params = load_params()
+    configure_cpu(params.model.width, select_device(params.train.device))  # before any parallel work
     world = init_world(select_device(params.train.device).type == "cuda")
     try:
         device = select_device(params.train.device, world.local_rank)
