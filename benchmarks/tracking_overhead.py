@@ -37,7 +37,7 @@ CPU = torch.device("cpu")
 
 def timed_epoch(model, optimizer, batches, generator, steps, dtype, grad_norms: bool) -> float:
     start = time.perf_counter()
-    train_one_epoch(model, optimizer, batches.epoch(generator), steps, CPU, dtype, grad_norms)
+    train_one_epoch(model, optimizer, batches.epoch(generator), steps, CPU, dtype, grad_norms=grad_norms)
     return (time.perf_counter() - start) / steps
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifar_rounds.demo import init_project, offline_params
-from cifar_rounds.params import Params
+from cifar_rounds.params import PARAMS_FILE, Params, load_params
 from cifar_rounds.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +41,11 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
     return result
 
 
+def repo_params() -> Params:
+    """The repository's params.yaml: the working values every test starts from."""
+    return load_params(REPO / PARAMS_FILE)
+
+
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("archive") / "cifar-10-synthetic.tar.gz"
@@ -49,7 +54,7 @@ def archive(tmp_path_factory) -> tuple[Path, str]:
 
 def make_project(target: Path, archive: tuple[Path, str], **overrides: object) -> Path:
     """A git + DVC project with the real dvc.yaml and src/, on the generated archive."""
-    params = offline_params(Params(), archive[0], archive[1], {"train.num_epochs": 3, **overrides})
+    params = offline_params(repo_params(), archive[0], archive[1], {"train.num_epochs": 3, **overrides})
     init_project(REPO, target, params)
     run(["git", "add", "-A"], target)
     run(["git", "commit", "-qm", "baseline"], target)

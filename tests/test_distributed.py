@@ -17,9 +17,10 @@ from cifar_rounds.engine import autocast
 from cifar_rounds.runtime import amp_dtype, onednn_faults_at
 from cifar_rounds.params import load_params
 from cifar_rounds.pipeline import TrainBatches
-from cifar_rounds.split import Split
+from cifar_rounds.dataset import Split
 from cifar_rounds.synthetic import write_archive
-from cifar_rounds.train import build_model, build_optimizer
+from cifar_rounds.loop import build_optimizer
+from cifar_rounds.model import build_model
 from conftest import env, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
@@ -57,13 +58,13 @@ def test_one_ddp_step_equals_averaging_the_per_rank_micro_batch_gradients(tmp_pa
 
 
 def one_step_of_averaged_micro_batches(params, split) -> torch.nn.Module:
-    torch.manual_seed(params.data.seed)
+    torch.manual_seed(params.train.seed)
     cpu = torch.device("cpu")
-    net = build_model(params.model, 10, cpu)
+    net = build_model(params.model.width, 10, cpu)
     optimizer, _ = build_optimizer(net, params.train)
     batches = TrainBatches(torch.from_numpy(split.train_images), torch.from_numpy(split.train_labels), 128, True, True)
     assert len(batches) == 1  # exactly one optimizer step
-    generator = torch.Generator().manual_seed(params.data.seed)
+    generator = torch.Generator().manual_seed(params.train.seed)
     start = generator.get_state()
     grads = []
     for rank in (0, 1):
@@ -80,13 +81,29 @@ def one_step_of_averaged_micro_batches(params, split) -> torch.nn.Module:
     return net
 
 
-def kill_all_with(marker: str) -> None:
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if marker in cmdline.read_bytes().decode(errors="replace"):
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (by parent PID), found before any is killed."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             pass  # gone already
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process this test started and everything it started (ranks run in sessions of their own)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _train_losses(path):
@@ -107,7 +124,7 @@ def test_ddp_training_matches_single_process_logs_once_and_resumes(tmp_path, arc
     while not (history.exists() and len(history.read_text().splitlines()) >= 2):  # one epoch done
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    kill_all_with("models_ddp")  # the launcher and both ranks (which run in sessions of their own)
+    kill_tree(proc.pid)  # the launcher and both ranks
     proc.wait()
     out = run(cmd, project).stdout
     assert "resuming from models_ddp/last.pt after epoch" in out

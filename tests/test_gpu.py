@@ -12,16 +12,16 @@ from cifar_rounds.distributed import World
 from cifar_rounds.engine import train_one_epoch
 from cifar_rounds.runtime import amp_dtype, select_device
 from cifar_rounds.model import ResNet18
-from cifar_rounds.params import Params, with_overrides
+from cifar_rounds.params import with_overrides
 from cifar_rounds.pipeline import TrainBatches
-from cifar_rounds.train import wrap_for_world
-from conftest import make_project, read_json, run
+from cifar_rounds.loop import wrap_for_world
+from conftest import make_project, read_json, repo_params, run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_sync_batchnorm_is_refused_on_cpu_with_the_field_named():
-    tp = with_overrides(Params(), {"train.sync_batchnorm": True}).train
+    tp = with_overrides(repo_params(), {"train.sync_batchnorm": True}).train
     with pytest.raises(StageError, match="train.sync_batchnorm"):
         wrap_for_world(ResNet18(width=4), tp, torch.device("cpu"), World())
 

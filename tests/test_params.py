@@ -4,19 +4,50 @@ import sys
 import pytest
 import yaml
 
-from cifar_rounds.params import PARAMS_FILE, Params, ParamsError, load_params, parse_params, with_overrides
-from conftest import REPO
-
-SEED_ROUND_2 = {
-    "learning_rate": 0.05, "lr_milestones": [60, 120, 160], "lr_gamma": 0.2, "weight_decay": 5e-4,
-    "batch_size": 96, "num_epochs": 250, "patience": 35, "min_delta": 0.0005,
-}
+from cifar_rounds.params import (
+    MAX_SEED, PARAMS_FILE, Params, ParamsError, all_field_names, load_params, params_from_text, parse_params,
+    with_overrides,
+)
+from conftest import REPO, repo_params
 
 
-def test_defaults_are_the_seed_round_2_and_params_yaml_matches_them():
-    train = Params().train.model_dump()
-    assert {k: train[k] for k in SEED_ROUND_2} == SEED_ROUND_2
-    assert load_params(REPO / PARAMS_FILE) == Params()
+def test_params_yaml_is_valid_and_sets_every_field():
+    params = load_params(REPO / PARAMS_FILE)
+    assert sorted(params.flat()) == sorted(all_field_names())
+
+
+@pytest.mark.parametrize("name", all_field_names())
+def test_a_missing_field_is_an_error_that_names_it(name):
+    raw = _raw()
+    section, key = name.split(".")
+    del raw[section][key]
+    with pytest.raises(ParamsError, match=rf"{name}: missing"):
+        parse_params(raw)
+
+
+def test_a_misspelt_key_suggests_the_nearest_field():
+    raw = _raw()
+    raw["train"]["learning_rat"] = raw["train"].pop("learning_rate")
+    with pytest.raises(ParamsError, match=r"unknown key 'train.learning_rat' \(did you mean train.learning_rate\?\)"):
+        parse_params(raw)
+
+
+def test_a_key_given_twice_is_refused_as_dvc_refuses_it():
+    text = (REPO / PARAMS_FILE).read_text().replace("  momentum: 0.9\n", "  momentum: 0.9\n  momentum: 0.5\n")
+    with pytest.raises(ParamsError, match="duplicate key 'momentum'"):
+        params_from_text(text, PARAMS_FILE)
+
+
+def test_seeds_reach_exactly_the_range_torch_accepts():
+    import torch
+
+    torch.Generator().manual_seed(MAX_SEED)  # the largest accepted seed is accepted by torch too
+    assert parse_params(_raw(**{"data.seed": MAX_SEED, "train.seed": MAX_SEED})).train.seed == MAX_SEED
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator().manual_seed(MAX_SEED + 1)
+    for field in ("data.seed", "train.seed"):
+        with pytest.raises(ParamsError, match=field):
+            parse_params(_raw(**{field: MAX_SEED + 1}))
 
 
 def test_every_field_is_documented():
@@ -26,14 +57,14 @@ def test_every_field_is_documented():
 
 
 def test_flat_names_match_dvc_params_diff():
-    flat = Params().flat()
+    flat = repo_params().flat()
     assert flat["train.learning_rate"] == 0.05
     assert flat["data.md5"] == "c58f30108f718f92721af3b95e74349a"
     assert all("." in k for k in flat)
 
 
 def _raw(**changes):
-    raw = Params().model_dump()
+    raw = repo_params().model_dump()
     for dotted, value in changes.items():
         section, key = dotted.split(".")
         raw[section][key] = value
@@ -62,6 +93,11 @@ BAD = [
     ({"data.md5": "not-a-checksum"}, "data.md5"),
     ({"model.width": 0}, "model.width"),
     ({"tracking.grad_norm_interval": 0}, "tracking.grad_norm_interval"),
+    ({"train.min_delta": float("inf")}, "train.min_delta"),
+    ({"train.min_delta": float("nan")}, "train.min_delta"),
+    ({"data.seed": 2**64}, "data.seed"),
+    ({"diagnostics.sharpness_epochs": [0]}, "diagnostics.sharpness_epochs"),
+    ({"diagnostics.sharpness_epochs": [251]}, "diagnostics.sharpness_epochs"),
 ]
 
 
@@ -75,15 +111,15 @@ def test_bad_values_are_refused_with_the_field_named(changes, field):
 
 def test_unknown_section_and_non_mapping_are_refused():
     with pytest.raises(ParamsError, match="unknown key 'optimizer'"):
-        parse_params({**Params().model_dump(), "optimizer": {}})
+        parse_params({**_raw(), "optimizer": {}})
     with pytest.raises(ParamsError, match="mapping"):
         parse_params([1, 2])
 
 
 def test_overrides_are_validated():
-    assert with_overrides(Params(), {"train.num_epochs": 3, "train.lr_milestones": [1]}).train.num_epochs == 3
-    with pytest.raises(ParamsError, match="unknown parameter"):
-        with_overrides(Params(), {"train.epochs": 3})
+    assert with_overrides(repo_params(), {"train.num_epochs": 3, "train.lr_milestones": [1]}).train.num_epochs == 3
+    with pytest.raises(ParamsError, match="unknown parameter 'train.epochs' \\(did you mean train.num_epochs\\?\\)"):
+        with_overrides(repo_params(), {"train.epochs": 3})
 
 
 def test_cli_prints_one_line_and_exits_non_zero(tmp_path):

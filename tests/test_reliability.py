@@ -15,10 +15,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds import train
+from cifar_rounds.checkpoint import find_resume
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.params import Params, with_overrides
+from cifar_rounds.params import with_overrides
 from cifar_rounds.tracking import Tracker, terminated_on_exit
-from conftest import env, make_project, read_json, run
+from conftest import env, make_project, read_json, repo_params, run
 from test_params import BAD, _raw
 
 pytestmark = pytest.mark.slow
@@ -99,7 +100,7 @@ def test_an_interrupted_run_ends_killed_not_running(project, sig):
 def test_a_signal_during_a_store_write_lets_the_write_finish_then_ends_the_run_killed(tmp_path, sig):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as on a terminal, not a background job
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = Tracker.start(with_overrides(Params(), {"tracking.tracking_uri": uri}), torch.device("cpu"))
+    tracker = Tracker.start(with_overrides(repo_params(), {"tracking.tracking_uri": uri}), {"device": "cpu"})
     log_batch = tracker.client.log_batch
 
     def interrupted_mid_write(*args, **kwargs):
@@ -180,5 +181,5 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(tmp_path):
     exploit.marker = marker
     torch.save({"model": exploit}, tmp_path / "last.pt")
     with pytest.raises(StageError, match="not a loadable checkpoint"):
-        train.resumable_state(tmp_path / "last.pt", Params().digest())
+        find_resume(tmp_path / "last.pt", "any identity")
     assert not marker.exists()

@@ -9,11 +9,12 @@ import dvc.api
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.params import Params, load_params
+from cifar_rounds.cli import StageError
+from cifar_rounds.params import load_params
 from cifar_rounds.report import ArtifactPaths, Round, condition_lines, from_mlflow, mcnemar_exact, wilson_interval
-from cifar_rounds.rounds import PRESETS
+from cifar_rounds.rounds import load_preset, scaled_milestones
 from cifar_rounds.synthetic import write_archive
-from conftest import make_project, run
+from conftest import REPO, make_project, repo_params, run
 
 SEED_CHANGES = {"train.learning_rate", "train.lr_gamma", "train.weight_decay", "train.batch_size",
                 "train.num_epochs", "train.patience", "train.min_delta"}
@@ -33,15 +34,34 @@ def test_wilson_interval_contains_the_estimate_and_narrows_with_n():
     assert hi_small - lo_small > hi - lo
 
 
-def test_presets_are_the_seed_rounds_and_differ_in_exactly_seven_values():
-    assert PRESETS["round-1"]["train.learning_rate"] == 0.01 and PRESETS["round-2"]["train.batch_size"] == 96
-    changed = {k for k in PRESETS["round-1"] if PRESETS["round-1"][k] != PRESETS["round-2"][k]}
-    assert changed == SEED_CHANGES
-    assert {k: v for k, v in Params().flat().items() if k in PRESETS["round-2"]} == PRESETS["round-2"]
+def test_presets_are_the_seed_rounds_and_differ_in_exactly_seven_values(monkeypatch):
+    monkeypatch.chdir(REPO)
+    one, two = load_preset("round-1"), load_preset("round-2")
+    assert one["train.learning_rate"] == 0.01 and two["train.batch_size"] == 96
+    assert one.keys() == two.keys()
+    assert {k for k in one if one[k] != two[k]} == SEED_CHANGES
+
+
+def test_a_preset_with_a_bad_value_or_key_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "bad.yaml").write_text("train:\n  learning_rate: -1\n")
+    (tmp_path / "typo.yaml").write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(StageError, match="bad.yaml: overrides: train.learning_rate"):
+        load_preset("bad", tmp_path)
+    with pytest.raises(StageError, match="unknown parameter 'train.lr'"):
+        load_preset("typo", tmp_path)
+    with pytest.raises(StageError, match="no such preset; presets here: bad, typo"):
+        load_preset("round-9", tmp_path)
+
+
+def test_shortened_runs_keep_their_milestones_at_the_same_fractions():
+    assert scaled_milestones([60, 120, 160], 200, 4) == [1, 2, 3]
+    assert scaled_milestones([60, 120, 160], 250, 10) == [2, 5, 6]
+    assert scaled_milestones([60, 120, 160], 200, 2) == [1]  # collisions merge; none reaches the end
 
 
 def test_report_flags_rounds_trained_under_different_conditions():
-    fp32, bf16 = (Round(label, Params(), {"device": "cpu", "precision": p}, [], []) for label, p in (("a", "fp32"), ("b", "bf16")))
+    fp32, bf16 = (Round(label, repo_params(), {"device": "cpu", "precision": p}, [], []) for label, p in (("a", "fp32"), ("b", "bf16")))
     lines = condition_lines(fp32, bf16)
     assert "- precision: fp32 -> bf16 (changed)" in lines and "- device: cpu" in lines
     assert any("different conditions" in line for line in lines)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.params import Params, load_params
+from cifar_rounds.params import load_params
+from cifar_rounds.rounds import preset_names
 from conftest import REPO, env, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
@@ -66,12 +67,13 @@ def test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params(tmp_pa
     project = make_project(tmp_path / "p", archive, **{"train.lr_milestones": [1]})
     before = (project / "params.yaml").read_text()
     run([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar-rounds",
-         "-P", "num_epochs=2", "-P", "lr_gamma=0.5", "-P", "patience=5"], project)
+         "-P", "preset=round-1", "-P", "overrides=train.num_epochs=2 train.lr_milestones=[1] train.lr_gamma=0.5"], project)
     assert (project / "params.yaml").read_text() == before
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     (r,) = finished_runs(client)
     assert r.info.status == "FINISHED"
     assert r.data.params["train.num_epochs"] == "2" and r.data.params["train.lr_gamma"] == "0.5"
+    assert r.data.params["train.learning_rate"] == "0.01" and r.data.tags["round"] == "round-1"  # the preset's
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
 
 
@@ -84,8 +86,8 @@ def test_conda_env_and_mlproject_pin_what_requirements_pin():
     project = yaml.safe_load((REPO / "MLproject").read_text())
     assert project["conda_env"] == "conda.yaml"
     main = project["entry_points"]["main"]
-    defaults = Params().train
-    for name, spec in main["parameters"].items():
-        assert spec["default"] == getattr(defaults, name), name
-        assert f"train.{name}={{{name}}}" in main["command"]
+    # no hyperparameter values here: a preset name, and overrides passed through
+    assert set(main["parameters"]) == {"preset", "overrides"}
+    assert main["parameters"]["preset"]["default"] in preset_names(REPO / "rounds")
+    assert main["command"].startswith("python -m cifar_rounds.rounds run {preset} --temp")
     assert {"download", "split", "train", "evaluate"} <= project["entry_points"].keys()

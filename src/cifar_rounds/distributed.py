@@ -47,12 +47,17 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(values: list[float], world: World) -> list[float]:
+def gather(values: list[float], world: World) -> list[list[float]]:
+    """Every rank's `values`, in rank order, on every rank."""
     if world.size == 1:
-        return values
+        return [values]
     gathered: list[list[float]] = [[] for _ in range(world.size)]
     dist.all_gather_object(gathered, values)  # object collectives work on gloo and nccl alike
-    return [sum(column) / world.size for column in zip(*gathered)]
+    return gathered
+
+
+def mean_over_ranks(values: list[float], world: World) -> list[float]:
+    return [sum(column) / world.size for column in zip(*gather(values, world))]
 
 
 def from_main_rank(obj: object, world: World) -> object:

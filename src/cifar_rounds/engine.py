@@ -67,12 +67,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers, whose parameter names are the model's own."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 @dataclass
 class EpochResult:
     metrics: dict[str, float]
-    step_grad_norms: list[float] = field(default_factory=list)
+    step_grad_norms: list[float] = field(default_factory=list)  # global L2 norm of every step's gradient
     first_bad_step: int | None = None  # first step whose loss was not finite
-    noise_samples: list[tuple[float, float, int, int]] = field(default_factory=list)  # see SmallBatchProbe
 
 
 def train_one_epoch(
@@ -81,18 +91,18 @@ def train_one_epoch(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    grad_norms: bool = True,
+    amp_dtype: torch.dtype | None,
     probe: SmallBatchProbe | None = None,
-    global_batch: int = 0,
+    grad_norms: bool = True,
 ) -> EpochResult:
     """One pass over `batches` (at most `steps` of them); losses, accuracy and gradient norms.
 
     With a `probe`, every probe.interval steps a half-batch gradient is measured
-    first (for the noise scale against the `global_batch` gradient).
+    first; the probe pairs it with the step's norm afterwards (SmallBatchProbe.results).
+    `grad_norms=False` skips the norms (to measure their cost).
     """
     model.train()
-    norms = GradNorms(model, steps, device) if grad_norms or probe else None
+    norms = GradNorms(unwrapped(model), steps, device) if grad_norms else None
     losses = torch.zeros(steps, device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -114,14 +124,13 @@ def train_one_epoch(
     host_losses = losses.cpu()
     bad = (~torch.isfinite(host_losses)).nonzero()
     metrics = {"train_loss": host_losses.mean().item(), "train_accuracy": correct.item() / max(seen, 1)}
-    samples = probe.results(norms.step_norms.square(), global_batch) if probe else []
-    return EpochResult({**metrics, **grad_stats}, step_norms, int(bad[0]) if len(bad) else None, samples)
+    return EpochResult({**metrics, **grad_stats}, step_norms, int(bad[0]) if len(bad) else None)
 
 
 @torch.inference_mode()
 def predict(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example losses and predicted classes (host tensors), in eval mode."""
     model.eval()
@@ -134,15 +143,17 @@ def predict(
     return torch.cat(losses).cpu(), torch.cat(preds).cpu()
 
 
+def scores(losses: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """{loss, accuracy} of per-example losses and predictions; the caller names the split."""
+    return {"loss": losses.mean().item(), "accuracy": (preds == labels.cpu()).float().mean().item()}
+
+
 def evaluate(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
-    device: torch.device, amp_dtype: torch.dtype | None = None,
+    device: torch.device, amp_dtype: torch.dtype | None,
 ) -> dict[str, float]:
-    losses, preds = predict(model, batches, device, amp_dtype)
-    return {
-        "val_loss": losses.mean().item(),
-        "val_accuracy": (preds == labels.cpu()).float().mean().item(),
-    }
+    """{loss, accuracy} of `model` on `batches`, whose labels are `labels`."""
+    return scores(*predict(model, batches, device, amp_dtype), labels)
 
 
 @dataclass

@@ -9,39 +9,39 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cifar_rounds.checkpoint import load_weights
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.engine import predict
+from cifar_rounds.engine import predict, scores
 from cifar_rounds.figures import pyplot, save_figure
-from cifar_rounds.files import write_json
-from cifar_rounds.params import Params, load_params
+from cifar_rounds.files import read_json, write_json
+from cifar_rounds.model import build_model
+from cifar_rounds.names import BEST_CHECKPOINT, EVALUATION_ARTIFACTS, RUN_CONDITIONS
+from cifar_rounds.params import load_params
 from cifar_rounds.pipeline import eval_batches
-from cifar_rounds.split import Split
+from cifar_rounds.runtime import amp_dtype, configure_cpu, select_device
+from cifar_rounds.dataset import Split
 from cifar_rounds.tracking import Tracker
-from cifar_rounds.runtime import RUN_CONDITIONS, amp_dtype, configure_cpu, select_device
-from cifar_rounds.train import build_model, load_checkpoint
 
 
-def load_best(path: Path, params: Params, num_classes: int, device: torch.device) -> torch.nn.Module:
-    if not path.exists():
-        raise StageError(f"{path}: no best checkpoint; run the train stage first")
-    checkpoint = load_checkpoint(path)
-    model = build_model(params.model, num_classes, device)
-    model.load_state_dict(checkpoint["model"])
-    return model
+def test_set_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """Identifies the test set by content (pixels and labels), so that only like is paired with like."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
-def score(model, images: np.ndarray, labels: np.ndarray, batch_size: int, device, dtype) -> tuple[dict, np.ndarray]:
-    """Loss, accuracy and predictions of a set."""
+def score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+          dtype: torch.dtype | None) -> tuple[dict[str, float], np.ndarray]:
+    """{loss, accuracy} of a set, and its predictions."""
     x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     losses, preds = predict(model, eval_batches(x, y, batch_size), device, dtype)
-    preds = preds.numpy()
-    return {"loss": losses.mean().item(), "accuracy": float((preds == labels).mean())}, preds
+    return scores(losses, preds, y), preds.numpy()
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -51,7 +51,8 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 def per_class_accuracy(confusion: np.ndarray, names: list[str]) -> dict[str, float]:
     totals = confusion.sum(axis=1)
-    return {n: float(confusion[i, i] / totals[i]) if totals[i] else 0.0 for i, n in enumerate(names)}
+    # a class without test images has no accuracy (None in JSON), not 0%
+    return {n: float(confusion[i, i] / totals[i]) if totals[i] else None for i, n in enumerate(names)}
 
 
 def write_predictions(path: Path, labels: np.ndarray, preds: np.ndarray, names: list[str]) -> None:
@@ -79,53 +80,64 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path, title: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", type=Path, required=True)
+    parser.add_argument("--split", type=Path, required=True, help="split stage's .npz")
     parser.add_argument("--models", type=Path, required=True, help="train stage's checkpoint folder")
     parser.add_argument("--summary", type=Path, required=True, help="train stage's summary JSON")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", type=Path, required=True, help="per-example test predictions CSV")
-    parser.add_argument("--confusion-png", type=Path, required=True)
+    parser.add_argument("--confusion-png", type=Path, required=True, help="confusion-matrix figure to write")
     args = parser.parse_args()
     params = load_params()
     device = select_device(params.train.device)
     configure_cpu(params.model.width, device)
     dtype = amp_dtype(params.train.precision, device)
+    summary = read_summary(args.summary)
     split = Split.load(args.split)
     names = split.label_names
-    model = load_best(args.models / "best.pt", params, len(names), device)
-    summary = json.loads(args.summary.read_text())
+    model = build_model(params.model.width, len(names), device)
+    load_weights(args.models / BEST_CHECKPOINT, model, params.model.width)
 
     bs = params.train.eval_batch_size
-    test, test_preds = score(model, split.test_images, split.test_labels, bs, device, dtype)
-    val, _ = score(model, split.val_images, split.val_labels, bs, device, dtype)
-    train, _ = score(model, split.train_images, split.train_labels, bs, device, dtype)
+    sets = {"test": (split.test_images, split.test_labels), "val": (split.val_images, split.val_labels),
+            "train": (split.train_images, split.train_labels)}
+    results = {name: score(model, *arrays, bs, device, dtype) for name, arrays in sets.items()}
+    test_preds = results["test"][1]
     confusion = confusion_matrix(split.test_labels, test_preds, len(names))
     metrics = {
-        **{f"test_{k}": v for k, v in test.items()},
-        **{f"val_{k}": v for k, v in val.items()},
-        **{f"train_{k}": v for k, v in train.items()},
-        "train_test_accuracy_gap": train["accuracy"] - test["accuracy"],
+        **{f"{name}_{k}": v for name, (m, _) in results.items() for k, v in m.items()},
+        "train_test_accuracy_gap": results["train"][0]["accuracy"] - results["test"][0]["accuracy"],
         "best_epoch": summary["best_epoch"],
         "stopped_epoch": summary["stopped_epoch"],
         "per_class_accuracy": per_class_accuracy(confusion, names),
+        "test_set_digest": test_set_digest(split.test_images, split.test_labels),
         "mlflow_run_id": summary["mlflow_run_id"],
-        **{k: summary[k] for k in RUN_CONDITIONS},  # the training run's, for the round report
+        **{k: summary.get(k, "not recorded") for k in RUN_CONDITIONS},  # the training run's, for the round report
     }
     write_json(metrics, args.metrics)
     write_predictions(args.predictions, split.test_labels, test_preds, names)
-    plot_confusion(confusion, names, args.confusion_png, f"test accuracy {test['accuracy']:.2%}")
+    plot_confusion(confusion, names, args.confusion_png, f"test accuracy {metrics['test_accuracy']:.2%}")
+    log_evaluation(Tracker.attach(params, summary["mlflow_run_id"]), metrics, args)
+    print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} -> {args.metrics}")
 
-    tracker = Tracker.attach(params, summary["mlflow_run_id"])
+
+def read_summary(path: Path) -> dict:
+    summary = read_json(path, "train stage")
+    missing = [k for k in ("best_epoch", "stopped_epoch", "mlflow_run_id") if k not in summary]
+    if missing:
+        raise StageError(f"{path}: lacks {', '.join(missing)}; rerun the train stage (dvc repro -f train)")
+    return summary
+
+
+def log_evaluation(tracker: Tracker, metrics: dict, args: argparse.Namespace) -> None:
     # train_/val_ already name the per-epoch series; the best model's values get their own names
     flat = {
         f"final_{k}" if k.startswith(("train_", "val_")) else k: v
         for k, v in metrics.items() if isinstance(v, (int, float))
     }
-    flat.update({f"test_accuracy/{n}": v for n, v in metrics["per_class_accuracy"].items()})
-    tracker.log_metrics(flat, step=summary["stopped_epoch"])
+    flat.update({f"test_accuracy/{n}": v for n, v in metrics["per_class_accuracy"].items() if v is not None})
+    tracker.log_metrics(flat, step=metrics["stopped_epoch"])
     for path in (args.metrics, args.predictions, args.confusion_png):
-        tracker.log_artifact(path, "evaluation")
-    print(f"evaluate: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} -> {args.metrics}")
+        tracker.log_artifact(path, EVALUATION_ARTIFACTS)
 
 
 if __name__ == "__main__":

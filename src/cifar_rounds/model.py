@@ -54,6 +54,11 @@ class ResNet18(nn.Module):
         return self.linear(out)
 
 
+def build_model(width: int, num_classes: int, device: torch.device) -> ResNet18:
+    """ResNet-18 on `device` in channels-last memory (faster convolutions on CPU and GPU)."""
+    return ResNet18(num_classes=num_classes, width=width).to(device, memory_format=torch.channels_last)
+
+
 def block_name(param_name: str) -> str:
     """The block a parameter belongs to, for per-block norms: 'stem', 'layer2.1', 'linear'."""
     parts = param_name.split(".")

@@ -1,24 +1,25 @@
 """The validated `params.yaml`: the only code that reads or writes it.
 
 One sub-model per section, `extra="forbid"` everywhere, every field with its
-meaning and unit. The defaults are the seed's round 2.
+meaning and unit, and no defaults: `params.yaml` holds every working value, so a
+missing field is an error that names it, never a silent default.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_TRAIN_SIZE = 50_000
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
 
 
 class ParamsError(ValueError):
@@ -31,63 +32,58 @@ class Section(BaseModel):
 
 class DataParams(Section):
     url: str = Field(
-        CIFAR10_URL,
         min_length=1,
         description="Where the CIFAR-10 python archive comes from: http(s):// or file:// URL, or a local path.",
     )
     md5: str = Field(
-        CIFAR10_MD5, pattern=r"^[0-9a-f]{32}$", description="MD5 hex digest the archive must have."
+        pattern=r"^[0-9a-f]{32}$", description="MD5 hex digest the archive must have."
     )
     val_size: int = Field(
-        5000,
         ge=10,
         lt=CIFAR10_TRAIN_SIZE,
         description="Training images held out for validation (stratified), images; at least one per class.",
     )
     seed: int = Field(
-        0, ge=0, description="The one seed: the split, weight init, shuffling and augmentation."
+        ge=0, le=MAX_SEED, description="Seed of the train/validation split, which a round's replicates share."
     )
 
 
 class ModelParams(Section):
     width: int = Field(
-        64, ge=1, le=512, description="Base width of ResNet-18 (channels of the first stage); 64 is the standard."
+        ge=1, le=512, description="Base width of ResNet-18 (channels of the first stage); 64 is the standard."
     )
 
 
 class TrainParams(Section):
-    learning_rate: float = Field(0.05, gt=0, le=10, description="Initial SGD learning rate.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum coefficient.")
-    nesterov: bool = Field(False, description="Use Nesterov momentum.")
-    weight_decay: float = Field(5e-4, ge=0, lt=1, description="L2 weight decay coefficient (SGD's).")
-    batch_size: int = Field(96, ge=1, description="Global mini-batch size, images per optimizer step.")
-    num_epochs: int = Field(250, ge=1, description="Maximum number of epochs.")
-    lr_milestones: list[int] = Field(
-        [60, 120, 160], description="Epochs after which the learning rate is multiplied by lr_gamma."
+    seed: int = Field(
+        ge=0, le=MAX_SEED,
+        description="Seed of this replicate: weight init, batch order, augmentation draws, diagnostic probes.",
     )
-    lr_gamma: float = Field(0.2, gt=0, le=1, description="Learning-rate decay factor at each milestone.")
-    patience: int = Field(35, ge=1, description="Epochs without improvement of `monitor` before stopping.")
-    min_delta: float = Field(
-        0.0005, ge=0, description="Least change of `monitor` that counts as an improvement (its unit)."
+    learning_rate: float = Field(gt=0, le=10, description="Initial SGD learning rate.")
+    momentum: float = Field(ge=0, lt=1, description="SGD momentum coefficient.")
+    nesterov: bool = Field(description="Use Nesterov momentum.")
+    weight_decay: float = Field(ge=0, lt=1, description="L2 weight decay coefficient (SGD's).")
+    batch_size: int = Field(ge=1, description="Global mini-batch size, images per optimizer step.")
+    num_epochs: int = Field(ge=1, description="Maximum number of epochs.")
+    lr_milestones: list[int] = Field(description="Epochs after which the learning rate is multiplied by lr_gamma."
     )
-    monitor: Literal["val_loss", "val_accuracy"] = Field(
-        "val_loss", description="Validation metric for early stopping and the best checkpoint."
+    lr_gamma: float = Field(gt=0, le=1, description="Learning-rate decay factor at each milestone.")
+    patience: int = Field(ge=1, description="Epochs without improvement of `monitor` before stopping.")
+    min_delta: float = Field(ge=0, allow_inf_nan=False, description="Least change of `monitor` that counts as an improvement (its unit)."
     )
-    random_crop: bool = Field(True, description="Random 32x32 crop from the image zero-padded by 4 pixels.")
-    horizontal_flip: bool = Field(True, description="Random horizontal flip with probability 0.5.")
-    eval_batch_size: int = Field(1000, ge=1, description="Batch size for validation and test, images.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto",
-        description="auto: bf16 autocast where the hardware has bf16 units (CUDA from Ampere on, CPUs with "
+    monitor: Literal["val_loss", "val_accuracy"] = Field(description="Validation metric for early stopping and the best checkpoint."
+    )
+    random_crop: bool = Field(description="Random 32x32 crop from the image zero-padded by 4 pixels.")
+    horizontal_flip: bool = Field(description="Random horizontal flip with probability 0.5.")
+    eval_batch_size: int = Field(ge=1, description="Batch size for validation and test, images.")
+    device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when available, else CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(description="auto: bf16 autocast where the hardware has bf16 units (CUDA from Ampere on, CPUs with "
         "AVX512-BF16 or AMX; about 2x faster than fp32), fp32 elsewhere (bf16 is emulated there, hence slower).",
     )
-    compile: bool = Field(False, description="Compile the model with torch.compile.")
-    sync_batchnorm: bool = Field(
-        False, description="Under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)."
+    compile: bool = Field(description="Compile the model with torch.compile.")
+    sync_batchnorm: bool = Field(description="Under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)."
     )
-    deterministic: bool = Field(
-        False, description="Deterministic kernels (bit-for-bit reruns), no cudnn autotuning."
+    deterministic: bool = Field(description="Deterministic kernels (bit-for-bit reruns), no cudnn autotuning."
     )
 
     @field_validator("lr_milestones")
@@ -102,57 +98,68 @@ class TrainParams(Section):
 
 
 class TrackingParams(Section):
-    experiment_name: str = Field("cifar-rounds", min_length=1, description="MLflow experiment.")
-    run_name: str = Field(
-        "workspace", min_length=1, description="MLflow run name outside `dvc exp run` (which names it)."
+    experiment_name: str = Field(min_length=1, description="MLflow experiment.")
+    round: str = Field(
+        min_length=1,
+        description="The round this run belongs to (`rounds run` sets the preset's name); the report groups replicates by it.",
     )
-    tracking_uri: str | None = Field(
-        None,
-        description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the repo root.",
+    run_name: str = Field(min_length=1, description="MLflow run name outside `dvc exp run` (which names it)."
     )
-    grad_norm_interval: int = Field(
-        50, ge=1, description="Log the per-step gradient norm every this many optimizer steps."
+    tracking_uri: str | None = Field(description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the repo root.",
     )
-    log_model: bool = Field(True, description="Log the best model as an MLflow model.")
+    grad_norm_interval: int = Field(ge=1, description="Log the per-step gradient norm every this many optimizer steps."
+    )
+    log_model: bool = Field(description="Log the best model as an MLflow model.")
+    store_patience_s: float = Field(
+        gt=0, allow_inf_nan=False,
+        description="How long one write waits, with backoff, for a busy store (a locked sqlite file, a server "
+        "not answering) before the stage stops with its checkpoint kept, seconds.",
+    )
 
 
 class DiagnosticsParams(Section):
     """Gradient noise scale and sharpness (see diagnostics.py); neither changes the training trajectory."""
 
-    noise_scale: bool = Field(True, description="Estimate the simple gradient noise scale B_simple during training.")
-    noise_interval: int = Field(20, ge=1, description="Measure the half-batch gradient every this many steps.")
-    noise_ema: float = Field(0.95, ge=0, lt=1, description="EMA decay of the |G|^2 and tr(Sigma) estimates, per measurement.")
-    sharpness: bool = Field(True, description="Measure the Hessian's top eigenvalue and trace at `sharpness_epochs`.")
-    sharpness_epochs: list[int] = Field(
-        [], description="Epochs to measure sharpness after; empty: each lr milestone and the last epoch."
+    noise_scale: bool = Field(description="Estimate the simple gradient noise scale B_simple during training.")
+    noise_interval: int = Field(ge=1, description="Measure the half-batch gradient every this many steps.")
+    noise_ema: float = Field(ge=0, lt=1, description="EMA decay of the |G|^2 and tr(Sigma) estimates, per measurement.")
+    sharpness: bool = Field(description="Measure the Hessian's top eigenvalue and trace at `sharpness_epochs`.")
+    sharpness_epochs: list[int] = Field(description="Epochs to measure sharpness after; empty: each lr milestone and the last epoch."
     )
-    sharpness_samples: int = Field(512, ge=1, description="Fixed, seeded subset of training images for the Hessian.")
-    power_iterations: int = Field(20, ge=1, description="Power-iteration steps for the top eigenvalue.")
-    hutchinson_samples: int = Field(10, ge=1, description="Rademacher probes for the Hessian trace.")
+    sharpness_samples: int = Field(ge=1, description="Fixed, seeded subset of training images for the Hessian.")
+    power_iterations: int = Field(ge=1, description="Most power-iteration steps for the top eigenvalue.")
+    power_tolerance: float = Field(
+        ge=0, lt=1, description="Power iteration stops once the eigenvalue changes by at most this fraction of itself."
+    )
+    hutchinson_samples: int = Field(ge=1, description="Rademacher probes for the Hessian trace.")
 
 
 class ReportParams(Section):
     """Success criteria of a round (the seed's), checked by `python -m cifar_rounds.report`."""
 
-    min_test_accuracy: float = Field(0.88, ge=0, le=1, description="Test accuracy must exceed this (fraction).")
-    max_train_test_gap: float = Field(
-        0.08, ge=0, le=1, description="Train minus test accuracy must stay below this (fraction)."
+    min_test_accuracy: float = Field(ge=0, le=1, description="Test accuracy must exceed this (fraction).")
+    max_train_test_gap: float = Field(ge=0, le=1, description="Train minus test accuracy must stay below this (fraction)."
     )
-    max_val_loss_rise: float = Field(
-        0.10, ge=0, description="Stable validation loss: at the stop at most this fraction above its minimum."
+    max_val_loss_rise: float = Field(ge=0, description="Stable validation loss: at the stop at most this fraction above its minimum."
     )
-    significance: float = Field(
-        0.05, gt=0, lt=1, description="McNemar p-value below which a change in test accuracy counts as real."
+    significance: float = Field(gt=0, lt=1, description="McNemar p-value below which a change in test accuracy counts as real."
     )
 
 
 class Params(Section):
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    tracking: TrackingParams = TrackingParams()
-    diagnostics: DiagnosticsParams = DiagnosticsParams()
-    report: ReportParams = ReportParams()
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    tracking: TrackingParams
+    diagnostics: DiagnosticsParams
+    report: ReportParams
+
+    @model_validator(mode="after")
+    def _sharpness_epochs_within_run(self) -> Params:
+        epochs, last = self.diagnostics.sharpness_epochs, self.train.num_epochs
+        if any(not 1 <= e <= last for e in epochs):
+            raise ValueError(f"diagnostics.sharpness_epochs: must lie in [1, train.num_epochs={last}], got {epochs}")
+        return self
 
     def flat(self) -> dict[str, object]:
         """Every field under the dotted name `dvc params diff` prints."""
@@ -176,15 +183,29 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def all_field_names() -> list[str]:
+    """Every dotted field name the params file must hold."""
+    return [f"{section}.{name}" for section, f in Params.model_fields.items() for name in f.annotation.model_fields]
+
+
+def nearest_field(name: str) -> str:
+    """' (did you mean X?)' for the closest valid field name, or '' if none is close."""
+    close = difflib.get_close_matches(name, all_field_names(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _describe(error: ValidationError, path: Path) -> str:
-    first = error.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{path}: unknown key '{field}' (check its spelling against params.py)"
-    got = "" if first["type"] in ("missing", "value_error") else f" (got {first['input']!r})"
-    message = first["msg"].removeprefix("Value error, ")
+    # an unknown key first: a misspelt field is also reported missing under its right name
+    first = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    field = ".".join(str(p) for p in first["loc"])
     more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
-    return f"{path}: {field}: {message}{got}{more}"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{field}'{nearest_field(field)}{more}"
+    if first["type"] == "missing":
+        return f"{path}: {field}: missing; every field must be set (see its description in params.py){more}"
+    got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{path}: {field + ': ' if field else ''}{message}{got}{more}"
 
 
 def parse_params(raw: object, path: Path = PARAMS_FILE) -> Params:
@@ -202,7 +223,7 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
     flat = params.flat()
     unknown = sorted(set(overrides) - set(flat))
     if unknown:
-        raise ParamsError(f"unknown parameter {unknown[0]!r}")
+        raise ParamsError(f"unknown parameter {unknown[0]!r}{nearest_field(unknown[0])}")
     return parse_params(unflatten({**flat, **overrides}), Path("overrides"))
 
 
@@ -225,13 +246,31 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     return params_from_text(text, Path(path))
 
 
-def params_from_text(text: str, source: Path) -> Params:
-    """Validate params.yaml content read from elsewhere (a git revision, an MLflow artifact)."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (as DVC does), instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, source: Path) -> object:
+    """Parsed YAML; invalid YAML or a duplicate key is a one-line ParamsError naming `source`."""
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
-    return parse_params(raw, source)
+
+
+def params_from_text(text: str, source: Path) -> Params:
+    """Validate params.yaml content read from elsewhere (a git revision, an MLflow artifact)."""
+    return parse_params(read_yaml(text, source), source)
 
 
 def dump_params(params: Params, path: Path) -> None:

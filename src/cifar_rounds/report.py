@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.runtime import RUN_CONDITIONS
+from cifar_rounds.names import RUN_CONDITIONS
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.params import PARAMS_FILE, Params, load_params, params_from_text
 from cifar_rounds.tracking import Tracker, open_client, repo_root
@@ -49,8 +49,10 @@ class ArtifactPaths:
 
         with Repo(str(root)) as repo:
             outs = {s.name: s.outs for s in repo.index.stages}
-        plot = lambda stage: next(o.def_path for o in outs[stage] if o.plot)  # noqa: E731
-        return cls(next(o.def_path for o in outs["evaluate"] if o.metric), plot("train"), plot("evaluate"))
+        metrics = next(o.def_path for o in outs["evaluate"] if o.metric)
+        history = next(o.def_path for o in outs["train"] if o.def_path.endswith(".csv"))  # its one CSV output
+        predictions = next(o.def_path for o in outs["evaluate"] if o.plot)
+        return cls(metrics, history, predictions)
 
 
 def parse_round(label: str, params: str, metrics: str, history: str, predictions: str) -> Round:
@@ -187,7 +189,8 @@ def noise_and_sharpness(r: Round) -> list[str]:
                      f"{max(batch, b_simple) / max(min(batch, b_simple), 1e-12):.3g}x {side} it (B_simple approximates the critical batch)")
     rows = [row for row in r.history if math.isfinite(number(row, "lambda_max"))]
     if rows:
-        lines += ["", "| epoch | lambda_max | 2/lr | Tr(H) | Tr(H)/lambda_max |", "|---|---|---|---|---|"]
+        lines += ["", "| epoch | lambda_max | stability bound (SGD with momentum) | Tr(H) | Tr(H)/lambda_max |",
+                  "|---|---|---|---|---|"]
         for row in rows:
             lam, tr = number(row, "lambda_max"), number(row, "hessian_trace")
             lines.append(f"| {int(row['epoch'])} | {lam:.4g} | {number(row, 'stability_bound'):.4g} | {tr:.4g} | {tr / lam:.3g} |")

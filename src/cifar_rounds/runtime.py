@@ -13,8 +13,8 @@ import os
 import torch
 
 from cifar_rounds.cli import StageError
+from cifar_rounds.names import RUN_CONDITIONS
 
-RUN_CONDITIONS = ("device", "precision", "denormals", "onednn")  # what params.yaml leaves to the machine
 ONEDNN_FAULT_CHANNELS = range(2, 8)  # input channels at which the AVX2 kernel below corrupts memory
 
 

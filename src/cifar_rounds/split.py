@@ -7,37 +7,14 @@ int64): training loads it in a fraction of a second and never decodes images.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cifar_rounds.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names
 from cifar_rounds.cli import StageError, run_stage
-from cifar_rounds.files import atomic_path
+from cifar_rounds.dataset import Split
 from cifar_rounds.params import load_params
-
-
-@dataclass(frozen=True)
-class Split:
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    label_names: list[str]
-
-    def save(self, path: Path) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in vars(self).items()})
-
-    @classmethod
-    def load(cls, path: Path) -> Split:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        arrays["label_names"] = [str(n) for n in arrays["label_names"]]
-        return cls(**arrays)
 
 
 def stratified_val_indices(labels: np.ndarray, val_size: int, seed: int) -> np.ndarray:

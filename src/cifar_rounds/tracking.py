@@ -3,32 +3,48 @@
 The default store is sqlite `mlflow.db` with artifacts in `mlartifacts/`, both
 at the repository root. Queued DVC experiments run in temporary copies of the
 repository, so the root comes from DVC_ROOT, never from the working folder.
+
+A busy store (a locked sqlite file, a server that stops answering) is waited for,
+with backoff, for up to `tracking.store_patience_s` per write, with one line
+printed; past that the stage stops with one line, its checkpoint already on disk.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.runtime import run_conditions
+from cifar_rounds.cli import StageError
+from cifar_rounds.names import MODEL_ARTIFACTS
 from cifar_rounds.params import Params
+
+if TYPE_CHECKING:
+    import torch
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
+END_REASON_TAG = "cifar_rounds.end_reason"
+T = TypeVar("T")
 
 
 def repo_root() -> Path:
@@ -50,6 +66,13 @@ def tracking_uri(params: Params, root: Path) -> str:
     return uri
 
 
+def uri_source(params: Params) -> str:
+    """Where the tracking URI came from, for error messages."""
+    if params.tracking.tracking_uri:
+        return "tracking.tracking_uri"
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
+
+
 def run_name(params: Params) -> str:
     return os.environ.get("DVC_EXP_NAME") or params.tracking.run_name
 
@@ -59,8 +82,72 @@ def git_commit(root: Path) -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+def transient(error: Exception) -> bool:
+    """A store error that waiting can cure: a locked sqlite file, an unreachable or overloaded server."""
+    text = str(error)
+    return getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE" or any(
+        s in text for s in ("database is locked", "Max retries exceeded", "Connection refused", "503"))
+
+
+def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
+    """`call()`, retried with backoff while the store is busy, for up to `patience_s` seconds."""
+    deadline, delay = time.monotonic() + patience_s, 0.5
+    while True:
+        try:
+            return call()
+        except MlflowException as error:
+            first = str(error).strip().splitlines()[0][:160]
+            if not transient(error):
+                raise StageError(f"tracking: {what} failed ({first})") from None
+            if time.monotonic() + delay > deadline:
+                raise StageError(f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s "
+                                 f"({first}); the last checkpoint is safe: rerun to resume") from None
+            if delay == 0.5:
+                print(f"tracking: the MLflow store is busy ({first}); retrying for up to "
+                      f"{patience_s:.0f} s (tracking.store_patience_s)", flush=True)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
+def check_reachable(uri: str, source: str) -> None:
+    """A tracking server answers its health check within seconds, or the run does not start."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).close()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise StageError(f"{source}: the MLflow server {uri} is not reachable ({reason}); "
+                         "start it, or unset the URI to use the local store") from None
+
+
+def rebase_moved_store(db: Path, root: Path) -> None:
+    """After the repository was moved or copied, point the local store's artifact paths into it.
+
+    Experiments and runs keep absolute artifact URIs; a copy would otherwise keep writing
+    into the original (or fail where it is gone). Only the default store at the root is rebased.
+    """
+    here = (root / ARTIFACTS_DIR).as_uri()
+    with sqlite3.connect(db) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return
+        for (old,) in con.execute("SELECT artifact_location FROM experiments").fetchall():
+            if old and old.endswith(f"/{ARTIFACTS_DIR}") and old != here and old.startswith("file://"):
+                _replace_prefix(con, tables, old, here)
+                print(f"tracking: the repository moved; artifact paths now under {root / ARTIFACTS_DIR}")
+
+
+def _replace_prefix(con: sqlite3.Connection, tables: set[str], old: str, new: str) -> None:
+    columns = {"experiments": "artifact_location", "runs": "artifact_uri", "logged_models": "artifact_location"}
+    for table, column in columns.items():
+        if table in tables:
+            con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR {column} LIKE ?",
+                        (new, len(old) + 1, old, old + "/%"))
+
+
 def experiment_id(client: MlflowClient, name: str, root: Path, local_store: bool) -> str:
-    """Get or create the experiment; local stores keep artifacts at the root, absolute."""
+    """Get or create the experiment; local stores keep artifacts at the root."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -75,14 +162,27 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
     """A client on the resolved store and the experiment id, creating both once under a lock."""
     root = repo_root()
     uri = tracking_uri(params, root)
+    check_reachable(uri, uri_source(params))
+    # MLflow logs each locked-store error with a full trace; `patiently` reports it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     local = uri.startswith("sqlite:")
+    default_store = uri == f"sqlite:///{root / STORE_FILE}"
     # Two queue workers starting at once would both run the sqlite schema migration.
     with FileLock(str(root / f".{STORE_FILE}.lock")) if local else nullcontext():
-        client = MlflowClient(uri)
-        return client, experiment_id(client, params.tracking.experiment_name, root, local)
+        try:
+            if default_store and (root / STORE_FILE).exists():
+                rebase_moved_store(root / STORE_FILE, root)
+            client = MlflowClient(uri)
+            return client, patiently(lambda: experiment_id(client, params.tracking.experiment_name, root, local),
+                                     f"opening experiment {params.tracking.experiment_name!r}",
+                                     params.tracking.store_patience_s)
+        except (sqlite3.DatabaseError, MlflowException) as error:
+            first = str(error).strip().splitlines()[0][:160]
+            raise StageError(f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
+                             "move it away to start a new store") from None
 
 
-def run_tags(params: Params, device: torch.device) -> dict[str, str]:
+def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
     root = repo_root()
     commit = git_commit(Path.cwd())
     return {
@@ -91,8 +191,10 @@ def run_tags(params: Params, device: torch.device) -> dict[str, str]:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "dvc_root": str(root),
-        **run_conditions(params.train.precision, device),
-        "torch_version": torch.__version__,
+        "round": params.tracking.round,
+        "seed": str(params.train.seed),
+        **conditions,
+        "torch_version": importlib.metadata.version("torch"),
         "params_digest": params.digest(),
     }
 
@@ -100,8 +202,8 @@ def run_tags(params: Params, device: torch.device) -> dict[str, str]:
 class Tracker:
     """One MLflow run: params and tags once, metrics per epoch, artifacts at the end."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, patience_s: float) -> None:
+        self.client, self.run_id, self.patience_s = client, run_id, patience_s
         self.writing = False  # inside a store write: an interrupt waits for its end (terminated_on_exit)
         self.pending_signal: int | None = None
 
@@ -121,27 +223,56 @@ class Tracker:
             signum, self.pending_signal = self.pending_signal, None
             raise KeyboardInterrupt(f"signal {signum}")
 
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        with self._write():
+            return patiently(call, what, self.patience_s)
+
     @classmethod
-    def start(cls, params: Params, device: torch.device, resume_run_id: str | None = None) -> Tracker:
+    def start(cls, params: Params, conditions: dict[str, str], resume_run_id: str | None = None) -> Tracker:
+        """Continue `resume_run_id` where it is in this store and experiment; else a new run, replacing it."""
         client, exp_id = open_client(params)
-        if resume_run_id and _run_exists(client, resume_run_id):
-            client.update_run(resume_run_id, status="RUNNING")
-            return cls(client, resume_run_id)
-        tags = run_tags(params, device)
+        patience = params.tracking.store_patience_s
+        old = _find_run(client, resume_run_id, patience)
+        if old is not None and old.info.experiment_id == exp_id:
+            tracker = cls(client, old.info.run_id, patience)
+            tracker._call("resuming the run", lambda: client.update_run(old.info.run_id, status="RUNNING", name=run_name(params)))
+            return tracker
+        tracker = cls(client, cls._new_run(client, exp_id, params, conditions), patience)
+        if old is not None:
+            tracker.supersede(old.info.run_id, f"continued as run {tracker.run_id} in experiment "
+                                               f"{params.tracking.experiment_name!r} (tracking params changed)")
+        return tracker
+
+    @staticmethod
+    def _new_run(client: MlflowClient, exp_id: str, params: Params, conditions: dict[str, str]) -> str:
+        tags, patience = run_tags(params, conditions), params.tracking.store_patience_s
         # under `mlflow run`, the run it opened is this run
         run_id = os.environ.get("MLFLOW_RUN_ID")
         if run_id:
-            client.update_run(run_id, status="RUNNING", name=run_name(params))
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            patiently(lambda: client.update_run(run_id, status="RUNNING", name=run_name(params)), "resuming the run", patience)
+            patiently(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]), "tagging the run", patience)
         else:
-            run_id = client.create_run(exp_id, run_name=run_name(params), tags=tags).info.run_id
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
-        return cls(client, run_id)
+            run_id = patiently(lambda: client.create_run(exp_id, run_name=run_name(params), tags=tags).info.run_id,
+                               "creating the run", patience)
+        patiently(lambda: client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.flat().items()]),
+                  "logging params", patience)
+        return run_id
 
     @classmethod
     def attach(cls, params: Params, run_id: str) -> Tracker:
         client, _ = open_client(params)
-        return cls(client, run_id)
+        return cls(client, run_id, params.tracking.store_patience_s)
+
+    def supersede(self, run_id: str | None, reason: str) -> None:
+        """End another run of this store that is still RUNNING as KILLED, tagged with why."""
+        old = _find_run(self.client, run_id, self.patience_s)
+        if old is None or old.info.status != "RUNNING":
+            return
+        self._call("closing the superseded run", lambda: self.client.set_tag(run_id, END_REASON_TAG, reason))
+        self._call("closing the superseded run", lambda: self.client.set_terminated(run_id, "KILLED"))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("tagging the run", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None) -> None:
         """Metrics at one step, plus whole series (key -> {step: value}), in one batch where MLflow allows.
@@ -151,24 +282,23 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         batch += [Metric(k, float(v), now, s) for k, values in (series or {}).items() for s, v in values.items()]
-        with self._write():
-            for i in range(0, len(batch), MAX_BATCH):
-                self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH])
+        for i in range(0, len(batch), MAX_BATCH):
+            self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH]))
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key` (0 if none): where a resumed run picks up logging."""
-        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        history = patiently(lambda: self.client.get_metric_history(self.run_id, key), "reading the run", self.patience_s)
+        return max((m.step for m in history), default=0)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""
         if name is None or name == path.name:
-            with self._write():
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call("logging an artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
             return
-        with tempfile.TemporaryDirectory() as tmp, self._write():
+        with tempfile.TemporaryDirectory() as tmp:
             renamed = Path(tmp) / name
             shutil.copyfile(path, renamed)
-            self.client.log_artifact(self.run_id, str(renamed), artifact_path)
+            self._call("logging an artifact", lambda: self.client.log_artifact(self.run_id, str(renamed), artifact_path))
 
     def log_pytorch_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """Save as an MLflow model in the `pt2` (torch.export) format: no pickled code to trust."""
@@ -176,21 +306,22 @@ class Tracker:
 
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.pytorch.save_model(
-                model, Path(tmp) / "model", serialization_format="pt2", input_example=example.numpy()
+                model, Path(tmp) / MODEL_ARTIFACTS, serialization_format="pt2", input_example=example.numpy()
             )
-            self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
+            self._call("logging the model",
+                       lambda: self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACTS), MODEL_ARTIFACTS))
 
     def finish(self, status: str = "FINISHED") -> None:
-        with self._write():
-            self.client.set_terminated(self.run_id, status)
+        self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
 
 
 class NullTracker:
-    """What ranks other than 0 log to: nothing (so the training loop needs no rank checks)."""
+    """What ranks other than 0 log to: nothing."""
 
     run_id = None
     writing = False
 
+    def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics, step, series=None) -> None: ...
     def last_step(self, key: str) -> int:
         return 0
@@ -199,20 +330,22 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
-def _run_exists(client: MlflowClient, run_id: str) -> bool:
+def _find_run(client: MlflowClient, run_id: str | None, patience_s: float):
+    if not run_id:
+        return None
     try:
-        client.get_run(run_id)
-        return True
-    except MlflowException:
-        return False
+        return patiently(lambda: client.get_run(run_id), "reading the run", patience_s)
+    except StageError:
+        return None
 
 
 @contextmanager
-def terminated_on_exit(tracker: Tracker) -> Iterator[Tracker]:
+def terminated_on_exit(tracker: Tracker | NullTracker) -> Iterator[None]:
     """End the run FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
 
     Ctrl-C (unless ignored, as in background jobs) and SIGTERM raise KeyboardInterrupt at once,
-    or, during a store write, when the write is done.
+    or, during a store write, when the write is done. Where the store itself failed, the run's
+    status is set by the next run of the stage (which resumes it, or ends it as superseded).
     """
 
     def interrupt(signum, frame) -> None:
@@ -224,15 +357,23 @@ def terminated_on_exit(tracker: Tracker) -> Iterator[Tracker]:
     handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
     previous = {signum: signal.signal(signum, interrupt) for signum in handled}
     try:
-        yield tracker
+        yield
     except KeyboardInterrupt:
-        tracker.finish(RunStatus.to_string(RunStatus.KILLED))
+        _finish_quietly(tracker, RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:
-        tracker.finish(RunStatus.to_string(RunStatus.FAILED))
+        _finish_quietly(tracker, RunStatus.to_string(RunStatus.FAILED))
         raise
     else:
         tracker.finish(RunStatus.to_string(RunStatus.FINISHED))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _finish_quietly(tracker: Tracker | NullTracker, status: str) -> None:
+    """Mark the run; if the store is what failed, leave that error as the one reported."""
+    try:
+        tracker.finish(status)
+    except StageError:
+        pass

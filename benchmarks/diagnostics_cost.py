@@ -1,0 +1,294 @@
+"""Cost of the sharpness measurement as a share of training time, and the noise probe's BatchNorm bias.
+
+    python benchmarks/diagnostics_cost.py [--widths 16 64] [--samples 512] [--count-widths 16] [--bn-batches 2000]
+
+1. Sharpness cost, per ResNet-18 width, on random images (the cost of a product does
+   not depend on their content): the gradient graph (a forward pass and a create_graph
+   backward, built once per measurement), a Hessian-vector product through that kept
+   graph, a product with a graph of its own (the measurement before the graph was
+   reused), and a training step at `--batch-size` in the precision `train.precision: auto`
+   picks here. The training steps are timed in two halves around the products, so that a
+   busy machine slows both alike; times are medians.
+2. The number of products one measurement takes, old (a fixed `--old-iterations` +
+   `--old-probes`) and new (power iteration to `--tolerance`, at most `--iterations`,
+   then `--probes`), counted on an untrained network at `--count-widths`.
+3. The share of a `--epochs`-epoch CIFAR-10 run (45,000 training images) that
+   `--measurements` measurements cost: on this CPU from the times, and for a GPU by
+   arithmetic from FLOPs counted with torch.utils.flop_counter (convolutions and
+   matrix products only).
+4. The noise probe's bias with BatchNorm (`--bn-batches` > 0): a small conv net with
+   BatchNorm on fixed data; the truth is the full-data gradient G and the per-example
+   gradients h_i = G + (n+1)(g(data + one more copy of i) - G), whose covariance is the
+   Sigma of E|g_B|^2 = |G|^2 + tr(Sigma)/B for large B. The probe's estimator at
+   (b, 2b), averaged over many batches drawn with replacement (nested halves, as the
+   probe's), is compared with that truth; the same net without BatchNorm is the control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifar_rounds.diagnostics import HessianOperator, hvp, sharpness, unbiased_norm_estimates
+from cifar_rounds.engine import autocast
+from cifar_rounds.model import ResNet18
+from cifar_rounds.runtime import amp_dtype, configure_cpu
+
+TRAIN_IMAGES = 45_000
+CPU = torch.device("cpu")
+BF16_OVER_TF32 = 2.0  # H100/H200 dense tensor-core peaks: 989 TFLOP/s bf16, 495 TFLOP/s TF32
+
+
+def random_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def resnet(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return ResNet18(width=width).to(memory_format=torch.channels_last)
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def time_train_steps(model: nn.Module, batch: int, steps: int, dtype: torch.dtype | None) -> list[float]:
+    """Seconds of each of `steps` SGD steps (momentum 0.9, weight decay 5e-4) after one warm-up step."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y = random_images(batch, 1)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with autocast(CPU, dtype):
+            loss = loss_of(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def time_products(model: nn.Module, x: torch.Tensor, y: torch.Tensor, products: int) -> dict[str, float]:
+    """Seconds: building the graph once, a product through it (median), a product with its own graph."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for p in params]
+    start = time.perf_counter()
+    hessian = HessianOperator(loss_of(model, x, y), params)
+    build = time.perf_counter() - start
+    reuse = []
+    for _ in range(products):
+        start = time.perf_counter()
+        hessian(v)
+        reuse.append(time.perf_counter() - start)
+    del hessian  # its graph: free it before the fresh product builds another
+    start = time.perf_counter()
+    hvp(loss_of(model, x, y), params, v)
+    return {"build_s": build, "product_s": statistics.median(reuse), "fresh_product_s": time.perf_counter() - start}
+
+
+def flops_per_image(width: int, images: int = 8) -> dict[str, float]:
+    """GFLOP per image: a training step (forward + backward), the gradient graph, one product through it."""
+    model = resnet(width)
+    x, y = random_images(images, 3)
+    params = list(model.parameters())
+    counts = {}
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, x, y).backward()
+    counts["train"] = counter.get_total_flops()
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        hessian = HessianOperator(loss_of(model, x, y), params)
+    counts["graph"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        hessian([torch.ones_like(p) for p in params])
+    counts["product"] = counter.get_total_flops()
+    return {k: v / images / 1e9 for k, v in counts.items()}
+
+
+def count_products(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement with the proposed settings: its products, seconds and eigenvalue."""
+    start = time.perf_counter()
+    out = sharpness(model, x, y, args.iterations, args.probes, seed=0, tolerance=args.tolerance)
+    return {**out, "seconds": time.perf_counter() - start}
+
+
+def measure_width(width: int, args: argparse.Namespace) -> dict[str, float]:
+    model = resnet(width)
+    dtype = amp_dtype("auto", CPU)  # what the train stage would use on this machine
+    x, y = random_images(args.samples, 0)
+    half = args.train_steps // 2
+    steps = time_train_steps(model, args.batch_size, half, dtype)
+    timed = time_products(model, x, y, args.hvps)
+    steps += time_train_steps(model, args.batch_size, args.train_steps - half, dtype)
+    row = {"width": width, "step_s": statistics.median(steps), **timed, **flops_per_image(width)}
+    if width in args.count_widths:
+        counted = count_products(resnet(width), x, y, args)
+        row.update(counted_products=counted["hessian_vector_products"], counted_s=counted["seconds"],
+                   lambda_max=counted["lambda_max"])
+    return row
+
+
+def shares(row: dict[str, float], args: argparse.Namespace) -> dict[str, float]:
+    """Sharpness time over training time, for `args.measurements` measurements in an `args.epochs` run."""
+    training = args.epochs * (TRAIN_IMAGES // args.batch_size) * row["step_s"]
+    old = (args.old_iterations + args.old_probes) * row["fresh_product_s"]
+    cap = row["build_s"] + (args.iterations + args.probes) * row["product_s"]
+    out = {"epoch_s": training / args.epochs, "old_s": old, "cap_s": cap,
+           "old_share": args.measurements * old / training, "cap_share": args.measurements * cap / training}
+    if "counted_products" in row:
+        counted = row["build_s"] + row["counted_products"] * row["product_s"]
+        out.update(counted_s=counted, counted_share=args.measurements * counted / training)
+    # GPU, by arithmetic: the same FLOPs; training in bf16, sharpness in fp32 (TF32 convolutions)
+    train_flops = args.epochs * TRAIN_IMAGES * row["train"]
+    for name, products, graphs in (("old", args.old_iterations + args.old_probes, args.old_iterations + args.old_probes),
+                                   ("cap", args.iterations + args.probes, 1)):
+        flops = args.measurements * args.samples * (graphs * row["graph"] + products * row["product"])
+        out[f"{name}_flop_share"] = flops / train_flops
+    return out
+
+
+def print_width(row: dict[str, float], s: dict[str, float], args: argparse.Namespace) -> None:
+    per_image = row["product_s"] / args.samples / (row["step_s"] / args.batch_size)
+    print(f"width {row['width']}: training step {row['step_s']:.3f} s (batch {args.batch_size}), "
+          f"epoch {s['epoch_s'] / 60:.1f} min ({TRAIN_IMAGES // args.batch_size} steps)")
+    print(f"  {args.samples} samples: graph {row['build_s']:.1f} s, product through it {row['product_s']:.1f} s, "
+          f"product with its own graph {row['fresh_product_s']:.1f} s; a product costs {per_image:.1f} training images per image")
+    print(f"  GFLOP per image: training step {row['train']:.3f}, graph {row['graph']:.3f}, product {row['product']:.3f}")
+    print(f"  old ({args.old_iterations}+{args.old_probes} products, each its own graph): {s['old_s'] / 60:.1f} min "
+          f"= {s['old_s'] / s['epoch_s']:.2f} epochs; {args.measurements} of them: {s['old_share']:.2%} of training")
+    print(f"  new at the cap ({args.iterations}+{args.probes} products, one graph): {s['cap_s'] / 60:.1f} min "
+          f"= {s['cap_s'] / s['epoch_s']:.2f} epochs; {args.measurements} of them: {s['cap_share']:.2%} of training")
+    if "counted_s" in s:
+        print(f"  new, counted: {row['counted_products']:.0f} products (tolerance {args.tolerance:g}), "
+              f"{row['counted_s'] / 60:.1f} min measured, projected {s['counted_share']:.2%} of training; "
+              f"lambda_max {row['lambda_max']:.4g}")
+    print(f"  GPU by arithmetic (FLOPs, equal throughput per FLOP): old {s['old_flop_share']:.2%}, "
+          f"new at the cap {s['cap_flop_share']:.2%}; with fp32 sharpness on TF32 at half the bf16 rate: "
+          f"old {BF16_OVER_TF32 * s['old_flop_share']:.2%}, new {BF16_OVER_TF32 * s['cap_flop_share']:.2%}")
+
+
+def small_net(batchnorm: bool) -> nn.Module:
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d if batchnorm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=not batchnorm), norm(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=not batchnorm), norm(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of the batch's mean loss, BatchNorm on the batch's own statistics (train mode)."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))])
+
+
+def exact_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """|G|^2 of the full data and tr(Sigma) of the per-example gradients (see the module docstring)."""
+    full = flat_grad(model, x, y)
+    n = len(y)
+    per_example = torch.stack([
+        full + (n + 1) * (flat_grad(model, torch.cat([x, x[i : i + 1]]), torch.cat([y, y[i : i + 1]])) - full)
+        for i in range(n)
+    ])
+    return full.square().sum().item(), (per_example - per_example.mean(0)).square().sum(1).mean().item()
+
+
+def probe_estimates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, batches: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error of the probe's (|G|^2, tr(Sigma)) over batches of 2b and their first halves."""
+    estimates = []
+    for _ in range(batches):
+        idx = torch.randint(0, len(y), (2 * b,), generator=generator)
+        big = flat_grad(model, x[idx], y[idx]).square().sum().item()
+        small = flat_grad(model, x[idx[:b]], y[idx[:b]]).square().sum().item()
+        estimates.append(unbiased_norm_estimates(small, big, b, 2 * b))
+    e = torch.tensor(estimates, dtype=torch.float64)
+    return e.mean(0), e.std(0) / math.sqrt(batches)
+
+
+def train_small(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """SGD at batch 32, so that |G|^2 falls towards tr(Sigma)/B as it does during training."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (32,), generator=g)
+        optimizer.zero_grad()
+        loss_of(model, x[idx], y[idx]).backward()
+        optimizer.step()
+
+
+def batchnorm_bias(args: argparse.Namespace) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.bn_examples, 3, 8, 8, generator=g)
+    y = (x.flatten(1) @ torch.randn(3 * 64, 10, generator=g)).argmax(1)  # a learnable teacher
+    print(f"noise probe bias: {args.bn_examples} examples (3x8x8), {args.bn_batches} batches per size; "
+          "relative bias of the probe's estimate +- standard error")
+    for batchnorm in (False, True):
+        model = small_net(batchnorm)
+        for trained in (0, args.bn_train_steps):
+            train_small(model, x, y, trained)
+            g_sq, trace = exact_noise(model, x, y)
+            print(f"  {'BatchNorm' if batchnorm else 'no BatchNorm (control)'}, after {trained} steps: "
+                  f"|G|^2 = {g_sq:.4g}, tr(Sigma) = {trace:.4g}, B_simple = {trace / g_sq:.1f}")
+            for b in args.bn_sizes:
+                mean, err = probe_estimates(model, x, y, b, args.bn_batches, g)
+                print(f"    b = {b:3d}, 2b = {2 * b:3d}: |G|^2 {mean[0] / g_sq - 1:+.1%} +- {err[0] / g_sq:.1%}, "
+                      f"tr(Sigma) {mean[1] / trace - 1:+.1%} +- {err[1] / trace:.1%}, "
+                      f"B_simple {(mean[1] / mean[0]) / (trace / g_sq) - 1:+.1%}")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="*", default=[16, 64], help="ResNet-18 widths to time sharpness at")
+    p.add_argument("--samples", type=int, default=512, help="images in the sharpness subset")
+    p.add_argument("--batch-size", type=int, default=96, help="training batch size (the seed's)")
+    p.add_argument("--train-steps", type=int, default=20, help="training steps timed per width, to extrapolate an epoch")
+    p.add_argument("--hvps", type=int, default=3, help="Hessian-vector products timed through the kept graph")
+    p.add_argument("--old-iterations", type=int, default=20, help="power iterations before the tolerance (all ran)")
+    p.add_argument("--old-probes", type=int, default=10, help="Hutchinson probes before")
+    p.add_argument("--iterations", type=int, default=20, help="proposed cap on power iterations")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="proposed relative tolerance of power iteration")
+    p.add_argument("--probes", type=int, default=10, help="proposed Hutchinson probes")
+    p.add_argument("--count-widths", type=int, nargs="*", default=[16],
+                   help="widths at which one whole measurement runs, to count its products (slow on CPU)")
+    p.add_argument("--epochs", type=int, default=250, help="epochs of the projected run")
+    p.add_argument("--measurements", type=int, default=4, help="sharpness measurements in it (3 milestones + the end)")
+    p.add_argument("--bn-examples", type=int, default=256, help="examples of the BatchNorm-bias data set")
+    p.add_argument("--bn-batches", type=int, default=2000, help="sampled batches per size for the bias; 0 skips it")
+    p.add_argument("--bn-sizes", type=int, nargs="*", default=[8, 32], help="small batch sizes b (the probe's half batch)")
+    p.add_argument("--bn-train-steps", type=int, default=300, help="SGD steps before the second bias measurement")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    configure_cpu(min(args.widths, default=16), CPU)  # before any parallel work: flush denormals, avoid the oneDNN fault
+    load = os.getloadavg()[0]
+    print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {load:.1f} at the start")
+    print(f"sharpness on {args.samples} images; projected onto {args.epochs} epochs of {TRAIN_IMAGES} images at batch "
+          f"{args.batch_size} with {args.measurements} measurements")
+    for width in args.widths:
+        row = measure_width(width, args)
+        print_width(row, shares(row, args), args)
+    if args.bn_batches:
+        batchnorm_bias(args)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

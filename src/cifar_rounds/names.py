@@ -1,0 +1,14 @@
+"""Names shared by the stages, the tracking and the report, declared once (and importable without torch)."""
+
+BEST_CHECKPOINT = "best.pt"  # in the train stage's models folder: the best epoch's weights
+LAST_CHECKPOINT = "last.pt"  # the whole training state, to resume from
+TRAINER_LOCK = ".train.lock"  # suffix of `.<models folder><suffix>`, held by the one trainer writing it
+
+# MLflow artifact folders of a run
+CHECKPOINT_ARTIFACTS = "checkpoints"
+EVALUATION_ARTIFACTS = "evaluation"
+REPORT_ARTIFACTS = "report"
+MODEL_ARTIFACTS = "model"
+PARAMS_ARTIFACTS = "params"  # params.yaml as it was at each (re)start of a run
+
+RUN_CONDITIONS = ("device", "precision", "denormals", "onednn")  # what params.yaml leaves to the machine
