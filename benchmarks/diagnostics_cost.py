@@ -17,11 +17,11 @@
    arithmetic from FLOPs counted with torch.utils.flop_counter (convolutions and
    matrix products only).
 4. The noise probe's bias with BatchNorm (`--bn-batches` > 0): a small conv net with
-   BatchNorm on fixed data; the truth is the full-data gradient G and the per-example
-   gradients h_i = G + (n+1)(g(data + one more copy of i) - G), whose covariance is the
-   Sigma of E|g_B|^2 = |G|^2 + tr(Sigma)/B for large B. The probe's estimator at
-   (b, 2b), averaged over many batches drawn with replacement (nested halves, as the
-   probe's), is compared with that truth; the same net without BatchNorm is the control.
+   BatchNorm on fixed data. The reference is the full-data gradient G and
+   tr(Sigma) = B E|g_B - G|^2 at a batch B of `--bn-big-factor` times the data, drawn with
+   replacement (what tr(Sigma)/B models); the probe's estimator at (b, 2b), averaged over
+   many batches drawn with replacement (nested halves, as the probe's), is compared with
+   it. The same net without BatchNorm, whose per-example gradients exist, is the control.
 """
 
 from __future__ import annotations
@@ -196,15 +196,26 @@ def flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))])
 
 
-def exact_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """|G|^2 of the full data and tr(Sigma) of the per-example gradients (see the module docstring)."""
+def reference_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, big: int, batches: int,
+                    generator: torch.Generator) -> tuple[float, float, float]:
+    """|G|^2 of the full data; tr(Sigma) = B E|g_B - G|^2 at a large B, and its standard error.
+
+    Per-example gradients are not defined with BatchNorm, and adding one example to the data
+    moves the batch statistics enough to flip ReLUs, so finite differences give no derivative
+    either; the large-batch variance is what tr(Sigma)/B models.
+    """
     full = flat_grad(model, x, y)
-    n = len(y)
-    per_example = torch.stack([
-        full + (n + 1) * (flat_grad(model, torch.cat([x, x[i : i + 1]]), torch.cat([y, y[i : i + 1]])) - full)
-        for i in range(n)
-    ])
-    return full.square().sum().item(), (per_example - per_example.mean(0)).square().sum(1).mean().item()
+    dev = torch.tensor([
+        big * (flat_grad(model, x[idx], y[idx]) - full).square().sum().item()
+        for idx in (torch.randint(0, len(y), (big,), generator=generator) for _ in range(batches))
+    ], dtype=torch.float64)
+    return full.square().sum().item(), dev.mean().item(), dev.std().item() / math.sqrt(batches)
+
+
+def per_example_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """tr(Sigma) from true per-example gradients (defined without BatchNorm only)."""
+    grads = torch.stack([flat_grad(model, x[i : i + 1], y[i : i + 1]) for i in range(len(y))])
+    return (grads - grads.mean(0)).square().sum(1).mean().item()
 
 
 def probe_estimates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, batches: int,
@@ -235,15 +246,17 @@ def batchnorm_bias(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.bn_examples, 3, 8, 8, generator=g)
     y = (x.flatten(1) @ torch.randn(3 * 64, 10, generator=g)).argmax(1)  # a learnable teacher
-    print(f"noise probe bias: {args.bn_examples} examples (3x8x8), {args.bn_batches} batches per size; "
-          "relative bias of the probe's estimate +- standard error")
+    big = args.bn_big_factor * args.bn_examples
+    print(f"noise probe bias: {args.bn_examples} examples (3x8x8), {args.bn_batches} batches per size, reference "
+          f"tr(Sigma) from {args.bn_batches // 4} batches of {big}; relative bias of the probe's estimate +- standard error")
     for batchnorm in (False, True):
         model = small_net(batchnorm)
-        for trained in (0, args.bn_train_steps):
-            train_small(model, x, y, trained)
-            g_sq, trace = exact_noise(model, x, y)
-            print(f"  {'BatchNorm' if batchnorm else 'no BatchNorm (control)'}, after {trained} steps: "
-                  f"|G|^2 = {g_sq:.4g}, tr(Sigma) = {trace:.4g}, B_simple = {trace / g_sq:.1f}")
+        for steps in (0, args.bn_train_steps):
+            train_small(model, x, y, steps)  # cumulative: 0, then bn_train_steps
+            g_sq, trace, trace_err = reference_noise(model, x, y, big, args.bn_batches // 4, g)
+            exact = "" if batchnorm else f" (per-example: {per_example_trace(model, x, y):.4g})"
+            print(f"  {'BatchNorm' if batchnorm else 'no BatchNorm (control)'}, after {steps} steps: |G|^2 = {g_sq:.4g}, "
+                  f"tr(Sigma) = {trace:.4g} +- {trace_err / trace:.1%}{exact}, B_simple = {trace / g_sq:.1f}")
             for b in args.bn_sizes:
                 mean, err = probe_estimates(model, x, y, b, args.bn_batches, g)
                 print(f"    b = {b:3d}, 2b = {2 * b:3d}: |G|^2 {mean[0] / g_sq - 1:+.1%} +- {err[0] / g_sq:.1%}, "
@@ -270,6 +283,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bn-examples", type=int, default=256, help="examples of the BatchNorm-bias data set")
     p.add_argument("--bn-batches", type=int, default=2000, help="sampled batches per size for the bias; 0 skips it")
     p.add_argument("--bn-sizes", type=int, nargs="*", default=[8, 32], help="small batch sizes b (the probe's half batch)")
+    p.add_argument("--bn-big-factor", type=int, default=8, help="the reference batch, in multiples of the data set")
     p.add_argument("--bn-train-steps", type=int, default=300, help="SGD steps before the second bias measurement")
     return p.parse_args()
 

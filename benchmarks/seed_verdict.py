@@ -16,11 +16,17 @@ set by the churn (the expected share of test images two seeds disagree on),
 mu by the accuracy, sigma_g by the distribution-wise part of the seed std;
 the candidate's shift gives it the stated gain in population accuracy. Images
 with |m_i| > --cutoff are not sampled (always right or always wrong: a flip has
-probability below 3e-5, and the script prints the share of per-image variance
+probability below 3.2e-5, and the script prints the share of per-image variance
 this drops) so only contested images cost random draws.
 
 Each comparison runs `cifar_rounds.verdict.compare_configs` on the k replicates
 of each side, and the one-seed McNemar verdict on the first replicate of each.
+Prints, as Markdown for benchmarks/RESULTS.md: the A/A false-positive rate per
+seed count (with the one-seed McNemar rate beside it), power against the true
+gain and seed count (simulated and closed form), the seed counts for 80% power,
+McNemar's false-positive rate against the distribution-wise share of the seed
+spread, and a two-level bootstrap's. About 7 CPU-minutes with the defaults
+(each cell has its own child seed, so the numbers do not depend on --workers).
 """
 
 from __future__ import annotations
@@ -30,16 +36,16 @@ import math
 import platform
 import resource
 import time
-from multiprocessing import Pool
 from dataclasses import dataclass
 from datetime import date
+from multiprocessing import Pool
 from statistics import NormalDist
 
 import numpy as np
 
 from cifar_rounds.verdict import compare_configs, difference_variance, power, recommended_seeds
 
-N = NormalDist()
+NORMAL = NormalDist()
 _HERMITE = np.polynomial.hermite_e.hermegauss(150)  # nodes and weights for E over a standard normal
 
 
@@ -52,11 +58,11 @@ class Model:
 
     def accuracy(self, shift: float = 0.0) -> float:
         """Population accuracy (over images and seeds) of a configuration shifted by `shift`."""
-        return N.cdf((self.mu + shift) / math.sqrt(1 + self.sigma_u**2 + self.sigma_g**2))
+        return NORMAL.cdf((self.mu + shift) / math.sqrt(1 + self.sigma_u**2 + self.sigma_g**2))
 
     def shift_for_gain(self, gain: float) -> float:
         total = math.sqrt(1 + self.sigma_u**2 + self.sigma_g**2)
-        return N.inv_cdf(self.accuracy() + gain) * total - self.mu
+        return NORMAL.inv_cdf(self.accuracy() + gain) * total - self.mu
 
 
 def normal_cdf(x: np.ndarray) -> np.ndarray:
@@ -72,13 +78,13 @@ def churn_of(mu: float, sigma_u: float) -> float:
 
 def design(accuracy: float, churn: float, dist_std: float, cutoff: float) -> Model:
     """The model with this accuracy, churn and distribution-wise seed std (fractions)."""
-    z = N.inv_cdf(accuracy)
+    z = NORMAL.inv_cdf(accuracy)
     lo, hi = 1e-3, 100.0  # churn falls as image difficulty spreads out
     for _ in range(100):
         sigma_u = math.sqrt(lo * hi)
         lo, hi = (sigma_u, hi) if churn_of(z * math.sqrt(1 + sigma_u**2), sigma_u) > churn else (lo, sigma_u)
     scale = math.sqrt(1 + sigma_u**2)
-    sigma_g = dist_std * scale / N.pdf(z)  # d accuracy / d g = pdf(z) / scale, linear in the small g
+    sigma_g = dist_std * scale / NORMAL.pdf(z)  # d accuracy / d g = pdf(z) / scale, linear in the small g
     return Model(z * math.sqrt(scale**2 + sigma_g**2), sigma_u, sigma_g, cutoff)
 
 
@@ -131,7 +137,7 @@ def run_cell(rng: np.random.Generator, model: Model, k: int, gain: float, count:
             "seed_std": math.sqrt(np.mean(seed_var))}
 
 
-def two_level_bootstrap_rejects(rng, a: np.ndarray, b: np.ndarray, resamples: int, level: float = 0.95) -> bool:
+def two_level_bootstrap_rejects(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, resamples: int, level: float = 0.95) -> bool:
     """Percentile interval of a bootstrap over seeds (per round) and images (shared): does it exclude 0?"""
     ka, n = a.shape
     kb = b.shape[0]

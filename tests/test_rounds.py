@@ -1,9 +1,8 @@
 """The seed's two rounds as DVC experiments, compared by DVC, MLflow and the round report."""
 
-import csv
-import io
 import json
 import re
+import statistics
 
 import dvc.api
 import pytest
@@ -11,27 +10,14 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.cli import StageError
 from cifar_rounds.params import load_params
-from cifar_rounds.report import ArtifactPaths, Round, condition_lines, from_mlflow, mcnemar_exact, wilson_interval
+from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, mlflow_replicate, mlflow_runs
+from cifar_rounds.report import condition_lines
 from cifar_rounds.rounds import load_preset, scaled_milestones
 from cifar_rounds.synthetic import write_archive
 from conftest import REPO, make_project, repo_params, run
 
 SEED_CHANGES = {"train.learning_rate", "train.lr_gamma", "train.weight_decay", "train.batch_size",
                 "train.num_epochs", "train.patience", "train.min_delta"}
-
-
-def test_mcnemar_exact_matches_hand_computed_binomial_tails():
-    assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # n = 10, k <= 2
-    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
-    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(8, 2) == mcnemar_exact(2, 8)
-
-
-def test_wilson_interval_contains_the_estimate_and_narrows_with_n():
-    lo, hi = wilson_interval(8329, 10000)
-    assert lo < 0.8329 < hi and hi - lo == pytest.approx(0.0146, abs=5e-4)
-    lo_small, hi_small = wilson_interval(83, 100)
-    assert hi_small - lo_small > hi - lo
 
 
 def test_presets_are_the_seed_rounds_and_differ_in_exactly_seven_values(monkeypatch):
@@ -61,11 +47,16 @@ def test_shortened_runs_keep_their_milestones_at_the_same_fractions():
 
 
 def test_report_flags_rounds_trained_under_different_conditions():
-    fp32, bf16 = (Round(label, repo_params(), {"device": "cpu", "precision": p}, [], []) for label, p in (("a", "fp32"), ("b", "bf16")))
+    fp32, bf16 = (Round(label, [Replicate(label, repo_params(), {"device": "cpu", "precision": p}, [], [])])
+                  for label, p in (("a", "fp32"), ("b", "bf16")))
     lines = condition_lines(fp32, bf16)
     assert "- precision: fp32 -> bf16 (changed)" in lines and "- device: cpu" in lines
     assert any("different conditions" in line for line in lines)
     assert not any("different conditions" in line for line in condition_lines(fp32, fp32))
+
+
+SEEDS = 2
+EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
@@ -75,61 +66,86 @@ def rounds_project(tmp_path_factory):
     md5 = write_archive(archive, train_size=300, test_size=100, seed=2)
     project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 4, "train.lr_milestones": [1]})
     for preset in ("round-1", "round-2"):
-        run(["python", "-m", "cifar_rounds.rounds", "run", preset], project)
+        run(["python", "-m", "cifar_rounds.rounds", "run", preset, "--seeds", str(SEEDS), "--epochs", str(EPOCHS)], project)
     return project
+
+
+def replicas(preset: str) -> list[str]:
+    return [f"{preset}-s{seed}" for seed in range(SEEDS)]
 
 
 @pytest.mark.slow
 def test_dvc_compares_the_two_rounds(rounds_project):
-    diff = json.loads(run(["dvc", "params", "diff", "round-1", "round-2", "--json"], rounds_project).stdout)
-    assert set(diff["params.yaml"]) == SEED_CHANGES
+    diff = json.loads(run(["dvc", "params", "diff", "round-1-s0", "round-2-s0", "--json"], rounds_project).stdout)
+    assert set(diff["params.yaml"]) == SEED_CHANGES | {"tracking.round"}
     assert diff["params.yaml"]["train.learning_rate"]["old"] == 0.01
     assert diff["params.yaml"]["train.learning_rate"]["new"] == 0.05
+    seeds = json.loads(run(["dvc", "params", "diff", "round-2-s0", "round-2-s1", "--json"], rounds_project).stdout)
+    assert set(seeds["params.yaml"]) == {"train.seed"}  # replicates differ in their seed only
     # --all: tiny rounds can tie on test accuracy, and a plain diff lists changed values only
-    metrics = json.loads(run(["dvc", "metrics", "diff", "round-1", "round-2", "--all", "--json"], rounds_project).stdout)
+    metrics = json.loads(run(["dvc", "metrics", "diff", "round-1-s0", "round-2-s0", "--all", "--json"], rounds_project).stdout)
     accuracy = metrics["metrics.json"]["test_accuracy"]
-    assert (accuracy["old"], accuracy["new"]) == tuple(_metrics(rounds_project, r)["test_accuracy"] for r in ("round-1", "round-2"))
-    plots = run(["dvc", "plots", "diff", "round-1", "round-2", "--json"], rounds_project).stdout
-    assert "round-1" in plots and "round-2" in plots
+    assert (accuracy["old"], accuracy["new"]) == tuple(_metrics(rounds_project, r)["test_accuracy"] for r in ("round-1-s0", "round-2-s0"))
+    plots = run(["dvc", "plots", "diff", "round-1-s0", "round-2-s0", "--json"], rounds_project).stdout
+    assert "round-1-s0" in plots and "round-2-s0" in plots
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     exp = client.get_experiment_by_name("cifar-rounds")
-    assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["round-1", "round-2"]
+    found = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in found) == replicas("round-1") + replicas("round-2")
+    assert sorted((r.data.tags["round"], r.data.tags["seed"]) for r in found) == [
+        (p, str(s)) for p in ("round-1", "round-2") for s in range(SEEDS)]
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], rounds_project).stdout
+    assert all(name in shown for name in replicas("round-1") + replicas("round-2"))
 
 
 def _metrics(project, rev):
     return json.loads(dvc.api.read("metrics.json", repo=str(project), rev=rev))
 
 
-def _predictions(project, rev):
-    return list(csv.DictReader(io.StringIO(dvc.api.read("reports/test_predictions.csv", repo=str(project), rev=rev))))
-
-
 @pytest.mark.slow
-def test_report_numbers_come_from_the_rounds_measurements(rounds_project):
+def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project):
     run(["python", "-m", "cifar_rounds.report", "round-1", "round-2"], rounds_project)
     report = (rounds_project / "reports/round-round-1-vs-round-2.md").read_text()
     assert (rounds_project / "reports/round-round-1-vs-round-2.png").read_bytes()[:4] == b"\x89PNG"
-    m1, m2 = _metrics(rounds_project, "round-1"), _metrics(rounds_project, "round-2")
-    assert f"- Test accuracy: {m1['test_accuracy']:.2%} -> {m2['test_accuracy']:.2%}" in report
-    assert f"- Stopped at epoch: {m1['stopped_epoch']} -> {m2['stopped_epoch']}" in report
-    assert f"- Validation loss: {m1['val_loss']:.4f} -> {m2['val_loss']:.4f}" in report
+    m1, m2 = ([_metrics(rounds_project, r) for r in replicas(p)] for p in ("round-1", "round-2"))
+    acc = lambda ms: (statistics.mean(m["test_accuracy"] for m in ms), statistics.stdev(m["test_accuracy"] for m in ms))  # noqa: E731
+    (a_mean, a_std), (b_mean, b_std) = acc(m1), acc(m2)
+    assert (f"- Test accuracy: {a_mean:.2%} ± {a_std:.2%} (n = {SEEDS}) -> {b_mean:.2%} ± {b_std:.2%} (n = {SEEDS})"
+            in report)
     changed = set(re.findall(r"^\| `([\w.]+)` \|", report, re.M))
     assert changed == SEED_CHANGES
-    p1, p2 = _predictions(rounds_project, "round-1"), _predictions(rounds_project, "round-2")
-    b = sum(x["predicted"] == x["actual"] != y["predicted"] for x, y in zip(p1, p2))
-    c = sum(y["predicted"] == y["actual"] != x["predicted"] for x, y in zip(p1, p2))
-    assert f"{b} images only round-1 got right, {c} only round-2 got right; p = {mcnemar_exact(b, c):.4g}" in report
-    assert "Success criteria" in report and "test accuracy > 88.00%" in report
-    assert f"- precision: {m1['precision']}\n" in report and "(changed)" not in report  # same machine
+    assert f"Seeds: {SEEDS} (round-1-s0, round-1-s1)" in report
+    assert "seed-to-seed" in report.lower() and "test images" in report  # the variance sources, named
+    assert re.search(r"difference in mean test accuracy [+-]\d+\.\d+% \(95% interval", report)
+    assert "Success criteria (mean over seeds" in report and "test accuracy > 88.00%" in report
+    assert f"- precision: {m1[0]['precision']}\n" in report and "(changed)" not in report  # same machine
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
-    artifacts = {a.path for a in client.list_artifacts(m2["mlflow_run_id"], "report")}
+    artifacts = {a.path for a in client.list_artifacts(m2[0]["mlflow_run_id"], "report")}
     assert artifacts == {"report/round-round-1-vs-round-2.md", "report/round-round-1-vs-round-2.png"}
+
+
+@pytest.mark.slow
+def test_one_seed_each_is_a_comparison_of_two_models_not_of_configurations(rounds_project):
+    run(["python", "-m", "cifar_rounds.report", "round-1-s0", "round-2-s0", "--out", "reports/one.md"], rounds_project)
+    report = (rounds_project / "reports/one.md").read_text()
+    assert "McNemar" in report and "configuration" in report and "seeds" in report
 
 
 @pytest.mark.slow
 def test_a_round_can_be_read_back_from_mlflow_alone(rounds_project, monkeypatch):
     monkeypatch.chdir(rounds_project)
     params = load_params(rounds_project / "params.yaml")
-    r = from_mlflow(params, "round-1", ArtifactPaths.from_dvc(rounds_project))
-    assert r.metrics == _metrics(rounds_project, "round-1")
-    assert r.params.train.learning_rate == 0.01 and len(r.predictions) == 100
+    paths = ArtifactPaths.from_dvc(rounds_project)
+    reps = [mlflow_replicate(params, found, paths) for found in mlflow_runs(params, "round-1")]  # tagged round-1
+    assert [rep.metrics for rep in reps] == [_metrics(rounds_project, n) for n in replicas("round-1")]
+    assert reps[0].params.train.learning_rate == 0.01 and len(reps[0].predictions) == 100
+    assert [rep.metrics for rep in find_round("round-1", params, rounds_project, paths).replicates] == [
+        rep.metrics for rep in reps]  # DVC finds the same replicates
+
+
+@pytest.mark.slow
+def test_report_refusals_are_one_line(rounds_project):
+    for args, message in ((["round-1", "it's"], "'it\\'s' is neither"), (["round-1", "HEAD"], "HEAD: a revision without metrics.json")):
+        result = run(["python", "-m", "cifar_rounds.report", *args], rounds_project, check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert re.search(message, result.stderr), result.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cifar_rounds.files import atomic_path
+
 
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (stages run headless)."""
@@ -16,7 +18,8 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
+    """Write the figure whole or not at all, in the format its name says."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip("."))
     pyplot().close(fig)

@@ -142,7 +142,7 @@ class ReportParams(Section):
     )
     max_val_loss_rise: float = Field(ge=0, description="Stable validation loss: at the stop at most this fraction above its minimum."
     )
-    significance: float = Field(gt=0, lt=1, description="McNemar p-value below which a change in test accuracy counts as real."
+    significance: float = Field(gt=0, lt=1, description="Significance level: a change in test accuracy counts as real below this p-value (the configuration verdict over seeds, or McNemar with one seed)."
     )
 
 
