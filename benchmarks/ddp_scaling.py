@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cifar_rounds.demo import dvc, init_project, offline_params
-from cifar_rounds.params import Params
+from cifar_rounds.params import PARAMS_FILE, load_params
 from cifar_rounds.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def main() -> None:
         overrides = {"model.width": args.width, "train.batch_size": args.batch_size, "train.num_epochs": 2,
                      "train.lr_milestones": [1], "train.deterministic": False, "train.device": "auto",
                      "tracking.log_model": False}
-        init_project(REPO, project, offline_params(Params(), archive, md5, overrides))
+        init_project(REPO, project, offline_params(load_params(REPO / PARAMS_FILE), archive, md5, overrides))
         dvc("repro", "split", cwd=project)
         rates = {k: throughput(project, k) for k in args.procs}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine())

@@ -7,11 +7,13 @@
    backward, built once per measurement), a Hessian-vector product through that kept
    graph, a product with a graph of its own (the measurement before the graph was
    reused), and a training step at `--batch-size` in the precision `train.precision: auto`
-   picks here. The training steps are timed in two halves around the products, so that a
-   busy machine slows both alike; times are medians.
-2. The number of products one measurement takes, old (a fixed `--old-iterations` +
-   `--old-probes`) and new (power iteration to `--tolerance`, at most `--iterations`,
-   then `--probes`), counted on an untrained network at `--count-widths`.
+   picks here. Training steps are timed in two halves around the products; times are
+   medians, in CPU seconds of this process (and wall seconds), since on a shared machine
+   the wall time stretches with other work's load.
+2. The number of products one measurement takes: old, a fixed `--old-iterations` +
+   `--old-probes`; new, power iteration to `--tolerance` (at most `--iterations`) then
+   `--probes`, counted at `--count-widths` on a network trained for `--count-train-steps`
+   steps on generated, learnable images.
 3. The share of a `--epochs`-epoch CIFAR-10 run (45,000 training images) that
    `--measurements` measurements cost: on this CPU from the times, and for a GPU by
    arithmetic from FLOPs counted with torch.utils.flop_counter (convolutions and
@@ -34,6 +36,7 @@ import statistics
 import time
 from datetime import date
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +45,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from cifar_rounds.diagnostics import HessianOperator, hvp, sharpness, unbiased_norm_estimates
 from cifar_rounds.engine import autocast
 from cifar_rounds.model import ResNet18
+from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD
 from cifar_rounds.runtime import amp_dtype, configure_cpu
+from cifar_rounds.synthetic import generate_images
 
 TRAIN_IMAGES = 45_000
 CPU = torch.device("cpu")
@@ -64,40 +69,58 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def time_train_steps(model: nn.Module, batch: int, steps: int, dtype: torch.dtype | None) -> list[float]:
-    """Seconds of each of `steps` SGD steps (momentum 0.9, weight decay 5e-4) after one warm-up step."""
+class Clock:
+    """Wall and CPU seconds (all of this process's threads) of a block.
+
+    On a machine shared with other work the wall time of either side stretches with the load;
+    the CPU time is close to the work done, so the shares below are taken from it.
+    """
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_train_steps(model: nn.Module, batch: int, steps: int, dtype: torch.dtype | None) -> list[Clock]:
+    """Each of `steps` SGD steps (momentum 0.9, weight decay 5e-4), after one warm-up step."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x, y = random_images(batch, 1)
-    times = []
+    clocks = []
     for _ in range(steps + 1):
-        start = time.perf_counter()
-        with autocast(CPU, dtype):
-            loss = loss_of(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+        with Clock() as clock:
+            with autocast(CPU, dtype):
+                loss = loss_of(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        clocks.append(clock)
+    return clocks[1:]
 
 
 def time_products(model: nn.Module, x: torch.Tensor, y: torch.Tensor, products: int) -> dict[str, float]:
-    """Seconds: building the graph once, a product through it (median), a product with its own graph."""
+    """Building the graph once, a product through it (median), a product with its own graph; wall and CPU s."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for p in params]
-    start = time.perf_counter()
-    hessian = HessianOperator(loss_of(model, x, y), params)
-    build = time.perf_counter() - start
+    with Clock() as build:
+        hessian = HessianOperator(loss_of(model, x, y), params)
     reuse = []
     for _ in range(products):
-        start = time.perf_counter()
-        hessian(v)
-        reuse.append(time.perf_counter() - start)
+        with Clock() as clock:
+            hessian(v)
+        reuse.append(clock)
     del hessian  # its graph: free it before the fresh product builds another
-    start = time.perf_counter()
-    hvp(loss_of(model, x, y), params, v)
-    return {"build_s": build, "product_s": statistics.median(reuse), "fresh_product_s": time.perf_counter() - start}
+    with Clock() as fresh:
+        hvp(loss_of(model, x, y), params, v)
+    out = {}
+    for unit in ("wall", "cpu"):
+        out.update({f"build_{unit}": getattr(build, unit), f"fresh_product_{unit}": getattr(fresh, unit),
+                    f"product_{unit}": statistics.median(getattr(c, unit) for c in reuse)})
+    return out
 
 
 def flops_per_image(width: int, images: int = 8) -> dict[str, float]:
@@ -116,14 +139,36 @@ def flops_per_image(width: int, images: int = 8) -> dict[str, float]:
     with FlopCounterMode(display=False) as counter:
         hessian([torch.ones_like(p) for p in params])
     counts["product"] = counter.get_total_flops()
-    return {k: v / images / 1e9 for k, v in counts.items()}
+    return {f"{k}_gflop": v / images / 1e9 for k, v in counts.items()}
 
 
-def count_products(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
-    """One measurement with the proposed settings: its products, seconds and eigenvalue."""
-    start = time.perf_counter()
-    out = sharpness(model, x, y, args.iterations, args.probes, seed=0, tolerance=args.tolerance)
-    return {**out, "seconds": time.perf_counter() - start}
+def learnable_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offline demo's generated classes, standardised as the pipeline does."""
+    images, labels = generate_images(n, np.random.default_rng(seed))
+    x = (torch.from_numpy(images).float() / 255 - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+    return x.contiguous(memory_format=torch.channels_last), torch.from_numpy(labels)
+
+
+def count_products(width: int, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement with the proposed settings on a briefly trained network: products, seconds, eigenvalue.
+
+    An untrained network's top eigenvalue is barely separated from the next, so power
+    iteration runs to its cap there; training opens the gap, as it does on CIFAR-10.
+    """
+    model = resnet(width)
+    x, y = learnable_images(args.samples + args.batch_size * args.count_train_steps, 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for step in range(args.count_train_steps):
+        batch = slice(args.samples + step * args.batch_size, args.samples + (step + 1) * args.batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(model, x[batch], y[batch]).backward()
+        optimizer.step()
+    with Clock() as clock:
+        out = sharpness(model, x[: args.samples], y[: args.samples], args.iterations, args.probes, seed=0,
+                        tolerance=args.tolerance)
+    return {"counted_products": out["hessian_vector_products"], "counted_wall": clock.wall,
+            "lambda_max": out["lambda_max"]}
 
 
 def measure_width(width: int, args: argparse.Namespace) -> dict[str, float]:
@@ -134,48 +179,47 @@ def measure_width(width: int, args: argparse.Namespace) -> dict[str, float]:
     steps = time_train_steps(model, args.batch_size, half, dtype)
     timed = time_products(model, x, y, args.hvps)
     steps += time_train_steps(model, args.batch_size, args.train_steps - half, dtype)
-    row = {"width": width, "step_s": statistics.median(steps), **timed, **flops_per_image(width)}
+    row = {"width": width, "step_wall": statistics.median(c.wall for c in steps),
+           "step_cpu": statistics.median(c.cpu for c in steps), **timed, **flops_per_image(width)}
     if width in args.count_widths:
-        counted = count_products(resnet(width), x, y, args)
-        row.update(counted_products=counted["hessian_vector_products"], counted_s=counted["seconds"],
-                   lambda_max=counted["lambda_max"])
+        row.update(count_products(width, args))
     return row
 
 
 def shares(row: dict[str, float], args: argparse.Namespace) -> dict[str, float]:
-    """Sharpness time over training time, for `args.measurements` measurements in an `args.epochs` run."""
-    training = args.epochs * (TRAIN_IMAGES // args.batch_size) * row["step_s"]
-    old = (args.old_iterations + args.old_probes) * row["fresh_product_s"]
-    cap = row["build_s"] + (args.iterations + args.probes) * row["product_s"]
-    out = {"epoch_s": training / args.epochs, "old_s": old, "cap_s": cap,
-           "old_share": args.measurements * old / training, "cap_share": args.measurements * cap / training}
+    """Sharpness over training time (CPU seconds), for `args.measurements` measurements in an `args.epochs` run."""
+    epoch = (TRAIN_IMAGES // args.batch_size) * row["step_cpu"]
+    old = (args.old_iterations + args.old_probes) * row["fresh_product_cpu"]
+    cap = row["build_cpu"] + (args.iterations + args.probes) * row["product_cpu"]
+    out = {"epoch": epoch, "old": old, "cap": cap}
     if "counted_products" in row:
-        counted = row["build_s"] + row["counted_products"] * row["product_s"]
-        out.update(counted_s=counted, counted_share=args.measurements * counted / training)
-    # GPU, by arithmetic: the same FLOPs; training in bf16, sharpness in fp32 (TF32 convolutions)
-    train_flops = args.epochs * TRAIN_IMAGES * row["train"]
-    for name, products, graphs in (("old", args.old_iterations + args.old_probes, args.old_iterations + args.old_probes),
-                                   ("cap", args.iterations + args.probes, 1)):
-        flops = args.measurements * args.samples * (graphs * row["graph"] + products * row["product"])
-        out[f"{name}_flop_share"] = flops / train_flops
+        out["counted"] = row["build_cpu"] + row["counted_products"] * row["product_cpu"]
+    # GPU, by arithmetic: the same FLOPs per image, whatever the device
+    train_flops = args.epochs * TRAIN_IMAGES * row["train_gflop"]
+    old_n, cap_n = args.old_iterations + args.old_probes, args.iterations + args.probes
+    out["old_flop_share"] = args.measurements * args.samples * old_n * (row["graph_gflop"] + row["product_gflop"]) / train_flops
+    out["cap_flop_share"] = args.measurements * args.samples * (row["graph_gflop"] + cap_n * row["product_gflop"]) / train_flops
     return out
 
 
 def print_width(row: dict[str, float], s: dict[str, float], args: argparse.Namespace) -> None:
-    per_image = row["product_s"] / args.samples / (row["step_s"] / args.batch_size)
-    print(f"width {row['width']}: training step {row['step_s']:.3f} s (batch {args.batch_size}), "
-          f"epoch {s['epoch_s'] / 60:.1f} min ({TRAIN_IMAGES // args.batch_size} steps)")
-    print(f"  {args.samples} samples: graph {row['build_s']:.1f} s, product through it {row['product_s']:.1f} s, "
-          f"product with its own graph {row['fresh_product_s']:.1f} s; a product costs {per_image:.1f} training images per image")
-    print(f"  GFLOP per image: training step {row['train']:.3f}, graph {row['graph']:.3f}, product {row['product']:.3f}")
-    print(f"  old ({args.old_iterations}+{args.old_probes} products, each its own graph): {s['old_s'] / 60:.1f} min "
-          f"= {s['old_s'] / s['epoch_s']:.2f} epochs; {args.measurements} of them: {s['old_share']:.2%} of training")
-    print(f"  new at the cap ({args.iterations}+{args.probes} products, one graph): {s['cap_s'] / 60:.1f} min "
-          f"= {s['cap_s'] / s['epoch_s']:.2f} epochs; {args.measurements} of them: {s['cap_share']:.2%} of training")
-    if "counted_s" in s:
-        print(f"  new, counted: {row['counted_products']:.0f} products (tolerance {args.tolerance:g}), "
-              f"{row['counted_s'] / 60:.1f} min measured, projected {s['counted_share']:.2%} of training; "
-              f"lambda_max {row['lambda_max']:.4g}")
+    share = lambda seconds: args.measurements * seconds / (args.epochs * s["epoch"])  # noqa: E731
+    per_image = row["product_cpu"] / args.samples / (row["step_cpu"] / args.batch_size)
+    print(f"width {row['width']}: training step {row['step_cpu']:.2f} CPU s, {row['step_wall']:.2f} s wall "
+          f"(batch {args.batch_size}); epoch {s['epoch'] / 60:.1f} CPU min ({TRAIN_IMAGES // args.batch_size} steps)")
+    print(f"  {args.samples} samples, CPU s (wall s): graph {row['build_cpu']:.1f} ({row['build_wall']:.1f}), "
+          f"product through it {row['product_cpu']:.1f} ({row['product_wall']:.1f}), product with its own graph "
+          f"{row['fresh_product_cpu']:.1f} ({row['fresh_product_wall']:.1f}); a product per image = {per_image:.1f} training images")
+    print(f"  GFLOP per image: training step {row['train_gflop']:.3f}, graph {row['graph_gflop']:.3f}, product {row['product_gflop']:.3f}")
+    for name, label in (("old", f"old ({args.old_iterations}+{args.old_probes} products, each its own graph)"),
+                        ("cap", f"new at the cap ({args.iterations}+{args.probes} products, one graph)"),
+                        ("counted", f"new, counted ({row.get('counted_products', 0):.0f} products at tolerance {args.tolerance:g})")):
+        if name in s:
+            print(f"  {label}: {s[name] / 60:.1f} CPU min = {s[name] / s['epoch']:.2f} epochs; "
+                  f"{args.measurements} of them: {share(s[name]):.2%} of training")
+    if "counted_products" in row:
+        print(f"  (counted after {args.count_train_steps} training steps: {row['counted_wall'] / 60:.1f} min wall, "
+              f"lambda_max {row['lambda_max']:.4g})")
     print(f"  GPU by arithmetic (FLOPs, equal throughput per FLOP): old {s['old_flop_share']:.2%}, "
           f"new at the cap {s['cap_flop_share']:.2%}; with fp32 sharpness on TF32 at half the bf16 rate: "
           f"old {BF16_OVER_TF32 * s['old_flop_share']:.2%}, new {BF16_OVER_TF32 * s['cap_flop_share']:.2%}")
@@ -278,6 +322,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=10, help="proposed Hutchinson probes")
     p.add_argument("--count-widths", type=int, nargs="*", default=[16],
                    help="widths at which one whole measurement runs, to count its products (slow on CPU)")
+    p.add_argument("--count-train-steps", type=int, default=60,
+                   help="SGD steps on generated, learnable images before the counted measurement")
     p.add_argument("--epochs", type=int, default=250, help="epochs of the projected run")
     p.add_argument("--measurements", type=int, default=4, help="sharpness measurements in it (3 milestones + the end)")
     p.add_argument("--bn-examples", type=int, default=256, help="examples of the BatchNorm-bias data set")

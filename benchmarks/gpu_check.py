@@ -88,7 +88,7 @@ GPU = Sizes(
     throughput=((96, "eager"), (96, "compiled"), (96, "compiled+cudagraphs"), (512, "eager"), (128, "eager"),
                 (512, "compiled"), (512, "compiled+cudagraphs"), (128, "compiled"), (128, "compiled+cudagraphs")),
     throughput_args=("--steps", "50", "--data-batches", "50"),
-    budgets=(45, 60, 150, 120, None, 5), time_limit=570,
+    budgets=(45, 60, 180, 150, None, 5), time_limit=570,  # part 5: at least 130 s
 )
 # Width 8, not 4: at 4 the CPU runtime turns oneDNN off (its AVX2 fault), and epochs crawl.
 DRY = Sizes(
@@ -118,6 +118,7 @@ class Run:
     work: Path  # generated archive, project, stand-in tools
     wheels: Path | None
     git: bool  # whether this machine has git (else a stand-in that fails, and DVC without SCM)
+    selected: set[int]  # the parts to run
     started: float = field(default_factory=time.monotonic)
     part_deadline: float = math.inf
     lines: list[str] = field(default_factory=list)
@@ -204,7 +205,8 @@ def install_missing(run: Run) -> dict:
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     if absent and run.wheels:
         site = run.work / "site"
-        command(run, pip + ["--no-index", "--no-deps", "--target", str(site), *map(str, run.wheels.glob("*.whl"))], REPO)
+        wheels = [str(w) for w in run.wheels.glob("*.whl")]
+        command(run, pip + ["--no-index", "--no-deps", "--no-compile", "--target", str(site), *wheels], REPO, show=5)
         sys.path.insert(0, str(site))
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     elif absent:
@@ -289,9 +291,11 @@ def init_without_git(project: Path, params) -> None:
     from cifar_rounds.demo import PROJECT_FILES
     from cifar_rounds.params import PARAMS_FILE, dump_params
 
+    project.mkdir(parents=True, exist_ok=True)
     for name in (n for n in PROJECT_FILES if (REPO / n).exists()):
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(REPO / name, project / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(REPO / name, project / name)
     dump_params(params, project / PARAMS_FILE)
@@ -368,7 +372,8 @@ def part_pipeline(run: Run) -> dict:
     sharpness_epochs = sorted(set(p["train.lr_milestones"]) | {epochs})
     results = {"project": str(project), "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
                "tags": {k: mlrun.data.tags.get(k) for k in ("device", "precision", "torch_version", "git_commit")},
-               "diagnostics": diagnostics, "epochs_logged": logged, "epoch_wall_s": [stamps[e] - stamps[e - 1] for e in sorted(stamps)[1:]],
+               "diagnostics": diagnostics, "epochs_logged": logged,
+               "epoch_wall_s": [stamps[e] - stamps[e - 1] for e in sorted(stamps)[1:]],
                "history": [{k: r[k] for k in ("epoch", "epoch_time_s", "images_per_s", "val_loss")} for r in history],
                "width": p["model.width"], "batch_size": p["train.batch_size"],
                "train_images": run.sizes.train_images - p["data.val_size"], "val_images": p["data.val_size"]}
@@ -428,6 +433,9 @@ def part_resume(run: Run) -> dict:
     command(run, [sys.executable, "-m", "dvc", "repro", "split"], project, show=1)
     cmd = [sys.executable, "-m", "cifar_rounds.train", "--split", "data/split.npz", "--models", "models_killed",  # dvc.yaml's
            "--history", "reports/killed.csv", "--summary", "reports/killed.json"]
+    shutil.rmtree(project / "models_killed", ignore_errors=True)  # a reused --work folder: start from nothing
+    for path in (project / "reports/killed.csv", project / "reports/killed.json"):
+        path.unlink(missing_ok=True)
     results = kill_mid_epoch(run, project, cmd, after=epochs // 2)
     output = command(run, cmd, project, show=4)
     summary = json.loads((project / "reports/killed.json").read_text())
@@ -440,10 +448,11 @@ def part_resume(run: Run) -> dict:
     if (project / "models/last.pt").exists():  # part 3's uninterrupted run of the same params
         results["distance_to_uninterrupted"] = weight_distance(project / "models/last.pt", project / "models_killed/last.pt")
     run.say(f"distance to the uninterrupted run: {json.dumps(results.get('distance_to_uninterrupted'))}")
+    at_kill, finished = results["checkpoint_epoch_at_kill"], mlrun.info.status == "FINISHED"
     checks = {
-        f"killed mid-run (checkpoint at epoch {results['checkpoint_epoch_at_kill']} of {epochs})": results["checkpoint_epoch_at_kill"] < epochs,
+        f"killed mid-run (checkpoint at epoch {at_kill} of {epochs})": at_kill < epochs,
         "the restart resumed from the checkpoint": results["resumed_line"] is not None,
-        f"completed: stopped_epoch {epochs}, run FINISHED": summary["stopped_epoch"] == epochs and mlrun.info.status == "FINISHED",
+        f"completed: stopped_epoch {epochs}, run FINISHED": summary["stopped_epoch"] == epochs and finished,
         f"each epoch logged exactly once: {', '.join(EPOCH_KEYS)}":
             all(s == list(range(1, epochs + 1)) for s in results["epochs_logged"].values()),
         "grad_norm_step logged, once per step": len(grad_steps) == len(set(grad_steps)) > 0,
@@ -486,7 +495,8 @@ def part_throughput(run: Run) -> dict:
         if run.left() < 20:
             failures.append(f"batch {batch} {mode} not run")
             continue
-        cmd = [sys.executable, "benchmarks/training_throughput.py", "--batch-size", str(batch), *run.sizes.throughput_args, *MODES[mode]]
+        cmd = [sys.executable, "benchmarks/training_throughput.py", "--batch-size", str(batch),
+               *run.sizes.throughput_args, *MODES[mode]]
         try:
             row |= parse_throughput(command(run, cmd, REPO, show=8))
             row |= tflops(row["ours_img_s"], run) | {"status": "measured"}
@@ -534,7 +544,8 @@ def part_projection(run: Run) -> dict:
                "sharpness_measurement_s": round(sharpness_s, 2), "first_epoch_extra_s": round(first_extra_s, 1),
                "round_hours": round(total_s / 3600, 3), "training_only_hours_from_part_5": {
                    r["mode"]: round(ROUND_EPOCHS * (FULL_TRAIN_IMAGES // ROUND_BATCH) * ROUND_BATCH / r["ours_img_s"] / 3600, 3)
-                   for r in run.results("throughput").get("rows", []) if r["batch"] == ROUND_BATCH and r["status"] == "measured"}}
+                   for r in run.results("throughput").get("rows", [])
+                   if r["batch"] == ROUND_BATCH and r["status"] == "measured"}}
     for key, value in results.items():
         run.say(f"{key:>33}: {value}")
     return results
@@ -556,13 +567,14 @@ def run_part(run: Run, number: int, name: str, title: str, fn: Callable[[Run], d
     later = sum(b or 0 for b in run.sizes.budgets[number:])
     budget = cap if cap is not None else run.sizes.time_limit - (time.monotonic() - run.started) - later
     title = title.format(width=run.sizes.params["model.width"], compile=str(run.sizes.params["train.compile"]).lower())
+    why = "not selected (--parts)" if number not in run.selected else "dry run: needs CUDA" if run.dry_run else "no time left"
     record = {"number": number, "name": name, "title": title, "budget_s": round(budget), "status": "skipped",
-              "error": "dry run: needs CUDA" if run.dry_run else "no time left", "results": {}}
+              "error": why, "results": {}}
     run.parts.append(record)
     run.say(f"\n== part {number}/{len(PARTS)}: {title} (budget {budget:.0f} s) ==")
     start = time.monotonic()
     run.part_deadline = start + budget
-    if budget > 0:
+    if budget > 0 and number in run.selected:
         try:
             record |= {"results": fn(run), "status": "passed", "error": None}
         except PartFailed as failure:
@@ -621,21 +633,25 @@ def wheel_closure(roots: list[str], python_version: str) -> dict[str, str]:
 def fetch_wheels(target: Path, python_version: str) -> int:
     """Wheels, for a manylinux x86-64 CPython, of the versions installed here of what --wheels installs."""
     specs = [f"{n}=={v}" for n, v in sorted(wheel_closure([p.split("==")[0] for p in project_pins()], python_version).items())]
-    platforms = [a for p in ("2_28", "2_27", "2_17", "2014", "1") for a in ("--platform", f"manylinux{'_' if '_' in p else ''}{p}_x86_64")]
+    platforms = [a for tag in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1")
+                 for a in ("--platform", f"{tag}_x86_64")]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     while specs:
-        done = subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-                                     "--implementation", "cp", *platforms, "-d", str(target), *specs], capture_output=True, text=True)
+        done = subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
+                                     "--python-version", python_version, *platforms, "-d", str(target), *specs],
+                              capture_output=True, text=True)
         no_wheel = re.search(r"No matching distribution found for (\S+)", done.stderr)
         if done.returncode == 0:
             break
         if no_wheel is None or no_wheel.group(1) not in specs:
             print(done.stderr, file=sys.stderr)
             return 1
-        subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(target), no_wheel.group(1)], check=True)  # a pure-Python sdist
+        # published as an sdist only (antlr4-python3-runtime 4.9): a pure-Python wheel built here
+        subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(target), no_wheel.group(1)], check=True)
         specs.remove(no_wheel.group(1))
     wheels = list(target.glob("*.whl"))
-    print(f"{len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 2**20:.1f} MiB in {target} for Python {python_version}; "
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"{len(wheels)} wheels, {size:.1f} MiB in {target} for Python {python_version}; "
           f"on the GPU machine: benchmarks/gpu.sh --wheels {target.name} (carry it)")
     return 0
 
@@ -645,11 +661,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="on the CPU at width 8: parts 3 and 4, and 1, 5, 6 in miniature")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-out"),
                         help=f"folder for {TEXT_FILE} and {JSON_FILE} (default: $OUT, else ./gpu-out)")
-    parser.add_argument("--work", type=Path, help="folder for the generated archive and project (default: a temporary one, removed)")
+    parser.add_argument("--work", type=Path,
+                        help="folder for the generated archive and project (default: a temporary one, removed at the end)")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl" if (REPO / ".whl").is_dir() else None,
                         help="install the missing packages from these wheels, without an index (default: .whl if there)")
     parser.add_argument("--time-limit", type=float, help=f"seconds for the whole run; part 5 gets what the others leave "
                                                           f"(default {GPU.time_limit:.0f}; dry run {DRY.time_limit:.0f})")
+    parser.add_argument("--parts", default="1,2,3,4,5,6",
+                        help="comma-separated part numbers to run, e.g. 3,4 (4 uses 3's run for its comparison)")
     parser.add_argument("--fetch-wheels", type=Path, metavar="DIR",
                         help="only download into DIR the wheels that --wheels needs (where PyPI is reachable), then exit")
     parser.add_argument("--python-version", default="3.12", help="with --fetch-wheels: the GPU machine's Python (3.12 there)")
@@ -666,7 +685,8 @@ def main() -> int:
     sizes = DRY if args.dry_run else GPU
     sizes = replace(sizes, time_limit=args.time_limit or sizes.time_limit)
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()
-    run = Run(sizes, args.dry_run, args.out.resolve(), work, args.wheels and args.wheels.resolve(), shutil.which("git") is not None)
+    run = Run(sizes, args.dry_run, args.out.resolve(), work, args.wheels and args.wheels.resolve(),
+              shutil.which("git") is not None, {int(n) for n in args.parts.split(",")})
     os.environ["PATH"] = os.pathsep.join([str(tool_bin(work, run.git)), os.path.dirname(sys.executable), os.environ["PATH"]])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
     if not run.git:

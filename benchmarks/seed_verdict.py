@@ -276,33 +276,39 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def header_lines(args: argparse.Namespace, model: Model, results: dict, grid: list[int], wall: float) -> list[str]:
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime  # the workers, reaped when the pool closed
+    per_image = math.sqrt(args.churn / (2 * args.images))
+    dist = math.sqrt((args.seed_std / 100) ** 2 - per_image**2)
+    measured = np.mean([results[("aa", k)]["seed_std"] for k in grid])
+    return [f"date: {date.today()}  host: {platform.machine()}, {args.workers} worker processes, numpy {np.__version__}, "
+            f"{wall:.0f} s wall, {cpu:.0f} s CPU",
+            f"model: accuracy {args.accuracy:.1%}, churn {args.churn:.1%}, seed std {args.seed_std:g} points on "
+            f"{args.images} images (distribution-wise {100 * dist:.3f}, per-image flips {100 * per_image:.3f}); "
+            f"sigma_u {model.sigma_u:.3f}, sigma_g {model.sigma_g:.4f}, mu {model.mu:.3f}; the cutoff drops "
+            f"{dropped_share(model):.2e} of the per-image variance",
+            f"measured seed std over the A/A runs: {100 * measured:.3f} points"]
+
+
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
     per_image = args.churn / (2 * args.images)  # variance of a seed's accuracy from independent per-image flips
-    if (args.seed_std / 100) ** 2 < per_image:
-        raise SystemExit(f"--seed-std below the per-image part alone ({100 * math.sqrt(per_image):.3f} points)")
-    dist = math.sqrt((args.seed_std / 100) ** 2 - per_image)
-    model = design(args.accuracy, args.churn, dist, args.cutoff)
     seed_std = args.seed_std / 100
+    if seed_std**2 < per_image:
+        raise SystemExit(f"--seed-std below the per-image part alone ({100 * math.sqrt(per_image):.3f} points)")
+    model = design(args.accuracy, args.churn, math.sqrt(seed_std**2 - per_image), args.cutoff)
     grid = sorted(set(args.seeds) | {recommended_seeds(g / 100, seed_std, args.alpha) or 2 for g in args.gains})
     with Pool(args.workers) as pool:
         results = dict(pool.map(run_task, tasks(args, model, grid), chunksize=1))
-    cpu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime  # the workers, reaped when the pool closed
-    out = [f"date: {date.today()}  host: {platform.machine()}, {args.workers} worker processes, numpy {np.__version__}, "
-           f"{time.perf_counter() - start:.0f} s wall, {cpu:.0f} s CPU",
-           f"model: accuracy {args.accuracy:.1%}, churn {args.churn:.1%}, seed std {args.seed_std:g} points on "
-           f"{args.images} images (distribution-wise {100 * dist:.3f}, per-image flips {100 * math.sqrt(per_image):.3f}); "
-           f"sigma_u {model.sigma_u:.3f}, sigma_g {model.sigma_g:.4f}, mu {model.mu:.3f}; the cutoff drops "
-           f"{dropped_share(model):.2e} of the per-image variance",
-           f"measured seed std over the A/A runs: {100 * np.mean([results[('aa', k)]['seed_std'] for k in grid]):.3f} points",
-           "", "A/A (identical configurations):", ""]
-    out += aa_lines(results, grid, args.alpha, seed_std)
+    out = header_lines(args, model, results, grid, time.perf_counter() - start)
+    out += ["", "A/A (identical configurations):", ""] + aa_lines(results, grid, args.alpha, seed_std)
     out += ["", f"Power, simulated (closed form), alpha {args.alpha:g}, {args.power_comparisons} comparisons per cell:", ""]
     out += power_lines(results, grid, args.gains, args.alpha, seed_std)
     out += ["", "Seeds per side for 80% power (closed form):", ""]
     out += recommendation_lines(args.gains, args.alpha, [0.2, args.seed_std, 0.3])
-    out += ["", f"A/A false-positive rate against the distribution-wise seed spread ({args.sensitivity_comparisons} comparisons each):", ""]
+    out += ["", "A/A false-positive rate against the distribution-wise seed spread "
+            f"({args.sensitivity_comparisons} comparisons each):", ""]
     out += sensitivity_lines(results, args.sensitivity, args.sensitivity_seeds, args.images, args.churn)
     if args.bootstrap_comparisons:
         out += ["", f"A/A false-positive rate of a two-level bootstrap ({args.resamples} resamples, percentile interval):", ""]

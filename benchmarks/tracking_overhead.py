@@ -26,9 +26,9 @@ from cifar_rounds.diagnostics import SmallBatchProbe
 from cifar_rounds.engine import GradNorms, autocast, train_one_epoch
 from cifar_rounds.runtime import amp_dtype, run_conditions
 from cifar_rounds.model import ResNet18
-from cifar_rounds.params import Params, with_overrides
+from cifar_rounds.params import load_params, with_overrides
 from cifar_rounds.pipeline import TrainBatches
-from cifar_rounds.train import build_optimizer
+from cifar_rounds.loop import build_optimizer
 from cifar_rounds.tracking import Tracker
 
 TRAIN_IMAGES = 45_000
@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = ResNet18(width=args.width).to(memory_format=torch.channels_last)
-    params = with_overrides(Params(), {"model.width": args.width, "train.batch_size": args.batch_size})
+    params = with_overrides(load_params(), {"model.width": args.width, "train.batch_size": args.batch_size})
     optimizer, _ = build_optimizer(model, params.train)
     n = args.batch_size * args.steps
     batches = TrainBatches(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)),
@@ -112,7 +112,7 @@ def main() -> None:
     noise = probe_cost(model, args.batch_size, dtype) * (steps_per_epoch // interval) / epoch_off
     print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model width {args.width}, batch {args.batch_size}, precision {params.train.precision} -> "
-          f"{run_conditions(params.train.precision, CPU)['precision']}, {steps_per_epoch} steps per CIFAR-10 epoch")
+          f"{run_conditions(params.train.precision, args.width, CPU)['precision']}, {steps_per_epoch} steps per CIFAR-10 epoch")
     print(f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians of {args.rounds} rounds of {args.steps} steps)")
     print(f"GradNorms.record alone: {record * 1e3:.3f} ms per step")
     print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")

@@ -134,7 +134,7 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"date: {date.today()}  device: {name}  ({os.cpu_count()} CPU cores, torch {torch.__version__})")
-    ours_dtype = run_conditions(args.precision, device)["precision"]
+    ours_dtype = run_conditions(args.precision, args.width, device)["precision"]
     print(f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; "
           f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile and args.compile_mode}; "
           "conventional: fp32")

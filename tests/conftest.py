@@ -17,14 +17,13 @@ from cifar_rounds.params import PARAMS_FILE, Params, load_params
 from cifar_rounds.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_WIDTH = 4  # ResNet-18 width of the in-process tests
 
 
 def pytest_configure(config) -> None:
     """The CPU set up as the stages set it up, before the first parallel operation starts the thread pool."""
     from cifar_rounds.runtime import configure_cpu
 
-    configure_cpu(TEST_WIDTH, torch.device("cpu"))
+    configure_cpu(torch.device("cpu"))
 BIN = str(Path(sys.executable).parent)
 
 

@@ -1,5 +1,6 @@
 """Noise scale and sharpness on models where the truth is known, and no effect on training."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -8,11 +9,12 @@ import torch
 from torch import nn
 
 from cifar_rounds.diagnostics import (
-    HessianOperator, NoiseScale, SmallBatchProbe, hessian_trace, hvp, power_iteration, sharpness, stability_bound,
+    HessianOperator, NoiseScale, SmallBatchProbe, bn_buffers, hessian_trace, hvp, power_iteration, sharpness, stability_bound,
     top_eigenvalue, unbiased_norm_estimates,
 )
 from cifar_rounds.engine import train_one_epoch
-from cifar_rounds.model import ResNet18
+from cifar_rounds.model import build_model
+from cifar_rounds.runtime import memory_format
 from cifar_rounds.pipeline import TrainBatches
 
 
@@ -84,6 +86,19 @@ def test_noise_estimators_recover_exact_g_squared_and_trace_sigma(least_squares)
     assert est_g_sq == pytest.approx(g_sq, rel=0.05, abs=0.05 * trace_sigma / 32)
 
 
+def test_the_probe_normalises_its_half_batch_by_the_half_batch_statistics():
+    """Where its BatchNorm bias comes from (measured in benchmarks/diagnostics_cost.py, see diagnostics.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    probe = SmallBatchProbe(model, interval=1)
+    running = [b.clone() for b in bn_buffers(model)]
+    probe.measure(x, y, nn.functional.cross_entropy, contextlib.nullcontext())
+    assert all(torch.equal(a, b) for a, b in zip(running, bn_buffers(model)))
+    own = torch.autograd.grad(nn.functional.cross_entropy(model(x[:8]), y[:8]), list(model.parameters()))
+    assert probe.small_sq[0].item() == pytest.approx(sum(g.square().sum().item() for g in own), rel=1e-6)
+
+
 def test_noise_scale_is_the_ratio_of_the_moving_averages():
     noise = NoiseScale(decay=0.5)
     for _ in range(3):
@@ -93,7 +108,7 @@ def test_noise_scale_is_the_ratio_of_the_moving_averages():
 
 def _one_epoch(probe_on: bool):
     torch.manual_seed(0)
-    model = ResNet18(width=4).to(memory_format=torch.channels_last)
+    model = build_model(4, 10, torch.device("cpu"), memory_format(4, torch.device("cpu")))  # as the stages build it
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -137,7 +152,7 @@ def _fresh_graph_sharpness(model, images, labels, iterations, probes, seed):
 
 def test_sharpness_reuses_one_forward_pass_and_matches_fresh_graphs():
     torch.manual_seed(0)
-    model = ResNet18(width=4).to(memory_format=torch.channels_last)
+    model = build_model(4, 10, torch.device("cpu"), memory_format(4, torch.device("cpu")))  # as the stages build it
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=torch.channels_last)
     y = torch.arange(8)
     eigenvalue, trace = _fresh_graph_sharpness(model, x, y, iterations=3, probes=2, seed=5)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -42,11 +43,9 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
     epochs = len(pipeline["history"])
     assert epochs == 3 and all(steps == [1, 2, 3] for steps in pipeline["epochs_logged"].values())
     assert pipeline["tags"]["device"] == "cpu" and pipeline["tags"]["precision"] in ("fp32", "bf16")
-    for column in ("noise_scale", "lambda_max", "hessian_trace"):
-        values = [float(v) for v in pipeline["diagnostics"][column]["values"]]  # NaN is written as "nan"
-        assert any(math.isfinite(v) for v in values), column
-    assert [float(v) for v in pipeline["diagnostics"]["lambda_max"]["values"]] == \
-        [v for v in map(float, pipeline["diagnostics"]["lambda_max"]["values"]) if math.isfinite(v)]
+    values = {k: [float(v) for v in d["values"]] for k, d in pipeline["diagnostics"].items()}  # NaN written "nan"
+    assert all(math.isfinite(v) for v in values["lambda_max"] + values["hessian_trace"])
+    assert any(math.isfinite(v) for v in values["noise_scale"])  # NaN only while the |G|^2 average is not positive
     assert pipeline["diagnostics"]["lambda_max"]["epochs"] == [2, 3]  # the milestone and the last epoch
 
     resume = parts["resume"]["results"]
@@ -57,8 +56,14 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
     distance = resume["distance_to_uninterrupted"]
     assert distance["max_abs_weight_diff"] == 0.0 and distance["bit_exact"]  # CPU, train.deterministic
 
-    text = (out / "gpu-check.txt").read_text()
-    summary = text[text.rindex("part "):]
-    assert "no part failed" in summary
-    assert all(f"\n{n}" in summary and "passed" in summary.split(f"\n{n}")[1].splitlines()[0] for n in "3456")
     assert parts["projection"]["results"]["round_hours"] > 0
+
+    text = (out / "gpu-check.txt").read_text()
+    assert summary_statuses(text) == {"1": "passed", "2": "skipped", "3": "passed", "4": "passed", "5": "passed", "6": "passed"}
+    assert text.rstrip().endswith("no part failed")
+
+
+def summary_statuses(text: str) -> dict[str, str]:
+    """Part number -> status, from the summary table that ends gpu-check.txt."""
+    table = text[text.rindex("\npart "):]
+    return dict(re.findall(r"^(\d) .*? (passed|failed|skipped) ", table, re.M))

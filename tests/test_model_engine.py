@@ -39,3 +39,21 @@ def test_grad_norms_match_torch_total_norm():
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(steps, expected))
     assert math.isclose(stats["grad_norm_max"], max(expected), rel_tol=1e-5)
     assert {"grad_norm/stem", "grad_norm/layer4.1", "weight_norm/linear"} <= stats.keys()
+
+
+def test_per_block_norms_see_through_ddp_and_compile(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cifar_rounds.engine import GradNorms, unwrapped
+
+    net = ResNet18(width=4)
+    blocks = {"stem", "linear"} | {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
+    assert unwrapped(torch.compile(net)) is net
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(DistributedDataParallel(net))  # as the train stage wraps it under torchrun
+        assert unwrapped(wrapped) is net
+        assert set(GradNorms(unwrapped(wrapped), 1, torch.device("cpu")).blocks) == blocks
+    finally:
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.files import atomic_path
+from cifar_rounds.synthetic import write_archive
 from conftest import env, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
@@ -81,20 +82,37 @@ def set_params(project, **changes) -> str:
     return good
 
 
+SMALL = {"data.val_size": 50, "model.width": 4, "train.batch_size": 50, "tracking.log_model": False}
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, archive):
-    path = make_project(tmp_path_factory.mktemp("recovery"), archive, **{
-        "train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS})
+def small_archive(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small") / "small.tar.gz"
+    return path, write_archive(path, train_size=300, test_size=100, seed=3)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, small_archive):
+    path = make_project(tmp_path_factory.mktemp("recovery"), small_archive, **{
+        **SMALL, "train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS})
     run(["dvc", "repro", "split"], path)
     return path
 
 
 def test_a_kill_during_the_final_logging_completes_it_without_training_again(project):
-    killed_train(project, "b1", "tracking.Tracker", "log_pytorch_model", before="True")
+    good = set_params(project, **{"tracking.log_model": True})
+    try:
+        killed_train(project, "b1", "tracking.Tracker", "log_pytorch_model", before="True")
+    finally:
+        (project / "params.yaml").write_text(good)
     state = torch.load(project / "models_b1/last.pt", weights_only=True)
     assert state["progress"]["finished"] and not state["progress"]["finalized"]
     history = (project / "reports/b1.csv").read_text()
-    out = train(project, "b1").stdout
+    set_params(project, **{"tracking.log_model": True})
+    try:
+        out = train(project, "b1").stdout
+    finally:
+        (project / "params.yaml").write_text(good)
     assert "completing its final logging" in out and "epoch 1/" not in out
     assert (project / "reports/b1.csv").read_text() == history
     run_id = read_json(project / "reports/b1.json")["mlflow_run_id"]
@@ -257,8 +275,8 @@ def test_a_dead_tracking_server_fails_in_seconds_naming_the_uri(project):
 
 
 @pytest.mark.parametrize("content", [b"", b"SQLite format 3\x00" + b"\x00" * 50], ids=["empty", "truncated"])
-def test_a_broken_store_file_is_one_line_naming_it(tmp_path, archive, content):
-    project = make_project(tmp_path / "p", archive, **{"train.num_epochs": 1, "train.lr_milestones": []})
+def test_a_broken_store_file_is_one_line_naming_it(tmp_path, small_archive, content):
+    project = make_project(tmp_path / "p", small_archive, **{**SMALL, "train.num_epochs": 1, "train.lr_milestones": []})
     run(["dvc", "repro", "split"], project)
     (project / "mlflow.db").write_bytes(content)
     result = train(project, "broken", check=False)
@@ -266,8 +284,8 @@ def test_a_broken_store_file_is_one_line_naming_it(tmp_path, archive, content):
     assert "mlflow.db: not a usable MLflow store" in result.stderr
 
 
-def test_a_copied_repository_writes_only_inside_itself(tmp_path, archive):
-    original = make_project(tmp_path / "a", archive, **{"train.num_epochs": 1, "train.lr_milestones": []})
+def test_a_copied_repository_writes_only_inside_itself(tmp_path, small_archive):
+    original = make_project(tmp_path / "a", small_archive, **{**SMALL, "train.num_epochs": 1, "train.lr_milestones": []})
     run(["dvc", "repro"], original)
     copy = tmp_path / "b"
     shutil.copytree(original, copy, symlinks=True)
@@ -318,7 +336,7 @@ def test_evaluate_on_a_checkpoint_of_another_width_is_one_line_naming_the_field(
     finally:
         (project / "params.yaml").write_text(good)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert "made at model.width 8, but params.yaml says 16" in result.stderr
+    assert "made at model.width 4, but params.yaml says 16" in result.stderr
 
 
 def test_train_on_a_corrupt_split_is_one_line(project):

@@ -149,3 +149,13 @@ def test_report_refusals_are_one_line(rounds_project):
         result = run(["python", "-m", "cifar_rounds.report", *args], rounds_project, check=False)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
         assert re.search(message, result.stderr), result.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_project):
+    before = (rounds_project / "params.yaml").read_bytes()
+    result = run(["python", "-m", "cifar_rounds.rounds", "run", "round-1", "-n", "round-1-s0", "--epochs", "3"],
+                 rounds_project, check=False)
+    assert result.returncode == 1 and "add --force to replace it" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: dvc exp run failed for round-1-s0")
+    assert (rounds_project / "params.yaml").read_bytes() == before

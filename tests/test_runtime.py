@@ -5,19 +5,27 @@ import sys
 
 import torch
 
-from cifar_rounds.runtime import ONEDNN_FAULT_CHANNELS, RUN_CONDITIONS, onednn_faults_at, run_conditions
+from cifar_rounds.names import RUN_CONDITIONS
+from cifar_rounds.runtime import ONEDNN_FAULT_CHANNELS, memory_format, onednn_faults_at, run_conditions
 from conftest import env
 
 # A fresh process, so that the intra-op thread pool starts after the stage's configuration, as in a stage.
-STAGE_START = "import torch; from cifar_rounds.runtime import configure_cpu; configure_cpu({width}, torch.device('cpu'))\n"
+STAGE_START = "import torch; from cifar_rounds.runtime import configure_cpu; configure_cpu(torch.device('cpu'))\n"
 
-# ResNet-18's first projection shortcut at width 4: a stride-2 1x1 convolution with 4 input
-# channels, in channels-last layout, backward to its weights. One thread: a fault is an abort.
-SHORTCUT_BACKWARD = """
-conv = torch.nn.Conv2d(4, 8, 1, 2, bias=False).to(memory_format=torch.channels_last)
-x = torch.randn(16, 4, 32, 32).contiguous(memory_format=torch.channels_last)
-for _ in range(30):
-    conv(x).square().sum().backward()
+# A width-4 ResNet-18 built as the stages build it, fed channels-last batches as the data pipeline
+# makes them, trained and differentiated twice (as the Hessian probes do). Its first projection
+# shortcut is a stride-2 1x1 convolution with 4 input channels. One thread: a fault is an abort.
+WIDTH_4_TRAINING = """
+from cifar_rounds.model import build_model
+from cifar_rounds.runtime import memory_format
+cpu = torch.device("cpu")
+net = build_model(4, 10, cpu, memory_format(4, cpu))
+x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+for _ in range(10):
+    net(x).square().sum().backward()
+loss = torch.nn.functional.cross_entropy(net(x), torch.arange(32) % 10)
+grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+torch.autograd.grad(sum(g.sum() for g in grads), list(net.parameters()))
 print("done")
 """
 
@@ -26,8 +34,8 @@ def python(code: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env(**extra), capture_output=True, text=True, timeout=120)
 
 
-def test_the_faulting_shortcut_convolution_runs_after_the_stage_configuration():
-    result = python(STAGE_START.format(width=4) + SHORTCUT_BACKWARD, OMP_NUM_THREADS="1")
+def test_a_width_4_model_as_the_stages_build_it_trains_and_differentiates_twice():
+    result = python(STAGE_START + WIDTH_4_TRAINING, OMP_NUM_THREADS="1")
     assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]
 
 
@@ -37,20 +45,22 @@ def test_the_route_around_applies_exactly_to_widths_with_faulting_channel_counts
     assert [w for w in range(1, 20) if onednn_faults_at(w, cpu)] == ([1, 2, 3, 4, 5, 6, 7] if on_avx2 else [])
     assert not onednn_faults_at(4, torch.device("cuda"))
     assert 8 not in ONEDNN_FAULT_CHANNELS and 4 in ONEDNN_FAULT_CHANNELS
-    code = STAGE_START.format(width=64) + "print(torch.backends.mkldnn.enabled)"
-    assert python(code).stdout.strip() == "True"  # full width keeps oneDNN's fast kernels
+    assert memory_format(64, cpu) == memory_format(8, cpu) == torch.channels_last  # full width: the fast layout
+    assert memory_format(4, cpu) == (torch.contiguous_format if on_avx2 else torch.channels_last)
+    assert memory_format(4, torch.device("cuda")) == torch.channels_last
 
 
 def test_denormals_are_flushed_in_every_intra_op_thread_and_recorded():
-    code = STAGE_START.format(width=64) + """
+    code = STAGE_START + """
 tiny = torch.full((1 << 20,), 1e-39)  # split over the threads
 from cifar_rounds.runtime import run_conditions
-print(int((tiny * 1.0).count_nonzero()), torch.get_num_threads(), run_conditions("fp32", torch.device("cpu"))["denormals"])
+print(int((tiny * 1.0).count_nonzero()), torch.get_num_threads(), run_conditions("fp32", 64, torch.device("cpu"))["denormals"])
 """
     nonzero, threads, recorded = python(code, OMP_NUM_THREADS="2").stdout.split()
     assert (nonzero, threads, recorded) == ("0", "2", "flushed")
 
 
 def test_run_conditions_name_every_condition():
-    conditions = run_conditions("fp32", torch.device("cpu"))
+    conditions = run_conditions("fp32", 64, torch.device("cpu"))
     assert tuple(conditions) == RUN_CONDITIONS and conditions["precision"] == "fp32"
+    assert conditions["layout"] == "channels_last"

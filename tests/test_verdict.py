@@ -173,6 +173,8 @@ def test_degenerate_inputs_give_finite_verdicts_or_clear_errors():
         compare_configs([[1, 0, 1], [1, 0]], [[1, 0, 1]] * 2)
     with pytest.raises(ValueError, match="no replicates"):
         compare_configs([], [[1, 0]])
+    with pytest.raises(ValueError, match="no test images"):
+        compare_configs([[]] * 2, [[]] * 2)
 
 
 def test_power_is_the_welch_test_size_at_zero_gain_and_recommends_known_counts():

@@ -70,6 +70,14 @@ def init_project(source: Path, target: Path, params: Params) -> None:
     (target / ".gitignore").write_text("/mlflow.db\n/.*.lock\n/mlartifacts/\ndvc_plots/\n/" + ARCHIVE + "\n")
 
 
+def commit_all(target: Path, message: str) -> None:
+    """Commit everything git sees in the project, if anything changed (DVC's outputs are git-ignored)."""
+    git("add", "-A", cwd=target)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=target, capture_output=True, text=True, check=True)
+    if status.stdout.strip():
+        git("commit", "-q", "-m", message, cwd=target)
+
+
 def offline_params(base: Params, archive: Path, md5: str, overrides: dict[str, object]) -> Params:
     return with_overrides(base, {**TINY_RUN, "data.url": str(archive.resolve()), "data.md5": md5, **overrides})
 
@@ -87,7 +95,9 @@ def main() -> None:
     archive = target / ARCHIVE
     md5 = write_archive(archive, args.train_size, args.test_size, seed=0)
     init_project(Path.cwd(), target, offline_params(load_params(), archive, md5, {}))
+    commit_all(target, "offline demo: pipeline and params")  # a real repository: diffs, rounds and tags work
     dvc("repro", cwd=target)
+    commit_all(target, "offline demo: a run of the pipeline")
     dvc("metrics", "show", cwd=target)
     print(f"offline run complete in {target}; MLflow: mlflow ui --backend-store-uri sqlite:///{target}/mlflow.db")
 

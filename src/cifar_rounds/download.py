@@ -46,8 +46,8 @@ def fetch(url: str, workdir: Path) -> Path:
     except (urllib.error.URLError, OSError) as error:
         raise StageError(
             f"data.url: cannot download {url} ({getattr(error, 'reason', error)}); to use a local copy, "
-            "set data.url to its path or file:// URL "
-            "(dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz)"
+            "set data.url in params.yaml to its path (e.g. /data/cifar-10-python.tar.gz) and rerun "
+            "scripts/pipeline.sh; to try the pipeline without the data set, run scripts/offline.sh"
         ) from None
     return workdir / name
 

@@ -24,7 +24,7 @@ from cifar_rounds.model import build_model
 from cifar_rounds.names import BEST_CHECKPOINT, EVALUATION_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.params import load_params
 from cifar_rounds.pipeline import eval_batches
-from cifar_rounds.runtime import amp_dtype, configure_cpu, select_device
+from cifar_rounds.runtime import amp_dtype, configure_cpu, memory_format, select_device
 from cifar_rounds.dataset import Split
 from cifar_rounds.tracking import Tracker
 
@@ -89,12 +89,13 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     device = select_device(params.train.device)
-    configure_cpu(params.model.width, device)
+    configure_cpu(device)
     dtype = amp_dtype(params.train.precision, device)
     summary = read_summary(args.summary)
     split = Split.load(args.split)
     names = split.label_names
-    model = build_model(params.model.width, len(names), device)
+    width = params.model.width
+    model = build_model(width, len(names), device, memory_format(width, device))
     load_weights(args.models / BEST_CHECKPOINT, model, params.model.width)
 
     bs = params.train.eval_batch_size

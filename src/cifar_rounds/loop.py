@@ -23,7 +23,7 @@ from cifar_rounds.engine import EpochResult, evaluate, train_one_epoch
 from cifar_rounds.model import build_model
 from cifar_rounds.params import Params, TrainParams
 from cifar_rounds.pipeline import TrainBatches, eval_batches, normalize
-from cifar_rounds.runtime import amp_dtype, configure_determinism
+from cifar_rounds.runtime import amp_dtype, configure_determinism, memory_format
 from cifar_rounds.dataset import Split
 
 
@@ -96,7 +96,8 @@ def build_trainer(params: Params, split: Split, device: torch.device, world: Wor
         raise StageError(f"train.batch_size: {tp.batch_size} (the global batch) must divide by the {world.size} processes")
     configure_determinism(tp.deterministic)
     torch.manual_seed(tp.seed)  # weight initialisation
-    net = build_model(params.model.width, len(split.label_names), device)
+    width = params.model.width
+    net = build_model(width, len(split.label_names), device, memory_format(width, device))
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     batches = TrainBatches(to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip)
     if len(batches) == 0:

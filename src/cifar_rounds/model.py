@@ -32,8 +32,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+    """`memory_format`: a layout the network computes in, its input brought into it (a no-op when it is);
+    None computes in whatever layout the input has."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, memory_format: torch.memory_format | None = None) -> None:
         super().__init__()
+        self.memory_format = memory_format
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         planes = [width, 2 * width, 4 * width, 8 * width]
@@ -48,15 +52,18 @@ class ResNet18(nn.Module):
         return nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory_format is not None:
+            x = x.contiguous(memory_format=self.memory_format)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
 
 
-def build_model(width: int, num_classes: int, device: torch.device) -> ResNet18:
-    """ResNet-18 on `device` in channels-last memory (faster convolutions on CPU and GPU)."""
-    return ResNet18(num_classes=num_classes, width=width).to(device, memory_format=torch.channels_last)
+def build_model(width: int, num_classes: int, device: torch.device, memory_format: torch.memory_format) -> ResNet18:
+    """ResNet-18 on `device`, computing in `memory_format` (runtime.memory_format chooses it)."""
+    model = ResNet18(num_classes=num_classes, width=width, memory_format=memory_format)
+    return model.to(device, memory_format=memory_format)
 
 
 def block_name(param_name: str) -> str:

@@ -11,4 +11,4 @@ REPORT_ARTIFACTS = "report"
 MODEL_ARTIFACTS = "model"
 PARAMS_ARTIFACTS = "params"  # params.yaml as it was at each (re)start of a run
 
-RUN_CONDITIONS = ("device", "precision", "denormals", "onednn")  # what params.yaml leaves to the machine
+RUN_CONDITIONS = ("device", "precision", "denormals", "layout")  # what params.yaml leaves to the machine

@@ -65,19 +65,25 @@ def onednn_faults_at(width: int, device: torch.device) -> bool:
     return any(c in ONEDNN_FAULT_CHANNELS for c in (width, 2 * width, 4 * width))
 
 
-def configure_cpu(width: int, device: torch.device) -> None:
-    """Flush denormals to zero; route around the oneDNN fault (PyTorch's own kernels) where it applies.
+def memory_format(width: int, device: torch.device) -> torch.memory_format:
+    """Channels-last (faster convolutions on CPU and GPU), except where oneDNN's channels-last kernel faults.
+
+    The fault is in the channels-last path only: oneDNN's own NCHW kernels run these shapes
+    correctly, 2.5x faster than PyTorch's fallback kernels would (measured at width 4).
+    """
+    return torch.contiguous_format if onednn_faults_at(width, device) else torch.channels_last
+
+
+def configure_cpu(device: torch.device) -> None:
+    """Flush denormal floats to zero on the CPU.
 
     Call it before the first parallel operation: threads inherit the flush mode from the thread
     that starts them, so an intra-op pool started earlier keeps slow denormal arithmetic (a CPU
     backward pass through tiny values can crawl on AVX2 machines). Flushing is deterministic, so
     a resumed run computes what the uninterrupted one did.
     """
-    if device.type != "cpu":
-        return
-    torch.set_flush_denormal(True)
-    if onednn_faults_at(width, device):
-        torch.backends.mkldnn.enabled = False
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
 
 
 def denormals_flushed() -> bool:
@@ -86,12 +92,12 @@ def denormals_flushed() -> bool:
     return int((tiny * 1.0).count_nonzero()) == 0
 
 
-def run_conditions(precision: str, device: torch.device) -> dict[str, str]:
-    """RUN_CONDITIONS here: the device, the precision `train.precision` became, the CPU's arithmetic."""
+def run_conditions(precision: str, width: int, device: torch.device) -> dict[str, str]:
+    """RUN_CONDITIONS here: the device, the precision `train.precision` became, the CPU's arithmetic, the layout."""
     cpu = device.type == "cpu"
     return dict(zip(RUN_CONDITIONS, (
         torch.cuda.get_device_name(device) if not cpu else "cpu",
         "bf16" if amp_dtype(precision, device) else "fp32",
         ("flushed" if denormals_flushed() else "kept") if cpu else "n/a",
-        ("on" if torch.backends.mkldnn.enabled else "off") if cpu else "n/a",
+        "channels_last" if memory_format(width, device) == torch.channels_last else "nchw (oneDNN AVX2 fault)",
     )))

@@ -43,7 +43,7 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
     stopper = EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
     # the averages continue; the decay is today's diagnostics.noise_ema (a change is recorded by the sink)
     noise = NoiseScale(**{**progress.noise, "decay": params.diagnostics.noise_ema})
-    progress.conditions = progress.conditions or run_conditions(tp.precision, device)
+    progress.conditions = progress.conditions or run_conditions(tp.precision, params.model.width, device)
     sink = RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume) if world.is_main else NullSink()
     state = resume.state
     with sink.running():
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True, help="JSON: best/stopped epoch, MLflow run id")
     args = parser.parse_args()
     params = load_params()
-    configure_cpu(params.model.width, select_device(params.train.device))  # before any parallel work
+    configure_cpu(select_device(params.train.device))  # before any parallel work
     world = init_world(select_device(params.train.device).type == "cuda")
     lock = one_trainer(args.models) if world.is_main else None
     try:

@@ -224,8 +224,10 @@ def _replicates(replicates: Sequence[ArrayLike], side: str) -> np.ndarray:
     rows = [np.asarray(r) for r in replicates]
     if any(r.ndim != 1 for r in rows):
         raise ValueError(f"{side}: each replicate must be a 1-D per-test-image correctness vector")
-    if len({r.size for r in rows}) != 1 or rows[0].size == 0:
+    if len({r.size for r in rows}) != 1:
         raise ValueError(f"{side}: replicates cover different numbers of test images ({sorted({r.size for r in rows})})")
+    if rows[0].size == 0:
+        raise ValueError(f"{side}: no test images")
     y = np.stack(rows).astype(np.float64)
     if not np.all((y == 0.0) | (y == 1.0)):  # also rejects NaN
         raise ValueError(f"{side}: correctness values must be 0/1 or bool (found NaN or other values)")

@@ -1,0 +1,69 @@
+"""The house rules that can drift: stage dependencies, imports between modules, values declared once."""
+
+import ast
+import re
+
+import pytest
+import yaml
+
+from cifar_rounds.rounds import load_preset, preset_names
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "cifar_rounds"
+STAGES = ("download", "split", "train", "evaluate")
+
+
+def imports_of(module: str) -> set[str]:
+    """The package modules `module` imports directly."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found |= {n.split(".")[1] for n in names if n.startswith("cifar_rounds.")}
+    return found
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imports_of(m)
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_depends_on_exactly_the_modules_it_imports(stage):
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    listed = {d for d in dvc["stages"][stage]["deps"] if d.startswith("src/")}
+    assert listed == {f"src/cifar_rounds/{m}.py" for m in closure(stage)}
+
+
+def test_no_module_imports_a_stage_module():
+    for path in PACKAGE.glob("*.py"):
+        imported = imports_of(path.stem) & set(STAGES)
+        assert not imported - {path.stem}, f"{path.name} imports the stage module(s) {imported}"
+
+
+def test_tracking_and_report_import_no_torch_heavy_module():
+    for light in ("tracking", "report", "replicates", "verdict", "params", "names"):
+        assert not closure(light) & {"engine", "runtime", "loop", "model", "pipeline", "diagnostics", "checkpoint"}, light
+
+
+def test_readme_rounds_table_is_the_preset_files(monkeypatch):
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text()
+    header = re.search(r"^\| \| (learning_rate.*) \|$", readme, re.M).group(1).split(" | ")
+    for name in preset_names():
+        row = re.search(rf"^\| {name} \| (.*) \|$", readme, re.M).group(1).split(" | ")
+        preset = load_preset(name)
+        assert {f"train.{h}": yaml.safe_load(v) for h, v in zip(header, row)} == preset, name
+
+
+def test_round_values_appear_once_in_the_source_tree():
+    """Round 2's values live in rounds/round-2.yaml (and params.yaml, the working copy), not in code."""
+    code = "\n".join(p.read_text() for p in PACKAGE.glob("*.py")) + (REPO / "MLproject").read_text()
+    for literal in ("0.0005", "[60, 120, 160]", "batch_size: 96", "0.05,"):
+        assert literal not in code, literal
