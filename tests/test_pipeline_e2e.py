@@ -25,8 +25,14 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, archive):
     path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS})
-    run(["dvc", "repro"], path)
+    result = run(["dvc", "repro"], path)
+    (path / "repro.log").write_text(result.stdout + result.stderr)
     return path
+
+
+def test_no_warnings_reach_the_user(project):
+    log = (project / "repro.log").read_text()
+    assert "Warning" not in log, log[-3000:]
 
 
 def client(project) -> MlflowClient:

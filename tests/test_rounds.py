@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.cli import StageError
 from cifar_rounds.params import load_params
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, mlflow_replicate, mlflow_runs
-from cifar_rounds.report import condition_lines
+from cifar_rounds.report import condition_lines, noise_line, per_class_lines
 from cifar_rounds.rounds import load_preset, scaled_milestones
 from cifar_rounds.synthetic import write_archive
 from conftest import REPO, make_project, repo_params, run
@@ -159,3 +159,17 @@ def test_a_failed_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_
     assert result.returncode == 1 and "add --force to replace it" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: dvc exp run failed for round-1-s0")
     assert (rounds_project / "params.yaml").read_bytes() == before
+
+
+def _replicate(history=(), metrics=None):
+    return Replicate("r", repo_params(), metrics or {}, list(history), [])
+
+
+def test_a_non_positive_or_nan_noise_scale_is_not_measurable_and_an_empty_class_has_no_images():
+    for value in (-3.0, 0.0, float("inf"), float("nan")):
+        (line,) = noise_line(_replicate([{"epoch": 1, "noise_scale": value}]))
+        assert "not measurable" in line and "x below" not in line and "x above" not in line
+    (line,) = noise_line(_replicate([{"epoch": 1, "noise_scale": 192.0}]))
+    assert "the batch size 96 is 2x below it" in line
+    lines = per_class_lines(_replicate(metrics={"per_class_accuracy": {"cat": 0.5, "ship": None}}))
+    assert lines == ["cat: 50.00%", "ship: no images"]

@@ -156,14 +156,13 @@ def per_class_lines(rep: Replicate) -> list[str]:
 
 
 def noise_line(rep: Replicate) -> list[str]:
-    noise = [(int(row["epoch"]), number(row, "noise_scale")) for row in rep.history]
-    noise = [(e, b) for e, b in noise if not math.isnan(b)]
-    if not noise:
+    """B_simple at the last epoch against the batch used; 'not measurable' when it is not a positive number."""
+    if not (rep.params.diagnostics.noise_scale and rep.history):
         return []
-    epoch, b_simple = noise[-1]
+    epoch, b_simple = int(rep.history[-1]["epoch"]), number(rep.history[-1], "noise_scale")
     if not (math.isfinite(b_simple) and b_simple > 0):
         return [f"- gradient noise scale B_simple at epoch {epoch}: not measurable ({b_simple:.4g}: the |G|^2 "
-                "estimate is not yet positive, noise dominates the gradient)"]
+                "estimate is not positive, noise dominates the gradient)"]
     batch = rep.params.train.batch_size
     side = "below" if batch < b_simple else "above"
     return [f"- gradient noise scale B_simple at epoch {epoch}: {b_simple:.4g}; the batch size {batch} is "

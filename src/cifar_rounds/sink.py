@@ -23,7 +23,6 @@ from cifar_rounds.files import atomic_path, write_json
 from cifar_rounds.model import build_model
 from cifar_rounds.names import CHECKPOINT_ARTIFACTS, PARAMS_ARTIFACTS
 from cifar_rounds.params import PARAMS_FILE, Params
-from cifar_rounds.runtime import memory_format
 from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
 
 HISTORY_FIELDS = (
@@ -174,8 +173,9 @@ class RunSink:
         t.log_artifact(self.out.last, CHECKPOINT_ARTIFACTS, f"last-epoch-{summary['stopped_epoch']:03d}.pt")
         t.log_artifact(self.out.history)
         if self.params.tracking.log_model:
-            cpu, width = torch.device("cpu"), self.params.model.width
-            best = build_model(width, self.num_classes, cpu, memory_format(width, cpu))
+            # exported in the default layout: torch.export's weight packaging takes channels-last weights
+            # for slices of a larger tensor and warns ("No complete tensor found in the group!")
+            best = build_model(self.params.model.width, self.num_classes, torch.device("cpu"), torch.contiguous_format)
             best.load_state_dict(load_checkpoint(self.out.best)["model"])
             # batch 2: torch.export specialises a batch dimension of size 1
             t.log_pytorch_model(best.eval(), torch.zeros(2, 3, 32, 32))
