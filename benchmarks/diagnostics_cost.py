@@ -44,9 +44,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifar_rounds.diagnostics import HessianOperator, hvp, sharpness, unbiased_norm_estimates
 from cifar_rounds.engine import autocast
-from cifar_rounds.model import ResNet18
+from cifar_rounds.model import build_model
 from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD
-from cifar_rounds.runtime import amp_dtype, configure_cpu
+from cifar_rounds.runtime import amp_dtype, configure_cpu, memory_format
 from cifar_rounds.synthetic import generate_images
 
 TRAIN_IMAGES = 45_000
@@ -56,13 +56,13 @@ BF16_OVER_TF32 = 2.0  # H100/H200 dense tensor-core peaks: 989 TFLOP/s bf16, 495
 
 def random_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, 10, (n,), generator=g)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
 def resnet(width: int) -> nn.Module:
+    """The stages' model, in the layout they choose for this width."""
     torch.manual_seed(0)
-    return ResNet18(width=width).to(memory_format=torch.channels_last)
+    return build_model(width, 10, CPU, memory_format(width, CPU))
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def learnable_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The offline demo's generated classes, standardised as the pipeline does."""
     images, labels = generate_images(n, np.random.default_rng(seed))
     x = (torch.from_numpy(images).float() / 255 - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
-    return x.contiguous(memory_format=torch.channels_last), torch.from_numpy(labels)
+    return x, torch.from_numpy(labels)
 
 
 def count_products(width: int, args: argparse.Namespace) -> dict[str, float]:
@@ -336,7 +336,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    configure_cpu(min(args.widths, default=16), CPU)  # before any parallel work: flush denormals, avoid the oneDNN fault
+    configure_cpu(CPU)  # before any parallel work: denormals flushed, as the stages run
     load = os.getloadavg()[0]
     print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, load average {load:.1f} at the start")

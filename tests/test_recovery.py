@@ -82,7 +82,7 @@ def set_params(project, **changes) -> str:
     return good
 
 
-SMALL = {"data.val_size": 50, "model.width": 4, "train.batch_size": 50, "tracking.log_model": False}
+SMALL = {"data.val_size": 50, "model.width": 8, "train.batch_size": 50, "tracking.log_model": False}
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,8 @@ def test_a_dead_tracking_server_fails_in_seconds_naming_the_uri(project):
     assert not (project / "models_dead" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"SQLite format 3\x00" + b"\x00" * 50], ids=["empty", "truncated"])
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 40, b"SQLite format 3\x00" + b"\x00" * 50],
+                         ids=["garbage", "truncated"])
 def test_a_broken_store_file_is_one_line_naming_it(tmp_path, small_archive, content):
     project = make_project(tmp_path / "p", small_archive, **{**SMALL, "train.num_epochs": 1, "train.lr_milestones": []})
     run(["dvc", "repro", "split"], project)
@@ -336,7 +337,7 @@ def test_evaluate_on_a_checkpoint_of_another_width_is_one_line_naming_the_field(
     finally:
         (project / "params.yaml").write_text(good)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert "made at model.width 4, but params.yaml says 16" in result.stderr
+    assert "made at model.width 8, but params.yaml says 16" in result.stderr
 
 
 def test_train_on_a_corrupt_split_is_one_line(project):

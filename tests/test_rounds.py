@@ -64,7 +64,7 @@ def rounds_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rounds")
     archive = tmp / "small.tar.gz"
     md5 = write_archive(archive, train_size=300, test_size=100, seed=2)
-    project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 4, "train.lr_milestones": [1]})
+    project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 8, "train.lr_milestones": [1]})
     for preset in ("round-1", "round-2"):
         run(["python", "-m", "cifar_rounds.rounds", "run", preset, "--seeds", str(SEEDS), "--epochs", str(EPOCHS)], project)
     return project

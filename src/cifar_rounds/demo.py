@@ -34,7 +34,7 @@ TINY_RUN = {
     "train.device": "cpu",
     "train.deterministic": True,
     "diagnostics.noise_interval": 5,
-    "diagnostics.sharpness_samples": 128,
+    "diagnostics.sharpness_samples": 64,
     "diagnostics.power_iterations": 5,
     "diagnostics.hutchinson_samples": 2,
 }

@@ -280,7 +280,7 @@ def dump_params(params: Params, path: Path) -> None:
 def main() -> None:
     """`python -m cifar_rounds.params [FILE]`: validate a params file, exit non-zero if bad."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("path", nargs="?", type=Path, default=PARAMS_FILE)
+    parser.add_argument("path", nargs="?", type=Path, default=PARAMS_FILE, help="params file to check (default: params.yaml)")
     args = parser.parse_args()
     try:
         load_params(args.path)

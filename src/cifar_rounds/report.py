@@ -24,7 +24,7 @@ from cifar_rounds.names import REPORT_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.params import ReportParams, load_params
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, number
 from cifar_rounds.tracking import Tracker, repo_root
-from cifar_rounds.verdict import Verdict, compare_configs, format_mean_std, mean_std, wilson_interval
+from cifar_rounds.verdict import MeanStd, Verdict, compare_configs, format_mean_std, mean_std, t_quantile, wilson_interval
 
 PERFORMANCE = (
     ("Test accuracy", "test_accuracy", "{:.2%}"), ("Training accuracy", "train_accuracy", "{:.2%}"),
@@ -106,13 +106,20 @@ def val_loss_minimum(rep: Replicate) -> tuple[int, float]:
     return int(best["epoch"]), best["val_loss"]
 
 
+def spread(m: MeanStd, fmt: str) -> str:
+    """The mean, and with two or more seeds its 95% t interval over seeds."""
+    if m.n < 2:
+        return fmt.format(m.mean)
+    half = t_quantile(0.975, m.n - 1) * m.std / math.sqrt(m.n)
+    return f"{fmt.format(m.mean)} (95% interval over {m.n} seeds {fmt.format(m.mean - half)} to {fmt.format(m.mean + half)})"
+
+
 def criteria(r: Round) -> list[tuple[str, str, bool]]:
     """(criterion, measured, passed), judged on the mean over seeds with the round's own thresholds."""
     rp: ReportParams = r.first.params.report
     test = mean_std(values(r, "test_accuracy"))
     gap = mean_std([rep.metrics["train_accuracy"] - rep.metrics["test_accuracy"] for rep in r.replicates])
     rise = mean_std([rep.history[-1]["val_loss"] / val_loss_minimum(rep)[1] - 1 for rep in r.replicates])
-    spread = lambda m, fmt: fmt.format(m.mean) + (f" ± {fmt.format(m.std)}" if m.n > 1 else "")  # noqa: E731
     return [
         (f"test accuracy > {rp.min_test_accuracy:.2%}", spread(test, "{:.2%}"), test.mean > rp.min_test_accuracy),
         (f"train-test gap < {rp.max_train_test_gap:.2%}", spread(gap, "{:.2%}"), gap.mean < rp.max_train_test_gap),

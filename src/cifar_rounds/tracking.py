@@ -125,14 +125,14 @@ def check_reachable(uri: str, source: str) -> None:
                          "start it, or unset the URI to use the local store") from None
 
 
-def rebase_moved_store(db: Path, root: Path) -> None:
+def rebase_moved_store(db: Path, root: Path, patience_s: float) -> None:
     """After the repository was moved or copied, point the local store's artifact paths into it.
 
     Experiments and runs keep absolute artifact URIs; a copy would otherwise keep writing
     into the original (or fail where it is gone). Only the default store at the root is rebased.
     """
     here = (root / ARTIFACTS_DIR).as_uri()
-    with sqlite3.connect(db) as con:
+    with patient_sqlite(db, patience_s) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "experiments" not in tables:
             return
@@ -140,6 +140,26 @@ def rebase_moved_store(db: Path, root: Path) -> None:
             if old and old.endswith(f"/{ARTIFACTS_DIR}") and old != here and old.startswith("file://"):
                 _replace_prefix(con, tables, old, here)
                 print(f"tracking: the repository moved; artifact paths now under {root / ARTIFACTS_DIR}")
+
+
+@contextmanager
+def patient_sqlite(db: Path, patience_s: float) -> Iterator[sqlite3.Connection]:
+    """A connection that waits up to `patience_s` for another process's lock, saying so once."""
+    con = sqlite3.connect(db, timeout=0.5)
+    try:
+        con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        con.close()
+        print(f"tracking: the MLflow store is busy ({error}); retrying for up to {patience_s:.0f} s "
+              "(tracking.store_patience_s)", flush=True)
+        con = sqlite3.connect(db, timeout=patience_s)
+    try:
+        with con:
+            yield con
+    finally:
+        con.close()
 
 
 def _replace_prefix(con: sqlite3.Connection, tables: set[str], old: str, new: str) -> None:
@@ -175,11 +195,17 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
     with FileLock(str(root / f".{STORE_FILE}.lock")) if local else nullcontext():
         try:
             if default_store and (root / STORE_FILE).exists():
-                rebase_moved_store(root / STORE_FILE, root)
+                rebase_moved_store(root / STORE_FILE, root, params.tracking.store_patience_s)
             client = MlflowClient(uri)
             return client, patiently(lambda: experiment_id(client, params.tracking.experiment_name, root, local),
                                      f"opening experiment {params.tracking.experiment_name!r}",
                                      params.tracking.store_patience_s)
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error):
+                raise StageError(f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({error}); "
+                                 "move it away to start a new store") from None
+            raise StageError(f"tracking: the MLflow store stayed unavailable for {params.tracking.store_patience_s:.0f} s "
+                             "(database is locked); the last checkpoint is safe: rerun to resume") from None
         except (sqlite3.DatabaseError, MlflowException) as error:
             first = str(error).strip().splitlines()[0][:160]
             raise StageError(f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
