@@ -116,7 +116,7 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
     changed = set(re.findall(r"^\| `([\w.]+)` \|", report, re.M))
     assert changed == SEED_CHANGES - {"train.num_epochs"}
     assert f"Seeds: {SEEDS} (round-1-s0, round-1-s1)" in report
-    assert "seed-to-seed" in report.lower() and "test images" in report  # the variance sources, named
+    assert "cover training randomness" in report and "test-set sampling" in report  # the variance sources, named
     assert re.search(r"difference in mean test accuracy [+-]\d+\.\d+% \(95% interval", report)
     assert "Success criteria (mean over seeds" in report and "test accuracy > 88.00%" in report
     assert f"- precision: {m1[0]['precision']}\n" in report and "(changed)" not in report  # same machine
