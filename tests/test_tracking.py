@@ -35,7 +35,7 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(tmp_path, archive, mlfl
 
 def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path, archive):
     project = make_project(tmp_path / "p", archive, **TWO_EPOCHS)
-    names = [f"q{i}" for i in range(4)]
+    names = ["q0", "q1"]  # two workers run them at the same time
     for i, name in enumerate(names):
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr_gamma={0.2 + 0.1 * i:.1f}"], project)
     run(["dvc", "queue", "start", "-j", "2"], project)
@@ -46,7 +46,7 @@ def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path
             break
         assert time.time() < deadline, status
         time.sleep(5)
-    assert status.count("Success") == 4, status + run(["dvc", "queue", "logs", names[0]], project, check=False).stdout
+    assert status.count("Success") == len(names), status + run(["dvc", "queue", "logs", names[0]], project, check=False).stdout
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     runs = {r.info.run_name: r for r in finished_runs(client)}
     assert sorted(runs) == names

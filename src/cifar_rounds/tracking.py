@@ -335,8 +335,10 @@ class Tracker:
         import mlflow.pytorch
 
         with tempfile.TemporaryDirectory() as tmp:
+            # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
             mlflow.pytorch.save_model(
-                model, Path(tmp) / MODEL_ARTIFACTS, serialization_format="pt2", input_example=example.numpy()
+                model, Path(tmp) / MODEL_ARTIFACTS, serialization_format="pt2", input_example=example.numpy(),
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             )
             self._call("logging the model",
                        lambda: self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACTS), MODEL_ARTIFACTS))
