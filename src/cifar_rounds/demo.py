@@ -19,7 +19,7 @@ from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.synthetic import write_archive
 
-PROJECT_FILES = ("dvc.yaml", "src", "MLproject", "conda.yaml", "rounds")
+PROJECT_FILES = ("dvc.yaml", "src", "MLproject", "conda.yaml", "rounds", "sweeps")
 ARCHIVE = "cifar-10-synthetic.tar.gz"
 
 # Small enough for 2 CPU cores in about a minute, large enough that every stage runs for real.
@@ -67,7 +67,7 @@ def init_project(source: Path, target: Path, params: Params) -> None:
     if not (target / ".dvc").exists():
         dvc("init", "-q", cwd=target)
         dvc("config", "core.analytics", "false", cwd=target)
-    (target / ".gitignore").write_text("/mlflow.db\n/.*.lock\n/mlartifacts/\ndvc_plots/\n/" + ARCHIVE + "\n")
+    (target / ".gitignore").write_text("/mlflow.db\n/optuna.db\n/.*.lock\n/mlartifacts/\ndvc_plots/\n/" + ARCHIVE + "\n")
 
 
 def commit_all(target: Path, message: str) -> None:

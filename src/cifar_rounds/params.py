@@ -134,6 +134,22 @@ class DiagnosticsParams(Section):
     hutchinson_samples: int = Field(ge=1, description="Rademacher probes for the Hessian trace.")
 
 
+class SweepParams(Section):
+    """Which Optuna trial this run is (set by `python -m cifar_rounds.sweep`); all null outside a sweep."""
+
+    study: str | None = Field(min_length=1, description="Optuna study this run is a trial of; null: not a trial.")
+    trial: int | None = Field(ge=0, description="The trial's number in the study.")
+    storage: str | None = Field(
+        min_length=1, description="The study's storage URL; null: sqlite optuna.db at the repository root."
+    )
+
+    @model_validator(mode="after")
+    def _study_and_trial_together(self) -> SweepParams:
+        if (self.study is None) != (self.trial is None):
+            raise ValueError("sweep.study and sweep.trial: set both (a trial) or neither")
+        return self
+
+
 class ReportParams(Section):
     """Success criteria of a round (the seed's), checked by `python -m cifar_rounds.report`."""
 
@@ -153,6 +169,7 @@ class Params(Section):
     tracking: TrackingParams
     diagnostics: DiagnosticsParams
     report: ReportParams
+    sweep: SweepParams
 
     @model_validator(mode="after")
     def _sharpness_epochs_within_run(self) -> Params:
@@ -275,6 +292,12 @@ def params_from_text(text: str, source: Path) -> Params:
 
 def dump_params(params: Params, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+
+
+def write_yaml(tree: dict, path: Path, header: str = "") -> None:
+    """A YAML file of plain values (a preset), with an optional comment header."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    Path(path).write_text(comment + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None))
 
 
 def main() -> None:

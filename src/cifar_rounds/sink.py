@@ -30,7 +30,7 @@ HISTORY_FIELDS = (
     "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s",
     "noise_scale", "lambda_max", "hessian_trace", "stability_bound",  # diagnostics; blank when off or not due
 )
-RESUMABLE_SECTIONS = ("diagnostics", "tracking")  # may change between a kill and a resume: recorded
+RESUMABLE_SECTIONS = ("diagnostics", "tracking", "sweep")  # may change between a kill and a resume: recorded
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -66,6 +66,8 @@ class NullSink:
 
     def running(self) -> AbstractContextManager:
         return nullcontext()
+
+    def tag(self, tags: dict[str, str]) -> None: ...
 
     def epoch(self, progress: Progress, record: dict, state: dict, best: dict | None) -> None: ...
 
@@ -121,6 +123,10 @@ class RunSink:
 
     def running(self) -> AbstractContextManager:
         return terminated_on_exit(self.tracker)
+
+    def tag(self, tags: dict[str, str]) -> None:
+        if tags:
+            self.tracker.set_tags(tags)
 
     def epoch(self, progress: Progress, record: dict, state: dict, best: dict | None) -> None:
         """Checkpoint first, then history and logging: a kill in between is repaired by `_backfill`."""

@@ -19,7 +19,7 @@ from filelock import FileLock, Timeout
 from cifar_rounds.checkpoint import Outputs, Progress, best_weights, find_resume, restore, run_identity, training_state
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.diagnostics import NoiseScale
-from cifar_rounds.distributed import World, close_world, init_world
+from cifar_rounds.distributed import World, close_world, from_main_rank, init_world
 from cifar_rounds.engine import EarlyStopping
 from cifar_rounds.files import file_md5
 from cifar_rounds.loop import Trainer, build_trainer, diagnose, run_epoch, sharpness_due
@@ -27,6 +27,7 @@ from cifar_rounds.names import TRAINER_LOCK
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.runtime import configure_cpu, run_conditions, select_device
 from cifar_rounds.sink import NullSink, RunSink
+from cifar_rounds.trial import STATE_TAG, NoTrial, open_trial
 from cifar_rounds.dataset import Split
 
 
@@ -45,13 +46,17 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
     noise = NoiseScale(**{**progress.noise, "decay": params.diagnostics.noise_ema})
     progress.conditions = progress.conditions or run_conditions(tp.precision, params.model.width, device)
     sink = RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume) if world.is_main else NullSink()
+    trial = open_trial(params.sweep) if world.is_main and not progress.finalized else NoTrial()  # rank 0 reports
+    sink.tag(trial.tags())
     state = resume.state
     with sink.running():
         while not progress.finished:
             epoch = progress.epoch + 1
             record, result, samples = run_epoch(t, epoch, tp)
             improved = stopper.update(record[tp.monitor], epoch)
-            progress.finished = stopper.should_stop or epoch == tp.num_epochs
+            # a pruned trial stops as an early stop does; rank 0 decides for every rank
+            progress.pruned = bool(from_main_rank(trial.report(epoch, record), world))
+            progress.finished = stopper.should_stop or progress.pruned or epoch == tp.num_epochs
             record.update(diagnose(t, params, samples, noise, record["learning_rate"], sharpness_due(epoch, progress.finished, params)))
             progress.epoch, progress.stopper, progress.noise = epoch, asdict(stopper), asdict(noise)
             progress.history.append(record)
@@ -61,8 +66,12 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
             sink.epoch(progress, record, state, best)
         summary = {
             "best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch,
-            "early_stopped": stopper.should_stop, "mlflow_run_id": progress.run_id, **progress.conditions,
+            "early_stopped": stopper.should_stop, "pruned": progress.pruned, "mlflow_run_id": progress.run_id,
+            **progress.conditions,
         }
+        trial_state = trial.finish(progress.history, progress.pruned)
+        if trial_state:
+            sink.tag({STATE_TAG: trial_state})
         sink.finish(progress, state, summary)
     return summary
 

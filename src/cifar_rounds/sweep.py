@@ -1,0 +1,258 @@
+"""`python -m cifar_rounds.sweep sweeps/round-3.yaml --workers 2`: search round N+1 with Optuna through DVC's queue.
+
+The study lives in Optuna's storage (sqlite optuna.db at the repository root, or
+any database URL, which lets drivers on several machines share one study). The
+driver asks the study for a trial, queues it as the named DVC experiment
+STUDY-t007 with every value set (`-S`), and keeps `--workers` trials in DVC's
+queue at a time. The train stage reports each epoch to its trial and stops when
+the pruner says so; it tells the study the result. Each trial is one MLflow run
+under the sweep's parent run. Killed and run again, the driver continues the
+same study: trials left RUNNING whose experiment is gone are marked FAIL and
+retried with the same values, and their MLflow runs are ended KILLED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.params import Params, ParamsError, load_params, unflatten, with_overrides, write_yaml
+from cifar_rounds.rounds import PRESETS_DIR, exp_run_command, load_preset
+from cifar_rounds.sweepfile import Sweep, load_sweep
+from cifar_rounds.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, TRIAL_TAG, study_storage
+from cifar_rounds.tracking import END_REASON_TAG, open_client, repo_root
+
+DIGEST_ATTR = "space_digest"
+QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
+RETRIED_ATTR = "retried"  # a FAIL trial whose values were queued again: not counted against the budget
+POLL_S = 5.0
+
+
+@dataclass
+class Driver:
+    """One sweep's study, base params and MLflow parent run."""
+
+    sweep: Sweep
+    base: Params
+    study: object  # optuna.Study
+    storage: object  # its optuna storage
+    client: object  # MlflowClient
+    parent_run_id: str
+    queue: str = field(default_factory=lambda: f"{socket.gethostname()}:{repo_root()}")
+
+    def mark_retried(self, number: int) -> None:
+        study_id = self.storage.get_study_id_from_name(self.sweep.study)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        self.storage.set_trial_user_attr(trial_id, RETRIED_ATTR, True)
+
+    def ours(self, trial) -> bool:
+        """Whether this driver's queue runs the trial (other machines may share the study)."""
+        return trial.user_attrs.get(QUEUE_ATTR, self.queue) == self.queue
+
+    def trial_name(self, number: int) -> str:
+        return f"{self.sweep.study}-t{number:03d}"
+
+    def trial_values(self, trial) -> dict[str, object]:
+        """Everything the experiment runs with: the baseline preset, the fixed values, the trial's and its identity."""
+        values = {**load_preset(self.sweep.baseline), **self.sweep.fixed}
+        values.update({name: dim.suggest(trial, name) for name, dim in self.sweep.space.items()})
+        values.update({"tracking.round": self.trial_name(trial.number), "sweep.study": self.sweep.study,
+                       "sweep.trial": trial.number, "sweep.storage": self.sweep.storage})
+        return values
+
+
+def open_study(sweep: Sweep, base: Params, url: str):
+    """Create or continue the study; a study of the same name with another space is refused."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.get_storage(url)
+    except Exception as error:
+        raise StageError(f"sweep storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
+    study = optuna.create_study(storage=storage, study_name=sweep.study, direction=sweep.objective.direction,
+                                sampler=sweep.sampler.build(sweep.space), pruner=sweep.pruner.build(), load_if_exists=True)
+    known = study.user_attrs.get(DIGEST_ATTR)
+    if known is not None and known != sweep.digest():
+        raise StageError(f"study {sweep.study!r} in {url} was created from another search space "
+                         f"(space digest {known}, this file's {sweep.digest()}); choose another `study:` name")
+    return study, storage, known is None
+
+
+def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
+    """The sweep's MLflow run, which the trials' runs are grouped under; created once per study."""
+    client, exp_id = open_client(base)
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id is None:
+        run_id = client.create_run(exp_id, run_name=sweep.study, tags={SWEEP_TAG: sweep.study}).info.run_id
+        client.log_dict(run_id, sweep.model_dump(), "sweep.json")
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    else:
+        client.update_run(run_id, status="RUNNING")
+    return client, run_id
+
+
+def new_driver(sweep: Sweep, base: Params) -> Driver:
+    url = study_storage(sweep.storage, repo_root())
+    study, storage, created = open_study(sweep, base, url)
+    client, parent = start_parent_run(sweep, base, study)
+    if created:
+        study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
+        study.set_user_attr(PRUNER_ATTR, sweep.pruner.model_dump())
+        for preset in sweep.enqueue:  # what is known already is tried first
+            values = load_preset(preset)
+            study.enqueue_trial({k: encoded(sweep, k, values[k]) for k in sweep.space if k in values},
+                                user_attrs={"preset": preset})
+        study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
+    print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
+    return Driver(sweep, base, study, storage, client, parent)
+
+
+def encoded(sweep: Sweep, key: str, value: object) -> object:
+    """A value as the study stores it (categorical values as JSON text)."""
+    return json.dumps(value) if sweep.space[key].type == "categorical" else value
+
+
+def queue_states(names: set[str]) -> dict[str, str]:
+    """DVC queue status (Queued, Running, Success, Failed) of the named experiments that the queue knows."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True).stdout
+    states = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] in names:
+            states[words[1]] = words[-1]
+    return states
+
+
+def counts(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = "RETRIED" if t.state.name == "FAIL" and t.user_attrs.get(RETRIED_ATTR) else t.state.name
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def settle(d: Driver, retry: bool) -> list[int]:
+    """Trials still RUNNING: those whose experiment is queued or running; the others are ended.
+
+    An experiment that failed is a FAIL. One the queue no longer knows (a killed driver or
+    worker) is a FAIL that is retried with the same values (when `retry`), so it is counted once.
+    """
+    import optuna
+
+    running = [t for t in d.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and d.ours(t)]
+    states = queue_states({d.trial_name(t.number) for t in running})
+    alive = []
+    for t in running:
+        state = states.get(d.trial_name(t.number))
+        if state in ("Queued", "Running"):
+            alive.append(t.number)
+            continue
+        if state is None and retry:
+            attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
+            d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+            d.mark_retried(t.number)
+        print(f"sweep: trial {t.number} ({d.trial_name(t.number)}) "
+              f"{'failed' if state else 'was lost'}{'; retrying it' if state is None and retry else ''}")
+        d.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        end_trial_runs(d, t.number)
+    return alive
+
+
+def end_trial_runs(d: Driver, number: int) -> None:
+    """End the trial's MLflow runs that are still RUNNING as KILLED, saying why."""
+    runs = d.client.search_runs(
+        [d.client.get_run(d.parent_run_id).info.experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        d.client.set_tag(r.info.run_id, END_REASON_TAG, "the sweep lost this trial's experiment; trial marked FAIL")
+        d.client.set_terminated(r.info.run_id, "KILLED")
+
+
+def queue_next(d: Driver) -> bool:
+    """Ask for one more trial and queue it; False when the budget is spent."""
+    c = counts(d.study)
+    if sum(c.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")) >= d.sweep.trials:
+        return False
+    import optuna
+
+    trial = d.study.ask()
+    trial.set_user_attr(QUEUE_ATTR, d.queue)
+    values = d.trial_values(trial)
+    try:
+        with_overrides(d.base, values)
+    except ParamsError as error:  # e.g. milestones past a searched num_epochs
+        print(f"sweep: trial {trial.number} has invalid values ({error}); marked FAIL")
+        d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return True
+    result = subprocess.run(exp_run_command(d.trial_name(trial.number), values, ["--queue"]), capture_output=True, text=True)
+    if result.returncode != 0:
+        d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise StageError(f"dvc exp run --queue failed for {d.trial_name(trial.number)}: {result.stderr.strip()[-300:]}")
+    print(f"sweep: queued trial {trial.number} as {d.trial_name(trial.number)}")
+    return True
+
+
+def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
+    """Keep `workers` trials in the queue until the budget is spent and every trial has ended."""
+    alive = settle(d, retry=True)
+    while True:
+        while len(alive) < workers and queue_next(d):
+            alive = settle(d, retry=False)
+        if not alive:
+            break
+        # idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], capture_output=True)
+        time.sleep(poll_s)
+        alive = settle(d, retry=False)
+    c = counts(d.study)
+    print("sweep: done; " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items())))
+
+
+def promote(d: Driver, name: str, folder: Path = PRESETS_DIR) -> Path:
+    """Write the best trial as the preset rounds/NAME.yaml: the baseline, the fixed values and the trial's."""
+    best = d.study.best_trial  # raises ValueError without a complete trial
+    values = {**load_preset(d.sweep.baseline), **d.sweep.fixed}
+    values.update({k: json.loads(v) if d.sweep.space[k].type == "categorical" else v for k, v in best.params.items()})
+    with_overrides(d.base, values)
+    path = folder / f"{name}.yaml"
+    header = (f"Round {name}: the best trial of sweep {d.sweep.study!r} (trial {best.number}, "
+              f"{d.sweep.objective.metric} {best.value:.4f}), promoted from its baseline {d.sweep.baseline}.")
+    write_yaml(unflatten(values), path, header)
+    print(f"sweep: promoted trial {best.number} to {path}; next: python -m cifar_rounds.rounds run {name} --seeds 5")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/round-3.yaml")
+    parser.add_argument("--workers", type=int, default=1, help="trials run at once by DVC's queue (dvc queue start -j)")
+    parser.add_argument("--promote", metavar="NAME", help="write the best trial as the preset rounds/NAME.yaml")
+    parser.add_argument("--no-run", action="store_true", help="only report (and promote) from the study as it is")
+    args = parser.parse_args()
+    if args.workers < 1:
+        parser.error("--workers: at least 1")
+    base = load_params()
+    sweep = load_sweep(args.sweep, base)
+    if args.promote and not (PRESETS_DIR / f"{args.promote}.yaml").parent.is_dir():
+        raise StageError(f"--promote: no {PRESETS_DIR}/ folder here; run from the repository root")
+    d = new_driver(sweep, base)
+    if not args.no_run:
+        drive(d, args.workers)
+    from cifar_rounds.sweepreport import write_sweep_report
+
+    write_sweep_report(d)
+    if args.promote:
+        promote(d, args.promote)
+    d.client.set_terminated(d.parent_run_id, "FINISHED")
+
+
+if __name__ == "__main__":
+    run_stage(main)
