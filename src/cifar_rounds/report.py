@@ -21,6 +21,7 @@ from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.figures import pyplot, save_figure
 from cifar_rounds.files import atomic_path
 from cifar_rounds.names import REPORT_ARTIFACTS, RUN_CONDITIONS
+from cifar_rounds.nextround import next_round_lines
 from cifar_rounds.params import ReportParams, load_params
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, number
 from cifar_rounds.tracking import Tracker, repo_root
@@ -201,7 +202,7 @@ def round_section(r: Round) -> list[str]:
     return out + noise_and_sharpness(rep)
 
 
-def render(base: Round, cand: Round, alpha: float, figure: str) -> str:
+def render(base: Round, cand: Round, alpha: float, figure: str, next_round: list[str]) -> str:
     out = [f"# Round report: {base.name} -> {cand.name}", "", "## Performance (mean ± std over seeds)",
            f"{base.name} -> {cand.name}:"]
     out += performance_lines(base, cand)
@@ -211,6 +212,7 @@ def render(base: Round, cand: Round, alpha: float, figure: str) -> str:
     out += ["", "## Is the change in test accuracy real?"] + verdict_lines(base, cand, alpha)
     for r in (base, cand):
         out += round_section(r)
+    out += next_round
     out += ["", "## Learning curves (mean over seeds; band: min to max)", "", f"![learning curves]({figure})", ""]
     return "\n".join(out)
 
@@ -265,7 +267,9 @@ def main() -> None:
     base, cand = (find_round(ref, params, root, paths) for ref in (args.baseline, args.candidate))
     safe = lambda name: "".join(c if c.isalnum() or c in "-_." else "_" for c in name)  # noqa: E731
     out = args.out or Path(paths.history).parent / f"round-{safe(base.name)}-vs-{safe(cand.name)}.md"
-    figure = write_report(render(base, cand, params.report.significance, out.with_suffix(".png").name), [base, cand], out)
+    next_round = next_round_lines(cand, out.with_suffix(".next"))  # writes the proposals' sweep files
+    text = render(base, cand, params.report.significance, out.with_suffix(".png").name, next_round)
+    figure = write_report(text, [base, cand], out)
     tracker = Tracker.attach(params, cand.first.metrics["mlflow_run_id"])
     tracker.log_artifact(out, REPORT_ARTIFACTS)
     tracker.log_artifact(figure, REPORT_ARTIFACTS)

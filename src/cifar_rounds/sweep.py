@@ -25,7 +25,7 @@ from pathlib import Path
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.params import Params, ParamsError, load_params, unflatten, with_overrides, write_yaml
 from cifar_rounds.rounds import PRESETS_DIR, exp_run_command, load_preset
-from cifar_rounds.sweepfile import Sweep, load_sweep
+from cifar_rounds.sweepfile import Sweep, check_enqueued, load_sweep
 from cifar_rounds.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, TRIAL_TAG, study_storage
 from cifar_rounds.tracking import END_REASON_TAG, open_client, repo_root
 
@@ -47,10 +47,16 @@ class Driver:
     parent_run_id: str
     queue: str = field(default_factory=lambda: f"{socket.gethostname()}:{repo_root()}")
 
-    def mark_retried(self, number: int) -> None:
+    def trial_id(self, number: int) -> int:
         study_id = self.storage.get_study_id_from_name(self.sweep.study)
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-        self.storage.set_trial_user_attr(trial_id, RETRIED_ATTR, True)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def still_running(self, number: int) -> bool:
+        """Read again: the train stage may have told the study since the list was read."""
+        return self.storage.get_trial(self.trial_id(number)).state.name == "RUNNING"
+
+    def mark_retried(self, number: int) -> None:
+        self.storage.set_trial_user_attr(self.trial_id(number), RETRIED_ATTR, True)
 
     def ours(self, trial) -> bool:
         """Whether this driver's queue runs the trial (other machines may share the study)."""
@@ -68,7 +74,7 @@ class Driver:
         return values
 
 
-def open_study(sweep: Sweep, base: Params, url: str):
+def open_study(sweep: Sweep, url: str):
     """Create or continue the study; a study of the same name with another space is refused."""
     import optuna
 
@@ -78,7 +84,9 @@ def open_study(sweep: Sweep, base: Params, url: str):
     except Exception as error:
         raise StageError(f"sweep storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
     study = optuna.create_study(storage=storage, study_name=sweep.study, direction=sweep.objective.direction,
-                                sampler=sweep.sampler.build(sweep.space), pruner=sweep.pruner.build(), load_if_exists=True)
+                                pruner=sweep.pruner.build(), load_if_exists=True)
+    # seeded by the trials so far: a driver started again must not replay the first driver's proposals
+    study.sampler = sweep.sampler.build(sweep.space, len(study.trials))
     known = study.user_attrs.get(DIGEST_ATTR)
     if known is not None and known != sweep.digest():
         raise StageError(f"study {sweep.study!r} in {url} was created from another search space "
@@ -101,7 +109,7 @@ def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
 
 def new_driver(sweep: Sweep, base: Params) -> Driver:
     url = study_storage(sweep.storage, repo_root())
-    study, storage, created = open_study(sweep, base, url)
+    study, storage, created = open_study(sweep, url)
     client, parent = start_parent_run(sweep, base, study)
     if created:
         study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
@@ -139,11 +147,12 @@ def counts(study) -> dict[str, int]:
     return out
 
 
-def settle(d: Driver, retry: bool) -> list[int]:
-    """Trials still RUNNING: those whose experiment is queued or running; the others are ended.
+def settle(d: Driver, resuming: bool) -> list[int]:
+    """Trials still RUNNING: those whose experiment is queued or running; the others are ended FAIL.
 
-    An experiment that failed is a FAIL. One the queue no longer knows (a killed driver or
-    worker) is a FAIL that is retried with the same values (when `retry`), so it is counted once.
+    When the driver starts again (`resuming`), a trial it left RUNNING whose experiment is gone,
+    failed or ended without telling the study (a killed driver or worker) is also queued again
+    with the same values, once: the FAIL is then not counted against the budget.
     """
     import optuna
 
@@ -155,12 +164,15 @@ def settle(d: Driver, retry: bool) -> list[int]:
         if state in ("Queued", "Running"):
             alive.append(t.number)
             continue
-        if state is None and retry:
+        if not d.still_running(t.number):
+            continue
+        retry = resuming and "retry_of" not in t.user_attrs
+        if retry:
             attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
             d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
             d.mark_retried(t.number)
-        print(f"sweep: trial {t.number} ({d.trial_name(t.number)}) "
-              f"{'failed' if state else 'was lost'}{'; retrying it' if state is None and retry else ''}")
+        print(f"sweep: trial {t.number} ({d.trial_name(t.number)}) {'was lost' if state is None else state.lower()}"
+              f"; marked FAIL{', retrying it' if retry else ''}")
         d.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         end_trial_runs(d, t.number)
     return alive
@@ -202,16 +214,16 @@ def queue_next(d: Driver) -> bool:
 
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     """Keep `workers` trials in the queue until the budget is spent and every trial has ended."""
-    alive = settle(d, retry=True)
+    alive = settle(d, resuming=True)
     while True:
         while len(alive) < workers and queue_next(d):
-            alive = settle(d, retry=False)
+            alive = settle(d, resuming=False)
         if not alive:
             break
         # idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], capture_output=True)
         time.sleep(poll_s)
-        alive = settle(d, retry=False)
+        alive = settle(d, resuming=False)
     c = counts(d.study)
     print("sweep: done; " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items())))
 
@@ -241,6 +253,7 @@ def main() -> None:
         parser.error("--workers: at least 1")
     base = load_params()
     sweep = load_sweep(args.sweep, base)
+    check_enqueued(sweep, {name: load_preset(name) for name in sweep.enqueue + [sweep.baseline]}, args.sweep)
     if args.promote and not (PRESETS_DIR / f"{args.promote}.yaml").parent.is_dir():
         raise StageError(f"--promote: no {PRESETS_DIR}/ folder here; run from the repository root")
     d = new_driver(sweep, base)

@@ -44,6 +44,9 @@ class FloatRange(Part):
     def ends(self) -> list[float]:
         return [self.low, self.high]
 
+    def contains(self, value: object) -> bool:
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
 
 class IntRange(Part):
     type: Literal["int"]
@@ -63,6 +66,9 @@ class IntRange(Part):
     def ends(self) -> list[int]:
         return [self.low, self.high]
 
+    def contains(self, value: object) -> bool:
+        return isinstance(value, int) and self.low <= value <= self.high
+
 
 class Choice(Part):
     type: Literal["categorical"]
@@ -75,6 +81,9 @@ class Choice(Part):
 
     def ends(self) -> list[Any]:
         return list(self.choices)
+
+    def contains(self, value: object) -> bool:
+        return value in self.choices
 
 
 Dimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type")]
@@ -99,28 +108,28 @@ class TpeSampler(Part):
     kind: Literal["tpe"]
     seed: int = Field(0, ge=0, description="Sampler seed: the same sweep file proposes the same trials.")
 
-    def build(self, space: dict[str, Dimension]):
+    def build(self, space: dict[str, Dimension], offset: int = 0):
         import optuna
 
-        return optuna.samplers.TPESampler(seed=self.seed)
+        return optuna.samplers.TPESampler(seed=self.seed + offset)
 
 
 class RandomSampler(Part):
     kind: Literal["random"]
     seed: int = Field(0, ge=0, description="Sampler seed.")
 
-    def build(self, space: dict[str, Dimension]):
+    def build(self, space: dict[str, Dimension], offset: int = 0):
         import optuna
 
-        return optuna.samplers.RandomSampler(seed=self.seed)
+        return optuna.samplers.RandomSampler(seed=self.seed + offset)
 
 
 class GridSampler(Part):
     kind: Literal["grid"]
     seed: int = Field(0, ge=0, description="Seed of the order in which grid points are tried.")
 
-    def build(self, space: dict[str, Dimension]):
-        import optuna
+    def build(self, space: dict[str, Dimension], offset: int = 0):
+        import optuna  # the grid's order is fixed by the seed; points already tried are skipped by Optuna
 
         return optuna.samplers.GridSampler({k: [json.dumps(c) for c in d.choices] for k, d in space.items()}, seed=self.seed)
 
@@ -137,7 +146,7 @@ class NoPruner(Part):
 class MedianPruner(Part):
     kind: Literal["median"]
     startup_trials: int = Field(2, ge=0, description="Trials that finish before any is pruned.")
-    warmup_epochs: int = Field(1, ge=0, description="Epochs of every trial before it may be pruned.")
+    warmup_epochs: int = Field(1, ge=0, description="Epochs every trial trains before it may be pruned.")
 
     def build(self):
         import optuna
@@ -221,3 +230,12 @@ def check_space(sweep: Sweep, base: Params, path: Path) -> None:
                 with_overrides(fixed, {name: value})
             except ParamsError as error:
                 raise ParamsError(f"{path}: space.{name}: {value!r} is not a valid value ({error})") from None
+
+
+def check_enqueued(sweep: Sweep, presets: dict[str, dict[str, object]], path: Path) -> None:
+    """An enqueued preset's values of the searched parameters must lie in the space (Optuna refuses others)."""
+    for name, values in presets.items():
+        for key, dimension in sweep.space.items():
+            if key in values and not dimension.contains(values[key]):
+                raise ParamsError(f"{path}: enqueue: preset {name} has {key} = {values[key]!r}, outside "
+                                  f"space.{key} {dimension.ends()}; widen the space or drop the preset")

@@ -62,7 +62,7 @@ class StudyTrial:
         if not math.isfinite(value):
             return False  # a diverged run is stopped by the loop itself
         self.trial.report(value, epoch)
-        return self.trial.should_prune()
+        return bool(self.trial.should_prune())
 
     def finish(self, history: list[dict], pruned: bool) -> str:
         """Tell the study: PRUNED, or COMPLETE with the objective's best value over the epochs."""
