@@ -5,7 +5,8 @@
 Both sweeps propose the same configurations in the same order (the random sampler
 with one seed does not look at results), so they differ only in pruning. Each
 trial is the real train stage (`train.fit`, reporting to its Optuna trial through
-params.yaml's `sweep` section, exactly as a queued DVC experiment does) on a
+params.yaml's `sweep` section, exactly as a queued DVC experiment does; then concluded
+as the driver concludes it) on a
 generated CIFAR-format archive split by the real download and split stages; DVC's
 queue itself is left out, as it costs the same in both sweeps. Seed noise: the
 validation accuracy of the best configuration over `--seeds` training seeds.
@@ -36,7 +37,7 @@ from cifar_rounds.runtime import configure_cpu
 from cifar_rounds.sweepfile import MedianPruner, NoPruner, Objective
 from cifar_rounds.synthetic import write_archive
 from cifar_rounds.train import fit
-from cifar_rounds.trial import OBJECTIVE_ATTR, PRUNER_ATTR
+from cifar_rounds.trial import OBJECTIVE_ATTR, PRUNER_ATTR, conclude
 
 CPU = torch.device("cpu")
 SPACE = {"train.learning_rate": (1e-4, 0.3), "train.weight_decay": (1e-5, 1e-2)}  # log-uniform
@@ -76,6 +77,7 @@ def sweep(pruned: bool, args, params, split: Split, digest: str, folder: Path) -
         trial_params = with_overrides(params, {**values, "sweep.study": study_name, "sweep.trial": trial.number,
                                                "sweep.storage": storage, "tracking.run_name": f"{study_name}-{trial.number}"})
         summary = run_trial(trial_params, split, digest, folder, f"{study_name}-{trial.number}")
+        conclude(study, trial.number)  # as the driver does once the trial's experiment has succeeded
         epochs += summary["stopped_epoch"]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     best = max(complete, key=lambda t: t.value)

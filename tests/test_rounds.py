@@ -9,10 +9,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.cli import StageError
+from cifar_rounds.nextround import proposals
 from cifar_rounds.params import load_params
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, mlflow_replicate, mlflow_runs
 from cifar_rounds.report import condition_lines, noise_line, per_class_lines
 from cifar_rounds.rounds import load_preset, scaled_milestones
+from cifar_rounds.sweepfile import load_sweep
 from cifar_rounds.synthetic import write_archive
 from conftest import REPO, make_project, repo_params, run
 
@@ -104,7 +106,7 @@ def _metrics(project, rev):
 
 
 @pytest.mark.slow
-def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project):
+def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project, monkeypatch):
     run(["python", "-m", "cifar_rounds.report", "round-1", "round-2"], rounds_project)
     report = (rounds_project / "reports/round-round-1-vs-round-2.md").read_text()
     assert (rounds_project / "reports/round-round-1-vs-round-2.png").read_bytes()[:4] == b"\x89PNG"
@@ -123,6 +125,14 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(m2[0]["mlflow_run_id"], "report")}
     assert artifacts == {"report/round-round-1-vs-round-2.md", "report/round-round-1-vs-round-2.png"}
+
+    monkeypatch.chdir(rounds_project)  # the next round: what the candidate's measurements propose, and files to run
+    cand = find_round("round-2", load_params(), rounds_project, ArtifactPaths.from_dvc(rounds_project))
+    section = report.split("## Next round (after round-2)")[1].split("## Learning curves")[0]
+    for proposal in proposals(cand):
+        assert proposal.evidence in section
+        load_sweep(rounds_project / "reports/round-round-1-vs-round-2.next" / f"{proposal.slug}.yaml", load_params())
+    assert bool(proposals(cand)) != ("No proposal" in section)
 
 
 @pytest.mark.slow
@@ -160,6 +170,22 @@ def test_a_failed_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_
     assert result.returncode == 1 and "add --force to replace it" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: dvc exp run failed for round-1-s0")
     assert (rounds_project / "params.yaml").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_overrides_force_and_queue_work_as_the_readme_shows(rounds_project):
+    rounds = ["python", "-m", "cifar_rounds.rounds", "run"]
+    run([*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short"], rounds_project)
+    shown = json.loads(run(["dvc", "params", "diff", "round-2-s0", "r2-short", "--json"], rounds_project).stdout)
+    assert shown["params.yaml"]["train.num_epochs"]["new"] == 2 and shown["params.yaml"]["train.lr_milestones"]["new"] == [1]
+    before = run(["dvc", "exp", "show", "--json"], rounds_project).stdout.count('"r2-short"')
+    run([*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short", "--force"],
+        rounds_project)  # replaced, not refused
+    assert run(["dvc", "exp", "show", "--json"], rounds_project).stdout.count('"r2-short"') == before
+    run([*rounds, "round-2", "--seeds", "2", "--queue", "--epochs", "2", "-n", "r2q"], rounds_project)
+    status = run(["dvc", "queue", "status"], rounds_project).stdout
+    assert "r2q-s0" in status and "r2q-s1" in status and status.count("Queued") == 2
+    run(["dvc", "queue", "remove", "--queued"], rounds_project)  # not started: nothing else to stop
 
 
 def _replicate(history=(), metrics=None):

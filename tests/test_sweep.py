@@ -23,7 +23,7 @@ from cifar_rounds.params import ParamsError, SweepParams, with_overrides
 from cifar_rounds.replicates import Replicate, Round
 from cifar_rounds.sweepfile import load_sweep
 from cifar_rounds.synthetic import write_archive
-from cifar_rounds.trial import NoTrial, StudyTrial, open_trial
+from cifar_rounds.trial import NoTrial, StudyTrial, conclude, open_trial
 
 GOOD = {
     "study": "r3", "baseline": "round-2", "trials": 4, "enqueue": ["round-1", "round-2"],
@@ -123,21 +123,25 @@ def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
     return study, url
 
 
-def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_tells_the_result(tmp_path, monkeypatch):
+def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_concluded(tmp_path, monkeypatch):
     study, url = _study_with_pruner(tmp_path, monkeypatch)
-    for accuracies in ([0.5, 0.6, 0.7], [0.5, 0.65, 0.8]):  # two good trials complete
+    for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):  # two good trials complete
         number = study.ask().number
         trial = open_trial(SweepParams(study="s", trial=number, storage=url))
         assert isinstance(trial, StudyTrial)
         assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
-        assert trial.finish([{"val_accuracy": a} for a in accuracies], pruned=False) == "COMPLETE"
+        assert trial.finish([], pruned=False) == "COMPLETE"
+        assert study.trials[number].state.name == "RUNNING"  # until the driver sees the experiment succeed
+        assert conclude(study, number) == "COMPLETE"
     number = study.ask().number
     trial = open_trial(SweepParams(study="s", trial=number, storage=url))
     assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up: never pruned
     assert trial.report(2, {"val_accuracy": 0.1}) is True  # far below the median at epoch 2
-    assert trial.finish([{"val_accuracy": 0.1}] * 2, pruned=True) == "PRUNED"
+    assert trial.finish([], pruned=True) == "PRUNED" and conclude(study, number) == "PRUNED"
+    silent = study.ask().number  # reported nothing (it died before its first epoch ended)
+    assert conclude(study, silent) == "FAIL"
     states = [(t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=url).trials]
-    assert states == [("COMPLETE", 0.7), ("COMPLETE", 0.8), ("PRUNED", 0.1)]
+    assert states == [("COMPLETE", 0.7), ("COMPLETE", 0.8), ("PRUNED", 0.1), ("FAIL", None)]  # the best epoch's value
     # a finished trial is not reported to again (an applied experiment rerun later)
     assert isinstance(open_trial(SweepParams(study="s", trial=0, storage=url)), NoTrial)
 

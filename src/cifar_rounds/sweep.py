@@ -26,7 +26,8 @@ from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.params import Params, ParamsError, load_params, unflatten, with_overrides, write_yaml
 from cifar_rounds.rounds import PRESETS_DIR, exp_run_command, load_preset
 from cifar_rounds.sweepfile import Sweep, check_enqueued, load_sweep
-from cifar_rounds.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, TRIAL_TAG, study_storage
+from cifar_rounds.trial import (OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, STATE_TAG, SWEEP_TAG, TRIAL_TAG,
+                                 conclude, study_storage)
 from cifar_rounds.tracking import END_REASON_TAG, open_client, repo_root
 
 DIGEST_ATTR = "space_digest"
@@ -117,7 +118,7 @@ def new_driver(sweep: Sweep, base: Params) -> Driver:
         for preset in sweep.enqueue:  # what is known already is tried first
             values = load_preset(preset)
             study.enqueue_trial({k: encoded(sweep, k, values[k]) for k in sweep.space if k in values},
-                                user_attrs={"preset": preset})
+                                user_attrs={"preset": preset}, skip_if_exists=True)
         study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
     print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
     return Driver(sweep, base, study, storage, client, parent)
@@ -166,6 +167,9 @@ def settle(d: Driver, resuming: bool) -> list[int]:
             continue
         if not d.still_running(t.number):
             continue
+        if state == "Success":
+            print(f"sweep: trial {t.number} ({d.trial_name(t.number)}) {conclude(d.study, t.number).lower()}")
+            continue
         retry = resuming and "retry_of" not in t.user_attrs
         if retry:
             attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
@@ -179,13 +183,14 @@ def settle(d: Driver, resuming: bool) -> list[int]:
 
 
 def end_trial_runs(d: Driver, number: int) -> None:
-    """End the trial's MLflow runs that are still RUNNING as KILLED, saying why."""
-    runs = d.client.search_runs(
-        [d.client.get_run(d.parent_run_id).info.experiment_id],
-        f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
+    """Mark a failed trial's MLflow runs FAIL; end those still RUNNING as KILLED, saying why."""
+    runs = d.client.search_runs([d.client.get_run(d.parent_run_id).info.experiment_id],
+                                f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}'")
     for r in runs:
-        d.client.set_tag(r.info.run_id, END_REASON_TAG, "the sweep lost this trial's experiment; trial marked FAIL")
-        d.client.set_terminated(r.info.run_id, "KILLED")
+        d.client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
+        if r.info.status == "RUNNING":
+            d.client.set_tag(r.info.run_id, END_REASON_TAG, "the sweep lost this trial's experiment; trial marked FAIL")
+            d.client.set_terminated(r.info.run_id, "KILLED")
 
 
 def queue_next(d: Driver) -> bool:

@@ -3,7 +3,8 @@
 A run is a trial when `sweep.study` and `sweep.trial` are set in params.yaml (the
 sweep driver sets them). Outside a sweep, `open_trial` returns `NoTrial`, which
 imports nothing and costs nothing. A pruned trial stops like an early stop: its
-checkpoint and history are kept, and the study records it PRUNED.
+checkpoint and history are kept. The study learns the trial's end from the sweep
+driver (`conclude`), once the whole experiment has succeeded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cifar_rounds.tracking import repo_root
 STUDY_FILE = "optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attributes the driver sets, the trials read
 OBJECTIVE_ATTR = "objective"
+PRUNED_ATTR = "pruned"  # a trial attribute the train stage sets at its end
 PRUNER_ATTR = "pruner"
 SWEEP_TAG, TRIAL_TAG, STATE_TAG = "sweep", "sweep.trial", "sweep.trial_state"
 
@@ -48,8 +50,8 @@ class NoTrial:
 class StudyTrial:
     """One running Optuna trial, fed by the training loop."""
 
-    def __init__(self, study, trial, number: int, metric: str, maximize: bool) -> None:
-        self.study, self.trial, self.number, self.metric, self.maximize = study, trial, number, metric, maximize
+    def __init__(self, study, trial, number: int, metric: str) -> None:
+        self.study, self.trial, self.number, self.metric = study, trial, number, metric
 
     def tags(self) -> dict[str, str]:
         parent = self.study.user_attrs.get(PARENT_RUN_ATTR)
@@ -65,16 +67,26 @@ class StudyTrial:
         return bool(self.trial.should_prune())
 
     def finish(self, history: list[dict], pruned: bool) -> str:
-        """Tell the study: PRUNED, or COMPLETE with the objective's best value over the epochs."""
-        import optuna
+        """Record how training ended; the driver tells the study once the whole experiment has succeeded."""
+        self.trial.set_user_attr(PRUNED_ATTR, pruned)
+        return "PRUNED" if pruned else "COMPLETE"
 
-        if pruned:
-            self.study.tell(self.number, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
-            return "PRUNED"
-        values = [float(r[self.metric]) for r in history if math.isfinite(float(r[self.metric]))]
-        best = (max if self.maximize else min)(values)
-        self.study.tell(self.number, best, skip_if_finished=True)
-        return "COMPLETE"
+
+def conclude(study, number: int) -> str:
+    """Tell the study how a trial whose experiment succeeded ended: PRUNED, or COMPLETE with the best
+    objective it reported (one value per epoch); FAIL if it reported none."""
+    import optuna
+
+    trial = study.get_trials(deepcopy=False)[number]
+    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
+    if trial.user_attrs.get(PRUNED_ATTR):
+        state, value = optuna.trial.TrialState.PRUNED, None
+    elif values:
+        state, value = optuna.trial.TrialState.COMPLETE, (max if study.direction.name == "MAXIMIZE" else min)(values)
+    else:
+        state, value = optuna.trial.TrialState.FAIL, None
+    study.tell(number, value, state=state, skip_if_finished=True)
+    return state.name
 
 
 def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
@@ -104,5 +116,4 @@ def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
         print(f"sweep: trial {sp.trial} of {sp.study!r} is already {frozen.state.name}; training without reporting to it")
         return NoTrial()
     objective = Objective.model_validate(attrs[OBJECTIVE_ATTR])
-    return StudyTrial(study, optuna.trial.Trial(study, trial_id), sp.trial, objective.metric,
-                      objective.direction == "maximize")
+    return StudyTrial(study, optuna.trial.Trial(study, trial_id), sp.trial, objective.metric)
