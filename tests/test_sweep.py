@@ -208,16 +208,21 @@ def _trials(project: Path) -> list:
     return optuna.load_study(study_name="s", storage=f"sqlite:///{project}/optuna.db").trials
 
 
+def _queue_lines(project: Path, state: str) -> list[str]:
+    """Names of the queue's experiments in `state` (none before the first trial is queued)."""
+    if not (project / "optuna.db").exists():
+        return []
+    status = run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout.splitlines()
+    return [line.split()[1] for line in status if line.endswith(state)]
+
+
 def _kill_a_running_trial(project: Path) -> str:
     """SIGKILL one trial's running experiment (`dvc queue kill --force`); its name."""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout.splitlines()
-        for name in [line.split()[1] for line in status if line.endswith("Running")]:
+    while names := _queue_lines(project, "Running"):
+        for name in names:
             if run([sys.executable, "-m", "dvc", "queue", "kill", "--force", name], project, check=False).returncode == 0:
                 return name
-        time.sleep(1)
-    raise AssertionError("no trial was running to kill")
+    raise AssertionError("the running trials ended before one could be killed")
 
 
 def _wait_for_workers_to_exit(project: Path) -> None:
@@ -242,9 +247,9 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     driver = subprocess.Popen(cmd, cwd=project, env=env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
-    while not any(t.state.name == "COMPLETE" for t in _trials(project)) if (project / "optuna.db").exists() else True:
+    while not (_queue_lines(project, "Running") and any(t.state.name == "COMPLETE" for t in _trials(project))):
         assert driver.poll() is None and time.time() < deadline
-        time.sleep(2)
+        time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver (DVC's queue workers have process groups of their own)
     driver.wait()
     killed = _kill_a_running_trial(project)  # and a worker's experiment, SIGKILLed through DVC
