@@ -154,12 +154,12 @@ def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
         open_trial(SweepParams(study="nope", trial=3, storage=url))
 
 
-def _replicate(train_acc=0.9, test_acc=0.85, stopped=50, early=False, noise=math.nan, lam=math.nan, bound=100.0) -> Replicate:
+def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=math.nan, bound=100.0) -> Replicate:
     params = with_overrides(repo_params(), {"train.num_epochs": 100, "train.lr_milestones": [30, 60, 80],
                                             "train.patience": 20, "train.batch_size": 96, "tracking.round": "round-2"})
     history = [{"epoch": e, "noise_scale": noise, "lambda_max": lam if e == stopped else math.nan,
                 "stability_bound": bound, "val_loss": 1.0, "learning_rate": 0.05} for e in range(1, stopped + 1)]
-    metrics = {"train_accuracy": train_acc, "test_accuracy": test_acc, "stopped_epoch": stopped, "early_stopped": early}
+    metrics = {"train_accuracy": train_acc, "test_accuracy": test_acc, "stopped_epoch": stopped}
     return Replicate("r", params, metrics, history, [])
 
 
@@ -170,12 +170,13 @@ def test_next_round_proposals_come_only_from_measurements_that_cross_their_lines
     assert [p.slug for p in memorised] == ["regularisation"]
     assert "train accuracy 100.00% with a train-test gap of 16.71%" in memorised[0].evidence
     assert memorised[0].overrides == {"train.weight_decay": 0.001}
-    early = proposals(Round("e", [_replicate(stopped=45, early=True)]))
+    early = proposals(Round("e", [_replicate(stopped=45)]))
     assert [p.slug for p in early] == ["patience"] and early[0].overrides == {"train.patience": 35}
     assert "epochs 45" in early[0].evidence and "milestone (80)" in early[0].evidence
     batch = proposals(Round("b", [_replicate(noise=1000.0)]))
     assert [p.slug for p in batch] == ["batch"] and batch[0].overrides["train.batch_size"] == 192
     assert proposals(Round("b", [_replicate(noise=300.0)])) == []  # 3.1x the batch: below the 4x line
+    assert proposals(Round("e", [_replicate(stopped=85)])) == []  # after the last milestone (80)
     edge = proposals(Round("l", [_replicate(lam=90.0, bound=100.0)]))
     assert [p.slug for p in edge] == ["learning-rate"] and "90% of the stability bound" in edge[0].evidence
     assert proposals(Round("l", [_replicate(lam=50.0, bound=100.0)])) == []

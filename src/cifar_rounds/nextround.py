@@ -49,7 +49,8 @@ def more_regularisation(r: Round) -> Proposal | None:
 def stopped_before_last_milestone(r: Round) -> Proposal | None:
     tp = r.first.params.train
     last = max(tp.lr_milestones, default=0)
-    early = [rep for rep in r.replicates if rep.metrics["early_stopped"] and rep.metrics["stopped_epoch"] <= last]
+    # metrics.json holds the stop: before num_epochs, early stopping ended the run
+    early = [rep for rep in r.replicates if rep.metrics["stopped_epoch"] < tp.num_epochs and rep.metrics["stopped_epoch"] <= last]
     if not early:
         return None
     gaps = [b - a for a, b in zip([0, *tp.lr_milestones], tp.lr_milestones)]

@@ -72,9 +72,12 @@ def round_values(preset: str, sets: list[str], epochs: int | None) -> dict[str, 
 
 
 def replicates(name: str, values: dict[str, object], seeds: int | None) -> list[tuple[str, dict[str, object]]]:
-    """(experiment name, values) per run: one run, or `seeds` replicates differing only in train.seed."""
+    """(experiment name, values) per run: one run (seed 0 unless -S sets it), or `seeds` replicates (0..seeds-1).
+
+    The seed is always set: a workspace run would otherwise inherit the last replicate's.
+    """
     if seeds is None:
-        return [(name, values)]
+        return [(name, {"train.seed": 0, **values})]
     return [(f"{name}-s{seed}", {**values, "train.seed": seed}) for seed in range(seeds)]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -217,6 +218,16 @@ def queue_next(d: Driver) -> bool:
     return True
 
 
+def worker_env(workers: int) -> dict[str, str]:
+    """The queue workers' environment: each of `workers` concurrent trials gets its share of the CPU cores.
+
+    By default every torch process starts a thread per core; several on one CPU oversubscribe it,
+    and their spin-waiting threads slow each other many times over. An OMP_NUM_THREADS already
+    set is kept. (GPU trials are not affected.)
+    """
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), **os.environ}
+
+
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     """Keep `workers` trials in the queue until the budget is spent and every trial has ended."""
     alive = settle(d, resuming=True)
@@ -226,7 +237,8 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
         if not alive:
             break
         # idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], capture_output=True)
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], capture_output=True,
+                       env=worker_env(workers))
         time.sleep(poll_s)
         alive = settle(d, resuming=False)
     c = counts(d.study)
