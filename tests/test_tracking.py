@@ -38,7 +38,7 @@ def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path
     names = ["q0", "q1"]  # two workers run them at the same time
     for i, name in enumerate(names):
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr_gamma={0.2 + 0.1 * i:.1f}"], project)
-    run(["dvc", "queue", "start", "-j", "2"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project, OMP_NUM_THREADS="1")  # a core each, as the README says
     deadline = time.time() + 600
     while True:
         status = run(["dvc", "queue", "status"], project).stdout

@@ -102,7 +102,8 @@ def run_preset(args: argparse.Namespace) -> None:
     for name, run_values in replicates(args.name or args.preset, values, args.seeds):
         run_experiment(name, run_values, mode)
     if args.queue:
-        print("queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status)")
+        print("queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); on a CPU, "
+              "give each its share of the cores: OMP_NUM_THREADS=1 dvc queue start -j 2 on 2 cores")
 
 
 def show_preset(args: argparse.Namespace) -> None:
