@@ -14,8 +14,13 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from mlflow.entities import LoggedModelStatus
+
+from cifar_rounds.checkpoint import load_weights
+from cifar_rounds.model import build_model
 from cifar_rounds.runtime import amp_dtype
 from cifar_rounds.params import load_params
+from cifar_rounds.tracking import process_store
 from conftest import make_project, read_json, run
 
 pytestmark = pytest.mark.slow
@@ -86,9 +91,34 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     best = read_json(project / "metrics.json")["best_epoch"]
     assert names == {f"checkpoints/best-epoch-{best:03d}.pt", f"checkpoints/last-epoch-{EPOCHS:03d}.pt"}
     assert "evaluation/confusion_matrix.png" in {a.path for a in c.list_artifacts(r.info.run_id, "evaluation")}
-    model = mlflow.pytorch.load_model(f"{r.info.artifact_uri}/model")
     assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def checkpoint_model(project) -> torch.nn.Module:
+    width = load_params(project / "params.yaml").model.width
+    net = build_model(width, 10, torch.device("cpu"), torch.contiguous_format)
+    load_weights(project / "models/best.pt", net, width)
+    return net.eval()
+
+
+def test_best_model_is_a_logged_model_with_the_evaluation_and_one_registered_version(project):
+    (r,) = runs(project)
+    c = client(project)
+    (logged,) = c.search_logged_models([r.info.experiment_id])
+    assert logged.source_run_id == r.info.run_id and logged.status == LoggedModelStatus.READY
+    assert logged.artifact_location.startswith(f"file://{project}/mlartifacts/")
+    assert [o.model_id for o in c.get_run(r.info.run_id).outputs.model_outputs] == [logged.model_id]
+    metrics = read_json(project / "metrics.json")
+    assert {m.key: m.value for m in logged.metrics}["test_accuracy"] == metrics["test_accuracy"]
+    (version,) = c.search_model_versions("name = 'cifar-rounds-resnet18'")
+    assert version.run_id == r.info.run_id and version.source == f"models:/{logged.model_id}"
+    assert version.tags == {"round": "workspace", "seed": "0", "dvc_exp_name": "", "git_commit": r.data.tags["git_commit"]}
+    batch = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = checkpoint_model(project)(batch)
+        with process_store(c.tracking_uri):
+            for uri in (f"models:/{logged.model_id}", f"models:/cifar-rounds-resnet18/{version.version}"):
+                assert torch.allclose(mlflow.pytorch.load_model(uri)(batch), expected, atol=1e-5), uri
 
 
 def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project):

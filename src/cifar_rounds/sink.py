@@ -166,7 +166,7 @@ class RunSink:
         print(f"train: rebuilt {self.out.best} from the run's logged copy")
 
     def _log_final(self, summary: dict, state: dict) -> None:
-        """Checkpoints (named by epoch), the history and the best model as an MLflow model."""
+        """Checkpoints (named by epoch), the history, and the best model as a LoggedModel and registered version."""
         t = self.tracker
         t.log_metrics({"best_epoch": summary["best_epoch"], "stopped_epoch": summary["stopped_epoch"]}, summary["stopped_epoch"])
         t.log_artifact(self.out.best, CHECKPOINT_ARTIFACTS, best_artifact_name(summary["best_epoch"]))
@@ -178,5 +178,5 @@ class RunSink:
             best = build_model(self.params.model.width, self.num_classes, torch.device("cpu"), torch.contiguous_format)
             best.load_state_dict(load_checkpoint(self.out.best)["model"])
             # batch 2: torch.export specialises a batch dimension of size 1
-            t.log_pytorch_model(best.eval(), torch.zeros(2, 3, 32, 32))
+            t.log_model(best.eval(), torch.zeros(2, 3, 32, 32), self.params.tracking.registered_model)
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -44,6 +45,7 @@ ARTIFACTS_DIR = "mlartifacts"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 END_REASON_TAG = "cifar_rounds.end_reason"
+VERSION_TAGS = ("round", "seed", "dvc_exp_name", "git_commit")  # run tags each registered version carries
 T = TypeVar("T")
 
 
@@ -212,6 +214,46 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
                              "move it away to start a new store") from None
 
 
+@contextmanager
+def process_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for the block only.
+
+    Model logging, the sqlite registry and `models:/` URIs read those, not a client's URI, and
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI: the environment is put back after.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists (another worker may create it at the same moment)."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def run_version(client: MlflowClient, registered_model: str, run_id: str, patience_s: float) -> ModelVersion | None:
+    """The version of `registered_model` that run `run_id` registered, or None."""
+    found = patiently(lambda: client.search_model_versions(f"name = '{registered_model}' AND run_id = '{run_id}'"),
+                      "reading the registry", patience_s)
+    return found[0] if found else None
+
+
 def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
     root = repo_root()
     commit = git_commit(Path.cwd())
@@ -304,13 +346,15 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("tagging the run", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
-    def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None,
+                    model_id: str | None = None) -> None:
         """Metrics at one step, plus whole series (key -> {step: value}), in one batch where MLflow allows.
 
         One batch is one transaction in MLflow's stores, so an epoch is logged entirely or not at all.
+        With `model_id`, the step's metrics are also the metrics of that LoggedModel.
         """
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
         batch += [Metric(k, float(v), now, s) for k, values in (series or {}).items() for s, v in values.items()]
         for i in range(0, len(batch), MAX_BATCH):
             self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH]))
@@ -330,18 +374,54 @@ class Tracker:
             shutil.copyfile(path, renamed)
             self._call("logging an artifact", lambda: self.client.log_artifact(self.run_id, str(renamed), artifact_path))
 
-    def log_pytorch_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        """Save as an MLflow model in the `pt2` (torch.export) format: no pickled code to trust."""
-        import mlflow.pytorch
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor, registered_model: str) -> None:
+        """The best model as this run's LoggedModel and one version of `registered_model`, tagged like the run.
 
-        with tempfile.TemporaryDirectory() as tmp:
-            # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
-            mlflow.pytorch.save_model(
-                model, Path(tmp) / MODEL_ARTIFACTS, serialization_format="pt2", input_example=example.numpy(),
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-            )
-            self._call("logging the model",
-                       lambda: self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACTS), MODEL_ARTIFACTS))
+        `pt2` format: torch.export, no pickled code to trust. Idempotent: after a kill part-way, the next
+        call completes what is missing (a READY model is not logged again, a run never gets two versions).
+        """
+        if self.version(registered_model) is not None:
+            return
+        with process_store(self.client.tracking_uri):
+            model_id = self.logged_model_id() or self._log_logged_model(model, example)
+            self._register(model_id, registered_model)
+
+    def _log_logged_model(self, model: torch.nn.Module, example: torch.Tensor) -> str:
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+        # created here, not by log_model: it would put a model it creates in the process's active
+        # experiment (MLflow's default one here), not in the run's
+        created = self._call("creating the logged model", lambda: self.client.create_logged_model(
+            run.info.experiment_id, name=MODEL_ARTIFACTS, source_run_id=self.run_id, params=run.data.params))
+        x = example.numpy()
+        signature = infer_signature(x, model(example).detach().numpy())
+        # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
+        self._call("logging the model", lambda: mlflow.pytorch.log_model(
+            model, name=MODEL_ARTIFACTS, serialization_format="pt2", input_example=x, signature=signature,
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(), run_id=self.run_id,
+            model_id=created.model_id))
+        return created.model_id
+
+    def _register(self, model_id: str, name: str) -> None:
+        tags = self._call("reading the run", lambda: self.client.get_run(self.run_id)).data.tags
+        self._call("creating the registered model", lambda: ensure_registered_model(self.client, name))
+        self._call("registering the model", lambda: self.client.create_model_version(
+            name, f"models:/{model_id}", run_id=self.run_id, tags={k: tags.get(k, "") for k in VERSION_TAGS},
+            model_id=model_id))
+
+    def version(self, registered_model: str) -> ModelVersion | None:
+        """This run's version of `registered_model`, or None."""
+        return run_version(self.client, registered_model, self.run_id, self.patience_s)
+
+    def logged_model_id(self) -> str | None:
+        """The id of this run's READY LoggedModel (its best model), or None when it has none."""
+        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+        found = self._call("reading the run's models", lambda: self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{MODEL_ARTIFACTS}'"))
+        ready = [m.model_id for m in found if m.status == LoggedModelStatus.READY]
+        return ready[0] if ready else None
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
@@ -358,7 +438,7 @@ class NullTracker:
     def last_step(self, key: str) -> int:
         return 0
     def log_artifact(self, path, artifact_path=None, name=None) -> None: ...
-    def log_pytorch_model(self, model, example) -> None: ...
+    def log_model(self, model, example, registered_model) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
