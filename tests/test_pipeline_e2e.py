@@ -29,7 +29,8 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, archive):
-    path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS})
+    path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS,
+                                                                         "tracking.system_metrics_interval_s": 1})
     result = run(["dvc", "repro"], path)
     (path / "repro.log").write_text(result.stdout + result.stderr)
     return path
@@ -81,11 +82,15 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert (metrics["device"], metrics["precision"]) == ("cpu", r.data.tags["precision"])  # for the round report
     c = client(project)
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
-                "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "grad_norm_mean", "grad_norm/layer1.0"):
+                "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "peak_memory_mb", "grad_norm_mean",
+                "grad_norm/layer1.0"):
         history = c.get_metric_history(r.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
         assert all(math.isfinite(m.value) for m in history)
     assert all(m.value > 0 for m in c.get_metric_history(r.info.run_id, "grad_norm_max"))
+    assert all(m.value > 0 for m in c.get_metric_history(r.info.run_id, "peak_memory_mb"))
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert c.get_metric_history(r.info.run_id, key), key  # MLflow's system metrics, sampled each second
     assert r.data.metrics["test_accuracy"] == read_json(project / "metrics.json")["test_accuracy"]
     names = {a.path for a in c.list_artifacts(r.info.run_id, "checkpoints")}
     best = read_json(project / "metrics.json")["best_epoch"]
@@ -173,3 +178,32 @@ def test_changing_a_train_param_reruns_train_and_evaluate_only(project):
     # the old checkpoint belonged to other params: a fresh run, not a resume
     assert "other data, model or train params; starting fresh" in out
     assert sorted(r.info.status for r in runs(project)) == ["FINISHED", "FINISHED"]
+
+
+def dataset_inputs(project, run_id: str) -> set[tuple[str, str, str]]:
+    found = client(project).get_run(run_id).inputs.dataset_inputs
+    return {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in found}
+
+
+def split_md5(project) -> str:
+    """The hash DVC records for the split file."""
+    outs = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["split"]["outs"]
+    return next(o["md5"] for o in outs if o["path"] == "data/split.npz")
+
+
+def test_runs_on_one_split_share_its_dataset_and_a_re_split_is_a_new_one(project):
+    first, second = (r.info.run_id for r in runs(project))  # two trainings on one split by now
+    md5 = split_md5(project)
+    expected = {("cifar10-train", md5, "training"), ("cifar10-val", md5, "validation"), ("cifar10-test", md5, "test")}
+    assert dataset_inputs(project, first) == dataset_inputs(project, second) == expected
+    (train_input,) = [i for i in client(project).get_run(first).inputs.dataset_inputs if i.dataset.name == "cifar10-train"]
+    params = load_params(project / "params.yaml")
+    assert json.loads(train_input.dataset.source) == {"uri": params.data.url}
+    assert json.loads(train_input.dataset.profile) == {"num_rows": 1500 - params.data.val_size}
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["data"]["seed"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    run(["dvc", "repro"], project)
+    assert split_md5(project) != md5
+    newest = max(runs(project), key=lambda r: r.info.start_time).info.run_id
+    assert {digest for _, digest, _ in dataset_inputs(project, newest)} == {split_md5(project)}

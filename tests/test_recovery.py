@@ -102,7 +102,7 @@ def project(tmp_path_factory, small_archive):
 def test_a_kill_during_the_final_logging_completes_it_without_training_again(project):
     good = set_params(project, **{"tracking.log_model": True})
     try:
-        killed_train(project, "b1", "tracking.Tracker", "log_pytorch_model", before="True")
+        killed_train(project, "b1", "tracking.Tracker", "log_model", before="True")
     finally:
         (project / "params.yaml").write_text(good)
     state = torch.load(project / "models_b1/last.pt", weights_only=True)
@@ -120,6 +120,24 @@ def test_a_kill_during_the_final_logging_completes_it_without_training_again(pro
     assert r.info.status == "FINISHED" and {"model", "checkpoints"} <= {a.path for a in store(project).list_artifacts(run_id)}
     assert sorted(m.step for m in store(project).get_metric_history(run_id, "train_loss")) == list(range(1, EPOCHS + 1))
     assert torch.load(project / "models_b1/last.pt", weights_only=True)["progress"]["finalized"]
+
+
+def test_kills_while_the_model_is_logged_or_registered_leave_one_model_and_one_version(project):
+    good = set_params(project, **{"tracking.log_model": True})
+    try:
+        # the LoggedModel exists (PENDING), its files do not
+        killed_train(project, "b7", "__import__('mlflow.pytorch').pytorch", "save_model", before="True")
+        killed_train(project, "b7", "tracking.Tracker", "_register", before="True")  # logged, not registered
+        killed_train(project, "b7", "tracking.Tracker", "log_model", after="True")  # registered, not finalized
+        train(project, "b7")
+    finally:
+        (project / "params.yaml").write_text(good)
+    run_id = read_json(project / "reports/b7.json")["mlflow_run_id"]
+    c = store(project)
+    models = c.search_logged_models([c.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    (version,) = c.search_model_versions(f"name = 'cifar-rounds-resnet18' AND run_id = '{run_id}'")
+    assert [m.model_id for m in models] == [version.source.removeprefix("models:/")]
+    assert c.get_run(run_id).info.status == "FINISHED"
 
 
 def test_deleted_derived_files_are_rebuilt_from_the_state_without_training(project):

@@ -12,7 +12,7 @@ from cifar_rounds.cli import StageError
 from cifar_rounds.params import load_params
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, mlflow_replicate, mlflow_runs
 from cifar_rounds.registry import champion_decision, round_alias
-from cifar_rounds.report import condition_lines, noise_line, per_class_lines
+from cifar_rounds.report import condition_lines, noise_line, per_class_lines, resource_lines
 from cifar_rounds.verdict import Verdict
 from cifar_rounds.rounds import load_preset, scaled_milestones
 from cifar_rounds.synthetic import write_archive
@@ -46,6 +46,20 @@ def test_shortened_runs_keep_their_milestones_at_the_same_fractions():
     assert scaled_milestones([60, 120, 160], 200, 4) == [1, 2, 3]
     assert scaled_milestones([60, 120, 160], 250, 10) == [2, 5, 6]
     assert scaled_milestones([60, 120, 160], 200, 2) == [1]  # collisions merge; none reaches the end
+
+
+def test_report_states_peak_memory_and_throughput_of_both_rounds():
+    def round_of(label, *histories):
+        return Round(label, [Replicate(label, repo_params(), {}, list(h), []) for h in histories])
+
+    base = round_of("a", [{"peak_memory_mb": 100.0, "images_per_s": 50.0}, {"peak_memory_mb": 120.0, "images_per_s": 70.0},
+                          {"peak_memory_mb": 110.0, "images_per_s": 60.0}])
+    cand = round_of("b", [{"peak_memory_mb": 200.0, "images_per_s": 90.0}], [{"peak_memory_mb": 220.0, "images_per_s": 110.0}])
+    memory, throughput = resource_lines(base, cand)
+    assert memory.startswith("- peak memory, MiB") and memory.endswith(": 120 (n = 1) -> 210 ± 14 (n = 2)")
+    assert throughput.endswith(": 60 (n = 1) -> 100 ± 14 (n = 2)")
+    unrecorded = round_of("c", [{"peak_memory_mb": float("nan"), "images_per_s": 5.0}])  # an older run's history
+    assert resource_lines(unrecorded, unrecorded)[0].endswith(": not measured -> not measured")
 
 
 def test_report_flags_rounds_trained_under_different_conditions():

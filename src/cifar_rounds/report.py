@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,23 @@ def condition_lines(base: Round, cand: Round) -> list[str]:
         lines.append("- the rounds trained under different conditions: part of any difference between them "
                      "may come from these rather than from the hyperparameters")
     return lines
+
+
+def per_seed(r: Round, key: str, pick) -> list[float]:
+    """`pick` over each replicate's finite per-epoch values of `key`; replicates without any are left out."""
+    rows = ([v for row in rep.history if math.isfinite(v := number(row, key))] for rep in r.replicates)
+    return [pick(v) for v in rows if v]
+
+
+def resource_lines(base: Round, cand: Round) -> list[str]:
+    """Measured peak memory and training throughput of each round (a change of batch size changes both)."""
+    measures = (
+        ("peak memory, MiB (per seed its largest epoch's; CUDA: allocated tensors, CPU: the process's peak RSS)",
+         "peak_memory_mb", max),
+        ("training throughput, images/s (per seed its median epoch's)", "images_per_s", statistics.median),
+    )
+    return [f"- {title}: {format_mean_std(per_seed(base, key, pick), '{:.0f}')} -> "
+            f"{format_mean_std(per_seed(cand, key, pick), '{:.0f}')}" for title, key, pick in measures]
 
 
 def same_test_set(base: Round, cand: Round) -> None:
@@ -213,7 +231,7 @@ def render(base: Round, cand: Round, v: Verdict, aliases: list[str], figure: str
     out += performance_lines(base, cand)
     out += ["", "## Hyperparameter changes", "", f"| parameter | {base.name} | {cand.name} |", "|---|---|---|"]
     out += param_changes(base, cand) or ["| (none) | | |"]
-    out += ["", "## Run conditions (not in params.yaml)"] + condition_lines(base, cand)
+    out += ["", "## Run conditions (not in params.yaml)"] + condition_lines(base, cand) + resource_lines(base, cand)
     out += ["", "## Is the change in test accuracy real?"] + verdict_lines(base, cand, v)
     out += ["", "## Registered model aliases (moved by this report)"] + aliases
     for r in (base, cand):

@@ -12,6 +12,7 @@ printed; past that the stage stops with one line, its checkpoint already on disk
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -23,12 +24,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from filelock import FileLock
-from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModel, LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -45,6 +46,7 @@ ARTIFACTS_DIR = "mlartifacts"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 END_REASON_TAG = "cifar_rounds.end_reason"
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # split part -> MLflow input context
 VERSION_TAGS = ("round", "seed", "dvc_exp_name", "git_commit")  # run tags each registered version carries
 T = TypeVar("T")
 
@@ -254,6 +256,21 @@ def run_version(client: MlflowClient, registered_model: str, run_id: str, patien
     return found[0] if found else None
 
 
+def dataset_inputs(url: str, digest: str, sizes: dict[str, int]) -> list[DatasetInput]:
+    """The split's parts as MLflow dataset inputs, each with its context.
+
+    Source: `data.url`. Digest: the split file's MD5, the hash DVC records for it in dvc.lock, so a
+    dataset in MLflow and a split in DVC are one thing, and a re-split is a new dataset.
+    """
+    source_type, source = ("http", {"url": url}) if url.startswith(("http://", "https://")) else ("local", {"uri": url})
+    return [
+        DatasetInput(Dataset(f"cifar10-{part}", digest, source_type, json.dumps(source),
+                             profile=json.dumps({"num_rows": sizes[part]})),
+                     [InputTag("mlflow.data.context", context)])
+        for part, context in DATASET_CONTEXTS.items()
+    ]
+
+
 def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
     root = repo_root()
     commit = git_commit(Path.cwd())
@@ -364,6 +381,10 @@ class Tracker:
         history = patiently(lambda: self.client.get_metric_history(self.run_id, key), "reading the run", self.patience_s)
         return max((m.step for m in history), default=0)
 
+    def log_inputs(self, datasets: list[DatasetInput]) -> None:
+        """The run's datasets; logging the same ones again adds nothing."""
+        self._call("logging the datasets", lambda: self.client.log_inputs(self.run_id, datasets=datasets))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""
         if name is None or name == path.name:
@@ -383,26 +404,29 @@ class Tracker:
         if self.version(registered_model) is not None:
             return
         with process_store(self.client.tracking_uri):
-            model_id = self.logged_model_id() or self._log_logged_model(model, example)
+            models = self._run_models()
+            ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
+            # a model whose upload a kill interrupted is logged again under its own id, not duplicated
+            model_id = ready[0] if ready else self._log_logged_model(model, example, models[0].model_id if models else None)
             self._register(model_id, registered_model)
 
-    def _log_logged_model(self, model: torch.nn.Module, example: torch.Tensor) -> str:
+    def _log_logged_model(self, model: torch.nn.Module, example: torch.Tensor, model_id: str | None) -> str:
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
-        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
-        # created here, not by log_model: it would put a model it creates in the process's active
-        # experiment (MLflow's default one here), not in the run's
-        created = self._call("creating the logged model", lambda: self.client.create_logged_model(
-            run.info.experiment_id, name=MODEL_ARTIFACTS, source_run_id=self.run_id, params=run.data.params))
+        if model_id is None:
+            run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+            # created here, not by log_model: it would put a model it creates in the process's active
+            # experiment (MLflow's default one here), not in the run's
+            model_id = self._call("creating the logged model", lambda: self.client.create_logged_model(
+                run.info.experiment_id, name=MODEL_ARTIFACTS, source_run_id=self.run_id, params=run.data.params)).model_id
         x = example.numpy()
         signature = infer_signature(x, model(example).detach().numpy())
         # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
         self._call("logging the model", lambda: mlflow.pytorch.log_model(
             model, name=MODEL_ARTIFACTS, serialization_format="pt2", input_example=x, signature=signature,
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(), run_id=self.run_id,
-            model_id=created.model_id))
-        return created.model_id
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(), run_id=self.run_id, model_id=model_id))
+        return model_id
 
     def _register(self, model_id: str, name: str) -> None:
         tags = self._call("reading the run", lambda: self.client.get_run(self.run_id)).data.tags
@@ -415,13 +439,35 @@ class Tracker:
         """This run's version of `registered_model`, or None."""
         return run_version(self.client, registered_model, self.run_id, self.patience_s)
 
+    def _run_models(self) -> list[LoggedModel]:
+        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+        return list(self._call("reading the run's models", lambda: self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{MODEL_ARTIFACTS}'")))
+
     def logged_model_id(self) -> str | None:
         """The id of this run's READY LoggedModel (its best model), or None when it has none."""
-        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
-        found = self._call("reading the run's models", lambda: self.client.search_logged_models(
-            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{MODEL_ARTIFACTS}'"))
-        ready = [m.model_id for m in found if m.status == LoggedModelStatus.READY]
+        ready = [m.model_id for m in self._run_models() if m.status == LoggedModelStatus.READY]
         return ready[0] if ready else None
+
+    @contextmanager
+    def system_metrics(self, interval_s: float) -> Iterator[None]:
+        """MLflow's own system metrics (`system/...`), sampled every `interval_s` while the block runs.
+
+        A resumed run continues their steps. 0: off.
+        """
+        if interval_s == 0:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=self.client.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
@@ -437,8 +483,11 @@ class NullTracker:
     def log_metrics(self, metrics, step, series=None) -> None: ...
     def last_step(self, key: str) -> int:
         return 0
+    def log_inputs(self, datasets) -> None: ...
     def log_artifact(self, path, artifact_path=None, name=None) -> None: ...
     def log_model(self, model, example, registered_model) -> None: ...
+    def system_metrics(self, interval_s: float) -> AbstractContextManager:
+        return nullcontext()
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
