@@ -7,6 +7,13 @@ import csv
 import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 
 import mlflow.pytorch
 import pytest
@@ -21,7 +28,7 @@ from cifar_rounds.model import build_model
 from cifar_rounds.runtime import amp_dtype
 from cifar_rounds.params import load_params
 from cifar_rounds.tracking import process_store
-from conftest import make_project, read_json, run
+from conftest import env, free_port, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
@@ -124,6 +131,50 @@ def test_best_model_is_a_logged_model_with_the_evaluation_and_one_registered_ver
         with process_store(c.tracking_uri):
             for uri in (f"models:/{logged.model_id}", f"models:/cifar-rounds-resnet18/{version.version}"):
                 assert torch.allclose(mlflow.pytorch.load_model(uri)(batch), expected, atol=1e-5), uri
+
+
+@contextmanager
+def model_server(project, uri: str):
+    """`mlflow models serve` as a real process in its own process group; yields its URL, then stops that group."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=project, env=env(MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, f"mlflow models serve exited: {proc.stderr.read()[-3000:]}"
+                assert time.time() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group this test started: the server and its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_champion_answers_rest_predictions_equal_to_the_checkpoints(project):
+    c = client(project)
+    (version,) = c.search_model_versions("name = 'cifar-rounds-resnet18'")
+    c.set_registered_model_alias("cifar-rounds-resnet18", "champion", version.version)  # what a report would do
+    batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with model_server(project, "models:/cifar-rounds-resnet18@champion") as url:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = torch.tensor(json.loads(response.read())["predictions"])
+    with torch.no_grad():
+        assert torch.allclose(answer, checkpoint_model(project)(batch), atol=1e-4)
 
 
 def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project):
