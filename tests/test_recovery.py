@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from filelock import FileLock
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.files import atomic_path
@@ -117,7 +118,10 @@ def test_a_kill_during_the_final_logging_completes_it_without_training_again(pro
     assert (project / "reports/b1.csv").read_text() == history
     run_id = read_json(project / "reports/b1.json")["mlflow_run_id"]
     r = store(project).get_run(run_id)
-    assert r.info.status == "FINISHED" and {"model", "checkpoints"} <= {a.path for a in store(project).list_artifacts(run_id)}
+    assert r.info.status == "FINISHED" and "checkpoints" in {a.path for a in store(project).list_artifacts(run_id)}
+    (logged,) = store(project).search_logged_models([r.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert logged.status == LoggedModelStatus.READY
+    assert len(store(project).search_model_versions(f"run_id = '{run_id}'")) == 1
     assert sorted(m.step for m in store(project).get_metric_history(run_id, "train_loss")) == list(range(1, EPOCHS + 1))
     assert torch.load(project / "models_b1/last.pt", weights_only=True)["progress"]["finalized"]
 
@@ -136,7 +140,9 @@ def test_kills_while_the_model_is_logged_or_registered_leave_one_model_and_one_v
     c = store(project)
     models = c.search_logged_models([c.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     (version,) = c.search_model_versions(f"name = 'cifar-rounds-resnet18' AND run_id = '{run_id}'")
-    assert [m.model_id for m in models] == [version.source.removeprefix("models:/")]
+    ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
+    assert ready == [version.source.removeprefix("models:/")]
+    assert [m.status for m in models if m.model_id not in ready] == [LoggedModelStatus.FAILED]  # the interrupted upload
     assert c.get_run(run_id).info.status == "FINISHED"
 
 

@@ -405,21 +405,23 @@ class Tracker:
             return
         with process_store(self.client.tracking_uri):
             models = self._run_models()
+            for m in models:
+                if m.status == LoggedModelStatus.PENDING:  # a kill interrupted its upload: it stays incomplete
+                    self._call("closing an interrupted model", lambda: self.client.finalize_logged_model(
+                        m.model_id, LoggedModelStatus.FAILED))
             ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
-            # a model whose upload a kill interrupted is logged again under its own id, not duplicated
-            model_id = ready[0] if ready else self._log_logged_model(model, example, models[0].model_id if models else None)
+            model_id = ready[0] if ready else self._log_logged_model(model, example)
             self._register(model_id, registered_model)
 
-    def _log_logged_model(self, model: torch.nn.Module, example: torch.Tensor, model_id: str | None) -> str:
+    def _log_logged_model(self, model: torch.nn.Module, example: torch.Tensor) -> str:
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
-        if model_id is None:
-            run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
-            # created here, not by log_model: it would put a model it creates in the process's active
-            # experiment (MLflow's default one here), not in the run's
-            model_id = self._call("creating the logged model", lambda: self.client.create_logged_model(
-                run.info.experiment_id, name=MODEL_ARTIFACTS, source_run_id=self.run_id, params=run.data.params)).model_id
+        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+        # created here, not by log_model: it would put a model it creates in the process's active
+        # experiment (MLflow's default one here), not in the run's
+        model_id = self._call("creating the logged model", lambda: self.client.create_logged_model(
+            run.info.experiment_id, name=MODEL_ARTIFACTS, source_run_id=self.run_id, params=run.data.params)).model_id
         x = example.numpy()
         signature = infer_signature(x, model(example).detach().numpy())
         # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
