@@ -2,7 +2,7 @@
 
 Writes the DVC metrics file, per-example test predictions (also the DVC
 confusion plot) and a confusion-matrix PNG, and logs them to the training
-run in MLflow.
+run in MLflow; the metrics also to the run's LoggedModel, when it logged one.
 """
 
 from __future__ import annotations

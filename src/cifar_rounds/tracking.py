@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.cli import StageError
-from cifar_rounds.names import MODEL_ARTIFACTS
+from cifar_rounds.names import LOGGED_MODEL
 from cifar_rounds.params import Params
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run: params and tags once, metrics per epoch, artifacts at the end."""
+    """One MLflow run: params, tags and datasets once, metrics per epoch, artifacts and the model at the end."""
 
     def __init__(self, client: MlflowClient, run_id: str, patience_s: float) -> None:
         self.client, self.run_id, self.patience_s = client, run_id, patience_s
@@ -421,12 +421,12 @@ class Tracker:
         # created here, not by log_model: it would put a model it creates in the process's active
         # experiment (MLflow's default one here), not in the run's
         model_id = self._call("creating the logged model", lambda: self.client.create_logged_model(
-            run.info.experiment_id, name=MODEL_ARTIFACTS, source_run_id=self.run_id, params=run.data.params)).model_id
+            run.info.experiment_id, name=LOGGED_MODEL, source_run_id=self.run_id, params=run.data.params)).model_id
         x = example.numpy()
         signature = infer_signature(x, model(example).detach().numpy())
         # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
         self._call("logging the model", lambda: mlflow.pytorch.log_model(
-            model, name=MODEL_ARTIFACTS, serialization_format="pt2", input_example=x, signature=signature,
+            model, name=LOGGED_MODEL, serialization_format="pt2", input_example=x, signature=signature,
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(), run_id=self.run_id, model_id=model_id))
         return model_id
 
@@ -444,7 +444,7 @@ class Tracker:
     def _run_models(self) -> list[LoggedModel]:
         run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
         return list(self._call("reading the run's models", lambda: self.client.search_logged_models(
-            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{MODEL_ARTIFACTS}'")))
+            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{LOGGED_MODEL}'")))
 
     def logged_model_id(self) -> str | None:
         """The id of this run's READY LoggedModel (its best model), or None when it has none."""
