@@ -5,9 +5,12 @@
 Trains the same model on random data with gradient norms off and on (alternating
 rounds, so drift hits both), times `GradNorms.record` alone, times one epoch's
 MLflow logging (epoch metrics plus the per-step series at the default interval)
-into a real sqlite store, and times the gradient-noise-scale probe (a half-batch
-forward and backward every `diagnostics.noise_interval` steps). Overheads are
-projected onto a full CIFAR-10 epoch (45,000 training images) at the batch size.
+into a real sqlite store, times one sample of MLflow's system metrics (read,
+aggregated and logged: a share of `tracking.system_metrics_interval_s`, whatever
+the epoch's length) and the per-epoch peak-memory reading, and times the
+gradient-noise-scale probe (a half-batch forward and backward every
+`diagnostics.noise_interval` steps). Overheads are projected onto a full
+CIFAR-10 epoch (45,000 training images) at the batch size.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from cifar_rounds.diagnostics import SmallBatchProbe
 from cifar_rounds.engine import GradNorms, autocast, train_one_epoch
-from cifar_rounds.runtime import amp_dtype, run_conditions
+from cifar_rounds.runtime import amp_dtype, peak_memory_mb, run_conditions
 from cifar_rounds.model import ResNet18
-from cifar_rounds.params import load_params, with_overrides
+from cifar_rounds.params import Params, load_params, with_overrides
 from cifar_rounds.pipeline import TrainBatches
 from cifar_rounds.loop import build_optimizer
 from cifar_rounds.tracking import Tracker
@@ -64,21 +68,45 @@ def probe_cost(model, batch_size: int, dtype, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def tracking_cost(params: Params, steps_per_epoch: int, epochs: int = 5) -> float:
-    """Seconds of MLflow logging per epoch into a fresh sqlite store."""
+def tracking_cost(tracker: Tracker, interval: int, steps_per_epoch: int, epochs: int = 5) -> float:
+    """Seconds of MLflow logging per epoch."""
+    metrics = {f"metric_{i}": float(i) for i in range(40)}  # epoch metrics plus per-block norms
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        first = (epoch - 1) * steps_per_epoch
+        series = {s: 1.0 for s in range(first + 1, first + steps_per_epoch + 1) if s % interval == 0}
+        tracker.log_metrics(metrics, epoch, {"grad_norm_step": series})
+    return (time.perf_counter() - start) / epochs
+
+
+def system_metrics_cost(tracker: Tracker, samples: int = 20) -> float:
+    """Seconds per sample of MLflow's system metrics: read, aggregated and logged (each one, a worst case)."""
+    monitor = SystemMetricsMonitor(tracker.run_id, tracking_uri=tracker.client.tracking_uri)
+    monitor.collect_metrics()  # psutil's first CPU reading only starts its interval
+    start = time.perf_counter()
+    for _ in range(samples):
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    return (time.perf_counter() - start) / samples
+
+
+def peak_memory_cost(repeats: int = 1000) -> float:
+    """Seconds per `peak_memory_mb` reading (once per epoch)."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        peak_memory_mb(CPU)
+    return (time.perf_counter() - start) / repeats
+
+
+def store_costs(params: Params, steps_per_epoch: int) -> tuple[float, float]:
+    """(MLflow logging per epoch, one system-metrics sample), seconds, in a fresh sqlite store."""
     with tempfile.TemporaryDirectory() as tmp:
         params = with_overrides(params, {"tracking.tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
-        tracker = Tracker.start(params, CPU)
-        metrics = {f"metric_{i}": float(i) for i in range(40)}  # epoch metrics plus per-block norms
-        interval = params.tracking.grad_norm_interval
-        start = time.perf_counter()
-        for epoch in range(1, epochs + 1):
-            first = (epoch - 1) * steps_per_epoch
-            series = {s: 1.0 for s in range(first + 1, first + steps_per_epoch + 1) if s % interval == 0}
-            tracker.log_metrics(metrics, epoch, {"grad_norm_step": series})
-        elapsed = (time.perf_counter() - start) / epochs
+        tracker = Tracker.start(params, {})
+        costs = tracking_cost(tracker, params.tracking.grad_norm_interval, steps_per_epoch), system_metrics_cost(tracker)
         tracker.finish()
-    return elapsed
+    return costs
 
 
 def main() -> None:
@@ -105,9 +133,11 @@ def main() -> None:
     step_off, step_on = statistics.median(off), statistics.median(on)
     steps_per_epoch = TRAIN_IMAGES // args.batch_size
     record = record_cost(model)
-    logging = tracking_cost(params, steps_per_epoch)
+    logging, sample = store_costs(params, steps_per_epoch)
     epoch_off = step_off * steps_per_epoch
     direct = (record * steps_per_epoch + logging) / epoch_off
+    sample_every = params.tracking.system_metrics_interval_s
+    memory = peak_memory_cost()
     interval = params.diagnostics.noise_interval
     noise = probe_cost(model, args.batch_size, dtype) * (steps_per_epoch // interval) / epoch_off
     print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -118,6 +148,10 @@ def main() -> None:
     print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")
     print(f"overhead per epoch, from the direct costs: {direct:.3%}")
     print(f"overhead per epoch, from the step times (noisy): {(step_on - step_off) / step_off:+.3%}")
+    print(f"system metrics: {sample * 1e3:.1f} ms per sample, one every {sample_every:g} s: {sample / sample_every:.3%} of training time")
+    print(f"peak-memory reading: {memory * 1e6:.1f} us per epoch: {memory / epoch_off:.5%}")
+    print(f"all tracking together (norms, logging, system metrics, peak memory): "
+          f"{direct + sample / sample_every + memory / epoch_off:.3%} of epoch time")
     print(f"noise-scale probe every {interval} steps: {noise:.2%} of epoch time")
 
 

@@ -131,3 +131,10 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
     result = subprocess.run([sys.executable, "-m", "cifar_rounds.params", str(tmp_path / "broken.yaml")], capture_output=True, text=True)
     assert result.returncode != 0 and "not valid YAML" in result.stderr
+
+
+def test_a_registered_model_name_that_a_models_uri_cannot_carry_is_refused_by_name():
+    for bad in ("a/b", "name@champion", "", "-x", "a:b"):
+        with pytest.raises(ParamsError, match="tracking.registered_model"):
+            parse_params(_raw(**{"tracking.registered_model": bad}))
+    assert parse_params(_raw(**{"tracking.registered_model": "cifar.rounds_v2-x"})).tracking.registered_model

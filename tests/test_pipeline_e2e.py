@@ -7,6 +7,13 @@ import csv
 import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 
 import mlflow.pytorch
 import pytest
@@ -14,9 +21,14 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from mlflow.entities import LoggedModelStatus
+
+from cifar_rounds.checkpoint import load_weights
+from cifar_rounds.model import build_model
 from cifar_rounds.runtime import amp_dtype
 from cifar_rounds.params import load_params
-from conftest import make_project, read_json, run
+from cifar_rounds.tracking import process_store
+from conftest import env, free_port, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
@@ -24,7 +36,8 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, archive):
-    path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS})
+    path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS,
+                                                                         "tracking.system_metrics_interval_s": 1})
     result = run(["dvc", "repro"], path)
     (path / "repro.log").write_text(result.stdout + result.stderr)
     return path
@@ -76,19 +89,92 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert (metrics["device"], metrics["precision"]) == ("cpu", r.data.tags["precision"])  # for the round report
     c = client(project)
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
-                "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "grad_norm_mean", "grad_norm/layer1.0"):
+                "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "peak_memory_mb", "grad_norm_mean",
+                "grad_norm/layer1.0"):
         history = c.get_metric_history(r.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
         assert all(math.isfinite(m.value) for m in history)
     assert all(m.value > 0 for m in c.get_metric_history(r.info.run_id, "grad_norm_max"))
+    assert all(m.value > 0 for m in c.get_metric_history(r.info.run_id, "peak_memory_mb"))
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert c.get_metric_history(r.info.run_id, key), key  # MLflow's system metrics, sampled each second
     assert r.data.metrics["test_accuracy"] == read_json(project / "metrics.json")["test_accuracy"]
     names = {a.path for a in c.list_artifacts(r.info.run_id, "checkpoints")}
     best = read_json(project / "metrics.json")["best_epoch"]
     assert names == {f"checkpoints/best-epoch-{best:03d}.pt", f"checkpoints/last-epoch-{EPOCHS:03d}.pt"}
     assert "evaluation/confusion_matrix.png" in {a.path for a in c.list_artifacts(r.info.run_id, "evaluation")}
-    model = mlflow.pytorch.load_model(f"{r.info.artifact_uri}/model")
     assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def checkpoint_model(project) -> torch.nn.Module:
+    width = load_params(project / "params.yaml").model.width
+    net = build_model(width, 10, torch.device("cpu"), torch.contiguous_format)
+    load_weights(project / "models/best.pt", net, width)
+    return net.eval()
+
+
+def test_best_model_is_a_logged_model_with_the_evaluation_and_one_registered_version(project):
+    (r,) = runs(project)
+    c = client(project)
+    (logged,) = c.search_logged_models([r.info.experiment_id])
+    assert logged.source_run_id == r.info.run_id and logged.status == LoggedModelStatus.READY
+    assert logged.artifact_location.startswith(f"file://{project}/mlartifacts/")
+    assert [o.model_id for o in c.get_run(r.info.run_id).outputs.model_outputs] == [logged.model_id]
+    metrics = read_json(project / "metrics.json")
+    assert {m.key: m.value for m in logged.metrics}["test_accuracy"] == metrics["test_accuracy"]
+    (version,) = c.search_model_versions("name = 'cifar-rounds-resnet18'")
+    assert version.run_id == r.info.run_id and version.source == f"models:/{logged.model_id}"
+    assert version.tags == {"round": "workspace", "seed": "0", "dvc_exp_name": "", "git_commit": r.data.tags["git_commit"]}
+    batch = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = checkpoint_model(project)(batch)
+        with process_store(c.tracking_uri):
+            for uri in (f"models:/{logged.model_id}", f"models:/cifar-rounds-resnet18/{version.version}"):
+                assert torch.allclose(mlflow.pytorch.load_model(uri)(batch), expected, atol=1e-5), uri
+
+
+@contextmanager
+def model_server(project, uri: str):
+    """`mlflow models serve` as a real process in its own process group; yields its URL, then stops that group."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=project, env=env(MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, f"mlflow models serve exited: {proc.stderr.read()[-3000:]}"
+                assert time.time() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group this test started: the server and its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_champion_answers_rest_predictions_equal_to_the_checkpoints(project):
+    c = client(project)
+    (version,) = c.search_model_versions("name = 'cifar-rounds-resnet18'")
+    c.set_registered_model_alias("cifar-rounds-resnet18", "champion", version.version)  # what a report would do
+    batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with model_server(project, "models:/cifar-rounds-resnet18@champion") as url:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = torch.tensor(json.loads(response.read())["predictions"])
+    with torch.no_grad():
+        assert torch.allclose(answer, checkpoint_model(project)(batch), atol=1e-4)
 
 
 def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project):
@@ -143,3 +229,32 @@ def test_changing_a_train_param_reruns_train_and_evaluate_only(project):
     # the old checkpoint belonged to other params: a fresh run, not a resume
     assert "other data, model or train params; starting fresh" in out
     assert sorted(r.info.status for r in runs(project)) == ["FINISHED", "FINISHED"]
+
+
+def dataset_inputs(project, run_id: str) -> set[tuple[str, str, str]]:
+    found = client(project).get_run(run_id).inputs.dataset_inputs
+    return {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in found}
+
+
+def split_md5(project) -> str:
+    """The hash DVC records for the split file."""
+    outs = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["split"]["outs"]
+    return next(o["md5"] for o in outs if o["path"] == "data/split.npz")
+
+
+def test_runs_on_one_split_share_its_dataset_and_a_re_split_is_a_new_one(project):
+    first, second = (r.info.run_id for r in runs(project))  # two trainings on one split by now
+    md5 = split_md5(project)
+    expected = {("cifar10-train", md5, "training"), ("cifar10-val", md5, "validation"), ("cifar10-test", md5, "test")}
+    assert dataset_inputs(project, first) == dataset_inputs(project, second) == expected
+    (train_input,) = [i for i in client(project).get_run(first).inputs.dataset_inputs if i.dataset.name == "cifar10-train"]
+    params = load_params(project / "params.yaml")
+    assert json.loads(train_input.dataset.source) == {"uri": params.data.url}
+    assert json.loads(train_input.dataset.profile) == {"num_rows": 1500 - params.data.val_size}
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["data"]["seed"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    run(["dvc", "repro"], project)
+    assert split_md5(project) != md5
+    newest = max(runs(project), key=lambda r: r.info.start_time).info.run_id
+    assert {digest for _, digest, _ in dataset_inputs(project, newest)} == {split_md5(project)}

@@ -70,7 +70,7 @@ ELSEWHERE = {
         "test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     ".venv/bin/dvc repro": "test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     # the suite itself, as CI runs it, and its fast subset
-    "scripts/test.sh": "CI", 'scripts/test.sh -m "not slow"': "CI",
+    "scripts/test.sh": "CI", 'scripts/test.sh -m "not slow"': "CI", "scripts/test.sh tests/test_ui.py": "CI",
 }
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 

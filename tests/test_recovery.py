@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from filelock import FileLock
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.files import atomic_path
@@ -102,7 +103,7 @@ def project(tmp_path_factory, small_archive):
 def test_a_kill_during_the_final_logging_completes_it_without_training_again(project):
     good = set_params(project, **{"tracking.log_model": True})
     try:
-        killed_train(project, "b1", "tracking.Tracker", "log_pytorch_model", before="True")
+        killed_train(project, "b1", "tracking.Tracker", "log_model", before="True")
     finally:
         (project / "params.yaml").write_text(good)
     state = torch.load(project / "models_b1/last.pt", weights_only=True)
@@ -117,9 +118,32 @@ def test_a_kill_during_the_final_logging_completes_it_without_training_again(pro
     assert (project / "reports/b1.csv").read_text() == history
     run_id = read_json(project / "reports/b1.json")["mlflow_run_id"]
     r = store(project).get_run(run_id)
-    assert r.info.status == "FINISHED" and {"model", "checkpoints"} <= {a.path for a in store(project).list_artifacts(run_id)}
+    assert r.info.status == "FINISHED" and "checkpoints" in {a.path for a in store(project).list_artifacts(run_id)}
+    (logged,) = store(project).search_logged_models([r.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert logged.status == LoggedModelStatus.READY
+    assert len(store(project).search_model_versions(f"run_id = '{run_id}'")) == 1
     assert sorted(m.step for m in store(project).get_metric_history(run_id, "train_loss")) == list(range(1, EPOCHS + 1))
     assert torch.load(project / "models_b1/last.pt", weights_only=True)["progress"]["finalized"]
+
+
+def test_kills_while_the_model_is_logged_or_registered_leave_one_model_and_one_version(project):
+    good = set_params(project, **{"tracking.log_model": True})
+    try:
+        # the LoggedModel exists (PENDING), its files do not
+        killed_train(project, "m1", "__import__('mlflow.pytorch').pytorch", "save_model", before="True")
+        killed_train(project, "m1", "tracking.Tracker", "_register", before="True")  # logged, not registered
+        killed_train(project, "m1", "tracking.Tracker", "log_model", after="True")  # registered, not finalized
+        train(project, "m1")
+    finally:
+        (project / "params.yaml").write_text(good)
+    run_id = read_json(project / "reports/m1.json")["mlflow_run_id"]
+    c = store(project)
+    models = c.search_logged_models([c.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    (version,) = c.search_model_versions(f"name = 'cifar-rounds-resnet18' AND run_id = '{run_id}'")
+    ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
+    assert ready == [version.source.removeprefix("models:/")]
+    assert [m.status for m in models if m.model_id not in ready] == [LoggedModelStatus.FAILED]  # the interrupted upload
+    assert c.get_run(run_id).info.status == "FINISHED"
 
 
 def test_deleted_derived_files_are_rebuilt_from_the_state_without_training(project):
@@ -179,8 +203,8 @@ def test_changed_diagnostics_continue_with_the_new_settings_and_are_recorded(pro
     finally:
         (project / "params.yaml").write_text(good)
     assert "diagnostics changed since epoch 1; continuing with the new values" in out
-    rows = (project / "reports/diag.csv").read_text().splitlines()[1:]
-    noise = [row.split(",")[10] for row in rows]  # HISTORY_FIELDS: noise_scale is the 11th column
+    header, *rows = (project / "reports/diag.csv").read_text().splitlines()
+    noise = [row.split(",")[header.split(",").index("noise_scale")] for row in rows]
     assert noise[0] != "" and noise[1:] == [""] * (EPOCHS - 1)  # no frozen value once the probe is off
     run_id = read_json(project / "reports/diag.json")["mlflow_run_id"]
     r = store(project).get_run(run_id)

@@ -12,7 +12,9 @@ from cifar_rounds.cli import StageError
 from cifar_rounds.nextround import proposals
 from cifar_rounds.params import load_params
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, mlflow_replicate, mlflow_runs
-from cifar_rounds.report import condition_lines, noise_line, per_class_lines
+from cifar_rounds.registry import champion_decision, round_alias
+from cifar_rounds.report import condition_lines, noise_line, per_class_lines, resource_lines
+from cifar_rounds.verdict import Verdict
 from cifar_rounds.rounds import load_preset, scaled_milestones
 from cifar_rounds.sweepfile import load_sweep
 from cifar_rounds.synthetic import write_archive
@@ -46,6 +48,20 @@ def test_shortened_runs_keep_their_milestones_at_the_same_fractions():
     assert scaled_milestones([60, 120, 160], 200, 4) == [1, 2, 3]
     assert scaled_milestones([60, 120, 160], 250, 10) == [2, 5, 6]
     assert scaled_milestones([60, 120, 160], 200, 2) == [1]  # collisions merge; none reaches the end
+
+
+def test_report_states_peak_memory_and_throughput_of_both_rounds():
+    def round_of(label, *histories):
+        return Round(label, [Replicate(label, repo_params(), {}, list(h), []) for h in histories])
+
+    base = round_of("a", [{"peak_memory_mb": 100.0, "images_per_s": 50.0}, {"peak_memory_mb": 120.0, "images_per_s": 70.0},
+                          {"peak_memory_mb": 110.0, "images_per_s": 60.0}])
+    cand = round_of("b", [{"peak_memory_mb": 200.0, "images_per_s": 90.0}], [{"peak_memory_mb": 220.0, "images_per_s": 110.0}])
+    memory, throughput = resource_lines(base, cand)
+    assert memory.startswith("- peak memory, MiB") and memory.endswith(": 120 (n = 1) -> 210 ± 14 (n = 2)")
+    assert throughput.endswith(": 60 (n = 1) -> 100 ± 14 (n = 2)")
+    unrecorded = round_of("c", [{"peak_memory_mb": float("nan"), "images_per_s": 5.0}])  # an older run's history
+    assert resource_lines(unrecorded, unrecorded)[0].endswith(": not measured -> not measured")
 
 
 def test_report_flags_rounds_trained_under_different_conditions():
@@ -136,6 +152,36 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
 
 
 @pytest.mark.slow
+def test_the_report_moves_round_aliases_to_best_seeds_and_says_where_the_champion_is(rounds_project):
+    client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
+    name = load_params(rounds_project / "params.yaml").tracking.registered_model
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted((v.tags["round"], v.tags["seed"], v.tags["dvc_exp_name"]) for v in versions) == [
+        (p, str(s), f"{p}-s{s}") for p in ("round-1", "round-2") for s in range(SEEDS)]  # one per training run
+    run(["python", "-m", "cifar_rounds.report", "round-1", "round-2", "--out", "reports/aliases.md"], rounds_project)
+    report = (rounds_project / "reports/aliases.md").read_text()
+    for preset in ("round-1", "round-2"):
+        best = max((_metrics(rounds_project, r) for r in replicas(preset)), key=lambda m: m["test_accuracy"])
+        assert client.get_model_version_by_alias(name, preset).run_id == best["mlflow_run_id"]
+        assert f"- @{preset} -> {name} version" in report
+    line = next(x for x in report.splitlines() if x.startswith("- @champion"))
+    moved = re.fullmatch(r"- @champion -> version (\d+): .+", line)
+    if moved:  # the tiny candidate passed its criteria: there was no champion before
+        assert client.get_model_version_by_alias(name, "champion").version == moved.group(1)
+        assert "there was no champion" in line
+    else:
+        assert line.startswith("- @champion stays at no version: round-2 does not pass its success criteria")
+        assert "champion" not in client.get_registered_model(name).aliases
+    # a champion from a round this report does not compare stays where it is
+    location = client.get_logged_model(versions[0].source.removeprefix("models:/")).artifact_location
+    other = client.create_model_version(name, location)  # no run: as if registered from elsewhere
+    client.set_registered_model_alias(name, "champion", other.version)
+    run(["python", "-m", "cifar_rounds.report", "round-1", "round-2", "--out", "reports/aliases.md"], rounds_project)
+    assert client.get_model_version_by_alias(name, "champion").version == other.version
+    assert f"- @champion stays at version {other.version}: " in (rounds_project / "reports/aliases.md").read_text()
+
+
+@pytest.mark.slow
 def test_one_seed_each_is_a_comparison_of_two_models_not_of_configurations(rounds_project):
     run(["python", "-m", "cifar_rounds.report", "round-1-s0", "round-2-s0", "--out", "reports/one.md"], rounds_project)
     report = (rounds_project / "reports/one.md").read_text()
@@ -202,3 +248,26 @@ def test_a_non_positive_or_nan_noise_scale_is_not_measurable_and_an_empty_class_
     assert "the batch size 96 is 2x below it" in line
     lines = per_class_lines(_replicate(metrics={"per_class_accuracy": {"cat": 0.5, "ship": None}}))
     assert lines == ["cat: 50.00%", "ship: no images"]
+
+
+def _verdict(difference: float = 0.02, p: float = 0.01, seeds: int = 2) -> Verdict:
+    return Verdict(difference, difference - 0.01, difference + 0.01, 0.95, p, 0.05, p < 0.05, seeds, seeds,
+                   "test", "covers", "", None, 0.005)
+
+
+def test_champion_moves_only_to_a_candidate_that_passes_and_beats_the_champions_round():
+    better = _verdict()
+    assert champion_decision("none", True, better, "a", "b") == (True, "there was no champion, and b passes its success criteria")
+    assert champion_decision("baseline", True, better, "a", "b")[0]
+    assert champion_decision("candidate", True, better, "a", "b")[0]
+    stays = {
+        "does not pass its success criteria": ("none", False, better),
+        "does not say b beats a": ("baseline", True, _verdict(p=0.2)),
+        "(difference -2.00%": ("baseline", True, _verdict(difference=-0.02)),
+        "not configurations": ("baseline", True, _verdict(seeds=1)),
+        "comes from neither a nor b": ("other", True, better),
+    }
+    for why, (side, passes, v) in stays.items():
+        move, reason = champion_decision(side, passes, v, "a", "b")
+        assert not move and why in reason, reason
+    assert round_alias("round-1") == "round-1" and round_alias("a,b c") == "a-b-c"

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from cifar_rounds.names import RUN_CONDITIONS
-from cifar_rounds.runtime import ONEDNN_FAULT_CHANNELS, memory_format, onednn_faults_at, run_conditions
+from cifar_rounds.runtime import ONEDNN_FAULT_CHANNELS, memory_format, onednn_faults_at, peak_memory_mb, run_conditions
 from conftest import env
 
 # A fresh process, so that the intra-op thread pool starts after the stage's configuration, as in a stage.
@@ -64,3 +64,10 @@ def test_run_conditions_name_every_condition():
     conditions = run_conditions("fp32", 64, torch.device("cpu"))
     assert tuple(conditions) == RUN_CONDITIONS and conditions["precision"] == "fp32"
     assert conditions["layout"] == "channels_last"
+
+
+def test_peak_memory_on_the_cpu_is_the_process_peak_rss_and_grows_with_a_larger_allocation():
+    cpu = torch.device("cpu")
+    before = peak_memory_mb(cpu)
+    block = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    assert before > 0 and peak_memory_mb(cpu) >= before + 200 * (block.sum().item() > 0)

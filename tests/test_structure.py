@@ -6,6 +6,7 @@ import re
 import pytest
 import yaml
 
+from cifar_rounds.names import BEST_CHECKPOINT
 from cifar_rounds.rounds import load_preset, preset_names
 from conftest import REPO
 
@@ -67,3 +68,17 @@ def test_round_values_appear_once_in_the_source_tree():
     code = "\n".join(p.read_text() for p in PACKAGE.glob("*.py")) + (REPO / "MLproject").read_text()
     for literal in ("0.0005", "[60, 120, 160]", "batch_size: 96", "0.05,"):
         assert literal not in code, literal
+
+
+def test_dvc_yaml_declares_the_best_checkpoint_as_a_model_artifact():
+    from dvc.repo import Repo
+    from dvc.repo.artifacts import check_name_format
+
+    with Repo(str(REPO)) as repo:
+        artifacts = repo.artifacts.read()["dvc.yaml"]
+        (name, artifact), = artifacts.items()
+        check_name_format(name)  # what `dvc artifacts get` and Studio accept
+        train_outs = {o.def_path for s in repo.index.stages if s.name == "train" for o in s.outs}
+    models_dir = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["models_dir"]
+    assert artifact.type == "model" and artifact.path == f"{models_dir}/{BEST_CHECKPOINT}"
+    assert models_dir in train_outs  # the file the train stage writes

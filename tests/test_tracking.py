@@ -7,6 +7,7 @@ import time
 
 import pytest
 import yaml
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.params import load_params
@@ -30,7 +31,11 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(tmp_path, archive, mlfl
     (r,) = finished_runs(client)
     assert r.info.status == "FINISHED" and r.info.run_id == read_json(project / "metrics.json")["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val_loss")] == [1, 2]
-    assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"checkpoints", "model", "evaluation"}
+    assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"checkpoints", "evaluation"}
+    (logged,) = client.search_logged_models([r.info.experiment_id])  # the model, uploaded through the server
+    assert logged.status == LoggedModelStatus.READY and {m.key for m in logged.metrics} >= {"test_accuracy"}
+    (version,) = client.search_model_versions(f"run_id = '{r.info.run_id}'")
+    assert version.source == f"models:/{logged.model_id}"
 
 
 def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path, archive):

@@ -26,6 +26,11 @@ class Split:
     test_labels: np.ndarray
     label_names: list[str]
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Images per part: train, val, test."""
+        return {"train": len(self.train_labels), "val": len(self.val_labels), "test": len(self.test_labels)}
+
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in vars(self).items()})

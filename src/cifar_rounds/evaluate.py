@@ -2,7 +2,7 @@
 
 Writes the DVC metrics file, per-example test predictions (also the DVC
 confusion plot) and a confusion-matrix PNG, and logs them to the training
-run in MLflow.
+run in MLflow; the metrics also to the run's LoggedModel, when it logged one.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def log_evaluation(tracker: Tracker, metrics: dict, args: argparse.Namespace) ->
         for k, v in metrics.items() if isinstance(v, (int, float))
     }
     flat.update({f"test_accuracy/{n}": v for n, v in metrics["per_class_accuracy"].items() if v is not None})
-    tracker.log_metrics(flat, step=metrics["stopped_epoch"])
+    # the run's metrics, and with a logged model also that model's (the Models page shows them)
+    tracker.log_metrics(flat, step=metrics["stopped_epoch"], model_id=tracker.logged_model_id())
     for path in (args.metrics, args.predictions, args.confusion_png):
         tracker.log_artifact(path, EVALUATION_ARTIFACTS)
 

@@ -23,7 +23,7 @@ from cifar_rounds.engine import EpochResult, evaluate, train_one_epoch
 from cifar_rounds.model import build_model
 from cifar_rounds.params import Params, TrainParams
 from cifar_rounds.pipeline import TrainBatches, eval_batches, normalize
-from cifar_rounds.runtime import amp_dtype, configure_determinism, memory_format
+from cifar_rounds.runtime import amp_dtype, configure_determinism, memory_format, peak_memory_mb, reset_peak_memory
 from cifar_rounds.dataset import Split
 
 
@@ -130,12 +130,13 @@ def progress_bar(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def epoch_record(epoch: int, lr: float, result: EpochResult, val: dict, seconds: float, images: int) -> dict:
+def epoch_record(epoch: int, lr: float, result: EpochResult, val: dict, seconds: float, images: int,
+                 peak_mb: float) -> dict:
     m = result.metrics
     return {
         "epoch": epoch, "learning_rate": lr, **m, **{f"val_{k}": v for k, v in val.items()},
         "train_val_accuracy_gap": m["train_accuracy"] - val["accuracy"],
-        "epoch_time_s": seconds, "images_per_s": images / seconds,
+        "epoch_time_s": seconds, "images_per_s": images / seconds, "peak_memory_mb": peak_mb,
     }
 
 
@@ -143,6 +144,7 @@ def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResul
     """Train one epoch, validate, step the schedule: the epoch's record, result and noise samples."""
     optimizer, place, batches = t.optim.optimizer, t.place, t.data.batches
     lr = optimizer.param_groups[0]["lr"]
+    reset_peak_memory(place.device)
     start = time.perf_counter()
     stream = progress_bar(batches.epoch(t.data.generator, place.world.shard), len(batches), f"epoch {epoch}")
     result = train_one_epoch(t.nets.model, optimizer, stream, len(batches), place.device, place.dtype, t.probes.noise)
@@ -158,7 +160,7 @@ def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResul
     # the plain module: no DDP collectives (or recompilation) for evaluation
     val = evaluate(t.nets.net, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, place.device, place.dtype)
     t.optim.scheduler.step()
-    record = epoch_record(epoch, lr, result, val, seconds, len(batches) * tp.batch_size)
+    record = epoch_record(epoch, lr, result, val, seconds, len(batches) * tp.batch_size, peak_memory_mb(place.device))
     return from_main_rank(record, place.world), result, samples
 
 

@@ -8,7 +8,8 @@ TRAINER_LOCK = ".train.lock"  # suffix of `.<models folder><suffix>`, held by th
 CHECKPOINT_ARTIFACTS = "checkpoints"
 EVALUATION_ARTIFACTS = "evaluation"
 REPORT_ARTIFACTS = "report"
-MODEL_ARTIFACTS = "model"
 PARAMS_ARTIFACTS = "params"  # params.yaml as it was at each (re)start of a run
+
+LOGGED_MODEL = "model"  # the name of each run's MLflow LoggedModel (its best model)
 
 RUN_CONDITIONS = ("device", "precision", "denormals", "layout")  # what params.yaml leaves to the machine

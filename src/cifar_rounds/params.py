@@ -109,7 +109,17 @@ class TrackingParams(Section):
     )
     grad_norm_interval: int = Field(ge=1, description="Log the per-step gradient norm every this many optimizer steps."
     )
-    log_model: bool = Field(description="Log the best model as an MLflow model.")
+    log_model: bool = Field(description="Log the best model as an MLflow LoggedModel and register it as a version.")
+    registered_model: str = Field(
+        pattern=r"^[A-Za-z0-9][\w.-]*$",
+        description="MLflow registered model (letters, digits, '.', '_', '-': it appears in models:/NAME@ALIAS) "
+        "that each training run's best model becomes one version of; the round report moves its aliases.",
+    )
+    system_metrics_interval_s: float = Field(
+        ge=0, allow_inf_nan=False,
+        description="While training, sample MLflow's system metrics (CPU, memory, disk, network; GPUs where "
+        "nvidia-ml-py is installed) every this many seconds, seconds; 0: off.",
+    )
     store_patience_s: float = Field(
         gt=0, allow_inf_nan=False,
         description="How long one write waits, with backoff, for a busy store (a locked sqlite file, a server "

@@ -6,13 +6,16 @@ report (and its learning-curve figure) is built from measured data only: the
 metrics file, the per-epoch history, the per-example test predictions and the
 params of each replicate. With two or more seeds per side the verdict is on the
 configuration (seeds and test images both vary); with one, it compares two
-trained models and says how many seeds a configuration verdict needs.
+trained models and says how many seeds a configuration verdict needs. The
+report is also what moves the registered model's aliases (`registry`): `@<round>`
+for both rounds, and `@champion` when the candidate earns it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from cifar_rounds.files import atomic_path
 from cifar_rounds.names import REPORT_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.nextround import next_round_lines
 from cifar_rounds.params import ReportParams, load_params
+from cifar_rounds.registry import move_aliases
 from cifar_rounds.replicates import ArtifactPaths, Replicate, Round, find_round, number
 from cifar_rounds.tracking import Tracker, repo_root
 from cifar_rounds.verdict import MeanStd, Verdict, compare_configs, format_mean_std, mean_std, t_quantile, wilson_interval
@@ -70,6 +74,23 @@ def condition_lines(base: Round, cand: Round) -> list[str]:
     return lines
 
 
+def per_seed(r: Round, key: str, pick) -> list[float]:
+    """`pick` over each replicate's finite per-epoch values of `key`; replicates without any are left out."""
+    rows = ([v for row in rep.history if math.isfinite(v := number(row, key))] for rep in r.replicates)
+    return [pick(v) for v in rows if v]
+
+
+def resource_lines(base: Round, cand: Round) -> list[str]:
+    """Measured peak memory and training throughput of each round (a change of batch size changes both)."""
+    measures = (
+        ("peak memory, MiB (per seed its largest epoch's; CUDA: allocated tensors, CPU: the process's peak RSS)",
+         "peak_memory_mb", max),
+        ("training throughput, images/s (per seed its median epoch's)", "images_per_s", statistics.median),
+    )
+    return [f"- {title}: {format_mean_std(per_seed(base, key, pick), '{:.0f}')} -> "
+            f"{format_mean_std(per_seed(cand, key, pick), '{:.0f}')}" for title, key, pick in measures]
+
+
 def same_test_set(base: Round, cand: Round) -> None:
     """Refuse to pair predictions unless every replicate saw the same test images (by content)."""
     digests = {rep.metrics.get("test_set_digest") for r in (base, cand) for rep in r.replicates}
@@ -78,9 +99,12 @@ def same_test_set(base: Round, cand: Round) -> None:
                          "digests differ or are not recorded); evaluate both on one split before comparing")
 
 
-def verdict_lines(base: Round, cand: Round, alpha: float) -> list[str]:
+def round_verdict(base: Round, cand: Round, alpha: float) -> Verdict:
     same_test_set(base, cand)
-    v = compare_configs([rep.correct for rep in base.replicates], [rep.correct for rep in cand.replicates], alpha)
+    return compare_configs([rep.correct for rep in base.replicates], [rep.correct for rep in cand.replicates], alpha)
+
+
+def verdict_lines(base: Round, cand: Round, v: Verdict) -> list[str]:
     n = len(cand.first.predictions)
     lines = []
     for r in (base, cand):
@@ -202,14 +226,15 @@ def round_section(r: Round) -> list[str]:
     return out + noise_and_sharpness(rep)
 
 
-def render(base: Round, cand: Round, alpha: float, figure: str, next_round: list[str]) -> str:
+def render(base: Round, cand: Round, v: Verdict, aliases: list[str], figure: str, next_round: list[str]) -> str:
     out = [f"# Round report: {base.name} -> {cand.name}", "", "## Performance (mean ± std over seeds)",
            f"{base.name} -> {cand.name}:"]
     out += performance_lines(base, cand)
     out += ["", "## Hyperparameter changes", "", f"| parameter | {base.name} | {cand.name} |", "|---|---|---|"]
     out += param_changes(base, cand) or ["| (none) | | |"]
-    out += ["", "## Run conditions (not in params.yaml)"] + condition_lines(base, cand)
-    out += ["", "## Is the change in test accuracy real?"] + verdict_lines(base, cand, alpha)
+    out += ["", "## Run conditions (not in params.yaml)"] + condition_lines(base, cand) + resource_lines(base, cand)
+    out += ["", "## Is the change in test accuracy real?"] + verdict_lines(base, cand, v)
+    out += ["", "## Registered model aliases (moved by this report)"] + aliases
     for r in (base, cand):
         out += round_section(r)
     out += next_round
@@ -267,8 +292,10 @@ def main() -> None:
     base, cand = (find_round(ref, params, root, paths) for ref in (args.baseline, args.candidate))
     safe = lambda name: "".join(c if c.isalnum() or c in "-_." else "_" for c in name)  # noqa: E731
     out = args.out or Path(paths.history).parent / f"round-{safe(base.name)}-vs-{safe(cand.name)}.md"
+    v = round_verdict(base, cand, params.report.significance)
+    aliases = move_aliases(params, base, cand, all(ok for _, _, ok in criteria(cand)), v)
     next_round = next_round_lines(cand, out.with_suffix(".next"))  # writes the proposals' sweep files
-    text = render(base, cand, params.report.significance, out.with_suffix(".png").name, next_round)
+    text = render(base, cand, v, aliases, out.with_suffix(".png").name, next_round)
     figure = write_report(text, [base, cand], out)
     tracker = Tracker.attach(params, cand.first.metrics["mlflow_run_id"])
     tracker.log_artifact(out, REPORT_ARTIFACTS)

@@ -9,6 +9,7 @@ show a change of machine.
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 
@@ -101,3 +102,16 @@ def run_conditions(precision: str, width: int, device: torch.device) -> dict[str
         ("flushed" if denormals_flushed() else "kept") if cpu else "n/a",
         "channels_last" if memory_format(width, device) == torch.channels_last else "nchw (oneDNN AVX2 fault)",
     )))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_mb` (CUDA only: a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory, MiB: tensors allocated on the GPU since the last reset; on the CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

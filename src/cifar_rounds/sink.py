@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import sys
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from mlflow.entities import DatasetInput
 
 from cifar_rounds.checkpoint import Outputs, Progress, Resume, best_weights, load_checkpoint, save_atomic
 from cifar_rounds.cli import StageError
@@ -27,7 +29,7 @@ from cifar_rounds.tracking import NullTracker, Tracker, terminated_on_exit
 
 HISTORY_FIELDS = (
     "epoch", "learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s",
+    "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s", "peak_memory_mb",
     "noise_scale", "lambda_max", "hessian_trace", "stability_bound",  # diagnostics; blank when off or not due
 )
 RESUMABLE_SECTIONS = ("diagnostics", "tracking", "sweep")  # may change between a kill and a resume: recorded
@@ -83,7 +85,7 @@ class RunSink:
 
     @classmethod
     def open(cls, params: Params, out: Outputs, num_classes: int, conditions: dict[str, str], progress: Progress,
-             resume: Resume) -> RunSink:
+             resume: Resume, datasets: list[DatasetInput]) -> RunSink:
         """Start or continue the MLflow run; record what changed since the checkpoint; log what it lacks."""
         if progress.finalized:  # nothing left to log: rebuild files without touching the store
             print(f"train: {out.last} holds a finished run; rebuilding its outputs without training")
@@ -96,6 +98,7 @@ class RunSink:
                   + (" (training finished; completing its final logging)" if progress.finished else ""))
             sink._record_changed_settings(progress)
         tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
+        tracker.log_inputs(datasets)
         progress.run_id = tracker.run_id
         progress.settings = {s: params.digest(s) for s in RESUMABLE_SECTIONS}
         sink._backfill(progress)
@@ -121,8 +124,11 @@ class RunSink:
         metrics = {k: v for k, v in record.items() if k != "epoch"}
         self.tracker.log_metrics(metrics, int(record["epoch"]), {"grad_norm_step": series})
 
-    def running(self) -> AbstractContextManager:
-        return terminated_on_exit(self.tracker)
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The run ends FINISHED, FAILED or KILLED with the block; system metrics are sampled during it."""
+        with terminated_on_exit(self.tracker), self.tracker.system_metrics(self.params.tracking.system_metrics_interval_s):
+            yield
 
     def tag(self, tags: dict[str, str]) -> None:
         if tags:
@@ -172,7 +178,7 @@ class RunSink:
         print(f"train: rebuilt {self.out.best} from the run's logged copy")
 
     def _log_final(self, summary: dict, state: dict) -> None:
-        """Checkpoints (named by epoch), the history and the best model as an MLflow model."""
+        """Checkpoints (named by epoch), the history, and the best model as a LoggedModel and registered version."""
         t = self.tracker
         t.log_metrics({"best_epoch": summary["best_epoch"], "stopped_epoch": summary["stopped_epoch"]}, summary["stopped_epoch"])
         t.log_artifact(self.out.best, CHECKPOINT_ARTIFACTS, best_artifact_name(summary["best_epoch"]))
@@ -184,5 +190,5 @@ class RunSink:
             best = build_model(self.params.model.width, self.num_classes, torch.device("cpu"), torch.contiguous_format)
             best.load_state_dict(load_checkpoint(self.out.best)["model"])
             # batch 2: torch.export specialises a batch dimension of size 1
-            t.log_pytorch_model(best.eval(), torch.zeros(2, 3, 32, 32))
+            t.log_model(best.eval(), torch.zeros(2, 3, 32, 32), self.params.tracking.registered_model)
 

@@ -12,6 +12,7 @@ printed; past that the stage stops with one line, its checkpoint already on disk
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -23,17 +24,18 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModel, LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.cli import StageError
-from cifar_rounds.names import MODEL_ARTIFACTS
+from cifar_rounds.names import LOGGED_MODEL
 from cifar_rounds.params import Params
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ ARTIFACTS_DIR = "mlartifacts"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 END_REASON_TAG = "cifar_rounds.end_reason"
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # split part -> MLflow input context
+VERSION_TAGS = ("round", "seed", "dvc_exp_name", "git_commit")  # run tags each registered version carries
 T = TypeVar("T")
 
 
@@ -212,6 +216,61 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
                              "move it away to start a new store") from None
 
 
+@contextmanager
+def process_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for the block only.
+
+    Model logging, the sqlite registry and `models:/` URIs read those, not a client's URI, and
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI: the environment is put back after.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists (another worker may create it at the same moment)."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def run_version(client: MlflowClient, registered_model: str, run_id: str, patience_s: float) -> ModelVersion | None:
+    """The version of `registered_model` that run `run_id` registered, or None."""
+    found = patiently(lambda: client.search_model_versions(f"name = '{registered_model}' AND run_id = '{run_id}'"),
+                      "reading the registry", patience_s)
+    return found[0] if found else None
+
+
+def dataset_inputs(url: str, digest: str, sizes: dict[str, int]) -> list[DatasetInput]:
+    """The split's parts as MLflow dataset inputs, each with its context.
+
+    Source: `data.url`. Digest: the split file's MD5, the hash DVC records for it in dvc.lock, so a
+    dataset in MLflow and a split in DVC are one thing, and a re-split is a new dataset.
+    """
+    source_type, source = ("http", {"url": url}) if url.startswith(("http://", "https://")) else ("local", {"uri": url})
+    return [
+        DatasetInput(Dataset(f"cifar10-{part}", digest, source_type, json.dumps(source),
+                             profile=json.dumps({"num_rows": sizes[part]})),
+                     [InputTag("mlflow.data.context", context)])
+        for part, context in DATASET_CONTEXTS.items()
+    ]
+
+
 def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
     root = repo_root()
     commit = git_commit(Path.cwd())
@@ -230,7 +289,7 @@ def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run: params and tags once, metrics per epoch, artifacts at the end."""
+    """One MLflow run: params, tags and datasets once, metrics per epoch, artifacts and the model at the end."""
 
     def __init__(self, client: MlflowClient, run_id: str, patience_s: float) -> None:
         self.client, self.run_id, self.patience_s = client, run_id, patience_s
@@ -304,13 +363,15 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("tagging the run", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
-    def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None,
+                    model_id: str | None = None) -> None:
         """Metrics at one step, plus whole series (key -> {step: value}), in one batch where MLflow allows.
 
         One batch is one transaction in MLflow's stores, so an epoch is logged entirely or not at all.
+        With `model_id`, the step's metrics are also the metrics of that LoggedModel.
         """
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
         batch += [Metric(k, float(v), now, s) for k, values in (series or {}).items() for s, v in values.items()]
         for i in range(0, len(batch), MAX_BATCH):
             self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH]))
@@ -319,6 +380,10 @@ class Tracker:
         """The highest step logged for `key` (0 if none): where a resumed run picks up logging."""
         history = patiently(lambda: self.client.get_metric_history(self.run_id, key), "reading the run", self.patience_s)
         return max((m.step for m in history), default=0)
+
+    def log_inputs(self, datasets: list[DatasetInput]) -> None:
+        """The run's datasets; logging the same ones again adds nothing."""
+        self._call("logging the datasets", lambda: self.client.log_inputs(self.run_id, datasets=datasets))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""
@@ -330,18 +395,81 @@ class Tracker:
             shutil.copyfile(path, renamed)
             self._call("logging an artifact", lambda: self.client.log_artifact(self.run_id, str(renamed), artifact_path))
 
-    def log_pytorch_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        """Save as an MLflow model in the `pt2` (torch.export) format: no pickled code to trust."""
-        import mlflow.pytorch
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor, registered_model: str) -> None:
+        """The best model as this run's LoggedModel and one version of `registered_model`, tagged like the run.
 
-        with tempfile.TemporaryDirectory() as tmp:
-            # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
-            mlflow.pytorch.save_model(
-                model, Path(tmp) / MODEL_ARTIFACTS, serialization_format="pt2", input_example=example.numpy(),
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-            )
-            self._call("logging the model",
-                       lambda: self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACTS), MODEL_ARTIFACTS))
+        `pt2` format: torch.export, no pickled code to trust. Idempotent: after a kill part-way, the next
+        call completes what is missing (a READY model is not logged again, a run never gets two versions).
+        """
+        if self.version(registered_model) is not None:
+            return
+        with process_store(self.client.tracking_uri):
+            models = self._run_models()
+            for m in models:
+                if m.status == LoggedModelStatus.PENDING:  # a kill interrupted its upload: it stays incomplete
+                    self._call("closing an interrupted model", lambda: self.client.finalize_logged_model(
+                        m.model_id, LoggedModelStatus.FAILED))
+            ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
+            model_id = ready[0] if ready else self._log_logged_model(model, example)
+            self._register(model_id, registered_model)
+
+    def _log_logged_model(self, model: torch.nn.Module, example: torch.Tensor) -> str:
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+        # created here, not by log_model: it would put a model it creates in the process's active
+        # experiment (MLflow's default one here), not in the run's
+        model_id = self._call("creating the logged model", lambda: self.client.create_logged_model(
+            run.info.experiment_id, name=LOGGED_MODEL, source_run_id=self.run_id, params=run.data.params)).model_id
+        x = example.numpy()
+        signature = infer_signature(x, model(example).detach().numpy())
+        # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
+        self._call("logging the model", lambda: mlflow.pytorch.log_model(
+            model, name=LOGGED_MODEL, serialization_format="pt2", input_example=x, signature=signature,
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(), run_id=self.run_id, model_id=model_id))
+        return model_id
+
+    def _register(self, model_id: str, name: str) -> None:
+        tags = self._call("reading the run", lambda: self.client.get_run(self.run_id)).data.tags
+        self._call("creating the registered model", lambda: ensure_registered_model(self.client, name))
+        self._call("registering the model", lambda: self.client.create_model_version(
+            name, f"models:/{model_id}", run_id=self.run_id, tags={k: tags.get(k, "") for k in VERSION_TAGS},
+            model_id=model_id))
+
+    def version(self, registered_model: str) -> ModelVersion | None:
+        """This run's version of `registered_model`, or None."""
+        return run_version(self.client, registered_model, self.run_id, self.patience_s)
+
+    def _run_models(self) -> list[LoggedModel]:
+        run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
+        return list(self._call("reading the run's models", lambda: self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{LOGGED_MODEL}'")))
+
+    def logged_model_id(self) -> str | None:
+        """The id of this run's READY LoggedModel (its best model), or None when it has none."""
+        ready = [m.model_id for m in self._run_models() if m.status == LoggedModelStatus.READY]
+        return ready[0] if ready else None
+
+    @contextmanager
+    def system_metrics(self, interval_s: float) -> Iterator[None]:
+        """MLflow's own system metrics (`system/...`), sampled every `interval_s` while the block runs.
+
+        A resumed run continues their steps. 0: off.
+        """
+        if interval_s == 0:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=self.client.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
@@ -357,8 +485,11 @@ class NullTracker:
     def log_metrics(self, metrics, step, series=None) -> None: ...
     def last_step(self, key: str) -> int:
         return 0
+    def log_inputs(self, datasets) -> None: ...
     def log_artifact(self, path, artifact_path=None, name=None) -> None: ...
-    def log_pytorch_model(self, model, example) -> None: ...
+    def log_model(self, model, example, registered_model) -> None: ...
+    def system_metrics(self, interval_s: float) -> AbstractContextManager:
+        return nullcontext()
     def finish(self, status: str = "FINISHED") -> None: ...
 
 

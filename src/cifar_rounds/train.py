@@ -27,6 +27,7 @@ from cifar_rounds.names import TRAINER_LOCK
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.runtime import configure_cpu, run_conditions, select_device
 from cifar_rounds.sink import NullSink, RunSink
+from cifar_rounds.tracking import dataset_inputs
 from cifar_rounds.trial import STATE_TAG, NoTrial, open_trial
 from cifar_rounds.dataset import Split
 
@@ -45,7 +46,8 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
     # the averages continue; the decay is today's diagnostics.noise_ema (a change is recorded by the sink)
     noise = NoiseScale(**{**progress.noise, "decay": params.diagnostics.noise_ema})
     progress.conditions = progress.conditions or run_conditions(tp.precision, params.model.width, device)
-    sink = RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume) if world.is_main else NullSink()
+    datasets = dataset_inputs(params.data.url, split_digest, split.sizes)
+    sink = RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume, datasets) if world.is_main else NullSink()
     trial = open_trial(params.sweep) if world.is_main and not progress.finalized else NoTrial()  # rank 0 reports
     sink.tag(trial.tags())
     state = resume.state
