@@ -21,7 +21,6 @@ import statistics
 import tempfile
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

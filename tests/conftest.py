@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,23 +74,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **extra_env: str) -> Iterator[None]:
+    """A server this test starts as `cmd`, in its own process group; ready once `probe` (a URL) answers.
+
+    Afterwards that group alone is stopped: the server and the workers it started.
+    """
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.time() + timeout_s
+            while True:
+                try:
+                    urllib.request.urlopen(probe, timeout=2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.time() > deadline:
+                        log.seek(0)
+                        raise AssertionError(f"{' '.join(cmd[:4])} did not answer {probe}:\n{log.read()[-3000:]}")
+                    time.sleep(0.5)
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+           "--artifacts-destination", str(tmp_path / "artifacts")]
+    with serving(cmd, tmp_path, f"{url}/health", 90):
+        yield url

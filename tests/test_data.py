@@ -3,7 +3,6 @@ import http.server
 import io
 import tarfile
 import threading
-import time
 import zipfile
 from pathlib import Path
 

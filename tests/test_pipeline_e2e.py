@@ -7,11 +7,7 @@ import csv
 import hashlib
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 
@@ -28,7 +24,7 @@ from cifar_rounds.model import build_model
 from cifar_rounds.runtime import amp_dtype
 from cifar_rounds.params import load_params
 from cifar_rounds.tracking import process_store
-from conftest import env, free_port, make_project, read_json, run
+from conftest import free_port, make_project, read_json, run, serving
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
@@ -135,32 +131,12 @@ def test_best_model_is_a_logged_model_with_the_evaluation_and_one_registered_ver
 
 @contextmanager
 def model_server(project, uri: str):
-    """`mlflow models serve` as a real process in its own process group; yields its URL, then stops that group."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=project, env=env(MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, f"mlflow models serve exited: {proc.stderr.read()[-3000:]}"
-                assert time.time() < deadline, "mlflow models serve did not answer /ping"
-                time.sleep(1)
+    """`mlflow models serve` as a real process; yields its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1], "-w", "1"]
+    with serving(cmd, project, f"{url}/ping", 180, MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this test started: the server and its workers
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_the_champion_answers_rest_predictions_equal_to_the_checkpoints(project):

@@ -9,14 +9,10 @@ here fails the first test.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, env, read_json, run
+from conftest import REPO, read_json, run, serving
 from cifar_rounds.params import dump_params, load_params, with_overrides
 from cifar_rounds.synthetic import write_archive
 
@@ -176,23 +172,11 @@ def readme_block(marker: str) -> list[str]:
 
 
 def ui_answers(demo: Path, run_id: str) -> None:
-    """The README's `mlflow ui`, as written (port 5000), answers with the demo's run; stopped by its PID."""
+    """The README's `mlflow ui`, as written (port 5000), answers with the demo's run."""
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 5000)) == 0:
             pytest.skip("port 5000 is taken here: the UI command as written cannot start")
-    proc = subprocess.Popen(shlex.split(UI), cwd=demo, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:5000/api/2.0/mlflow/runs/get?run_id={run_id}",
-                                              timeout=2).read().decode()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.5)
-        assert run_id in body
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the UI and its workers: the process group it was started in
-        proc.wait(timeout=30)
+    with serving(shlex.split(UI), demo, "http://127.0.0.1:5000/health", 60):
+        body = urllib.request.urlopen(f"http://127.0.0.1:5000/api/2.0/mlflow/runs/get?run_id={run_id}",
+                                      timeout=10).read().decode()
+    assert run_id in body

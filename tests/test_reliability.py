@@ -20,7 +20,7 @@ from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.params import with_overrides
 from cifar_rounds.tracking import Tracker, terminated_on_exit
 from conftest import env, make_project, read_json, repo_params, run
-from test_params import BAD, _raw
+from test_params import BAD
 
 pytestmark = pytest.mark.slow
 EPOCHS = 5

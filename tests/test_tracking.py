@@ -1,7 +1,6 @@
 """MLflow beyond the default store: a real `mlflow server`, queued DVC experiments, `mlflow run`."""
 
 import json
-import subprocess
 import sys
 import time
 
@@ -10,9 +9,8 @@ import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.params import load_params
 from cifar_rounds.rounds import preset_names
-from conftest import REPO, env, make_project, read_json, run
+from conftest import REPO, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
 TWO_EPOCHS = {"train.num_epochs": 2, "train.lr_milestones": [1]}

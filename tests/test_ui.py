@@ -4,13 +4,10 @@ Needs Chromium (Debian: `apt-get install chromium`); skipped without it.
 """
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
@@ -19,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.synthetic import write_archive
-from conftest import env, free_port, make_project, run
+from conftest import free_port, make_project, run, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")]
@@ -27,30 +24,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Chr
 
 @contextmanager
 def mlflow_ui(project):
-    """`mlflow ui` on 127.0.0.1 in its own process group; yields its URL, then stops that group."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{project}/mlflow.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=project, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "mlflow ui did not start"
-                time.sleep(1)
+    """`mlflow ui` on 127.0.0.1; yields its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{project}/mlflow.db",
+           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
+    with serving(cmd, project, f"{url}/health"):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this test started: the server and its workers
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def rendered_text(url: str, tmp_path) -> tuple[str, str]:

@@ -16,10 +16,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from torchvision.datasets.utils import calculate_md5, download_url
+from torchvision.datasets.utils import download_url
 
 from cifar_rounds.cifar import BATCHES_DIR
 from cifar_rounds.cli import StageError, run_stage
+from cifar_rounds.files import file_md5
 from cifar_rounds.params import load_params
 
 
@@ -53,7 +54,7 @@ def fetch(url: str, workdir: Path) -> Path:
 
 
 def verify_md5(path: Path, expected: str) -> None:
-    actual = calculate_md5(str(path))
+    actual = file_md5(path)
     if actual != expected:
         raise StageError(
             f"data.md5: {path.name} has MD5 {actual}, expected {expected} (truncated or wrong file?)"

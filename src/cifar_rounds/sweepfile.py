@@ -26,48 +26,43 @@ class Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FloatRange(Part):
-    type: Literal["float"]
-    low: float = Field(description="Smallest value.")
-    high: float = Field(description="Largest value.")
+class Range(Part):
+    """A closed interval [low, high], sampled uniformly or, with `log`, log-uniformly."""
+
     log: bool = Field(False, description="Sample the logarithm uniformly (for rates and decays).")
 
     @model_validator(mode="after")
-    def _ordered(self) -> FloatRange:
+    def _ordered(self) -> Range:
         if not self.low < self.high or (self.log and self.low <= 0):
             raise ValueError(f"needs low < high (and low > 0 on a log scale), got [{self.low}, {self.high}]")
         return self
-
-    def suggest(self, trial, name: str) -> float:
-        return trial.suggest_float(name, self.low, self.high, log=self.log)
 
     def ends(self) -> list[float]:
         return [self.low, self.high]
 
     def contains(self, value: object) -> bool:
-        return isinstance(value, (int, float)) and self.low <= value <= self.high
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
-class IntRange(Part):
+class FloatRange(Range):
+    type: Literal["float"]
+    low: float = Field(description="Smallest value.")
+    high: float = Field(description="Largest value.")
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+class IntRange(Range):
     type: Literal["int"]
     low: int = Field(description="Smallest value.")
     high: int = Field(description="Largest value.")
-    log: bool = Field(False, description="Sample the logarithm uniformly.")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if not self.low < self.high or (self.log and self.low <= 0):
-            raise ValueError(f"needs low < high (and low > 0 on a log scale), got [{self.low}, {self.high}]")
-        return self
 
     def suggest(self, trial, name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, log=self.log)
 
-    def ends(self) -> list[int]:
-        return [self.low, self.high]
-
     def contains(self, value: object) -> bool:
-        return isinstance(value, int) and self.low <= value <= self.high
+        return isinstance(value, int) and super().contains(value)
 
 
 class Choice(Part):

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.utils import calculate_md5
 
 from cifar_rounds.cifar import BATCHES_DIR, META_FILE, NUM_CLASSES, TEST_FILE, TRAIN_FILES, write_batch
+from cifar_rounds.files import file_md5
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -50,7 +50,7 @@ def write_archive(out: Path, train_size: int, test_size: int, seed: int) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(out, "w:gz") as tar:
             tar.add(root, arcname=BATCHES_DIR)
-    return calculate_md5(str(out))
+    return file_md5(out)
 
 
 def main() -> None:

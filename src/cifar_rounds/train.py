@@ -22,7 +22,7 @@ from cifar_rounds.diagnostics import NoiseScale
 from cifar_rounds.distributed import World, close_world, from_main_rank, init_world
 from cifar_rounds.engine import EarlyStopping
 from cifar_rounds.files import file_md5
-from cifar_rounds.loop import Trainer, build_trainer, diagnose, run_epoch, sharpness_due
+from cifar_rounds.loop import build_trainer, diagnose, run_epoch, sharpness_due
 from cifar_rounds.names import TRAINER_LOCK
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.runtime import configure_cpu, run_conditions, select_device
