@@ -259,7 +259,9 @@ def part_environment(run: Run) -> dict:
 
 
 def part_gpu_tests(run: Run) -> dict:
-    out = command(run, [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], REPO, show=15)
+    # one process, without the ini's pytest-xdist options: the GPU image may lack the plugin, and GPU tests share GPUs
+    out = command(run, [sys.executable, "-m", "pytest", "-o", "addopts=-ra", "-p", "no:xdist", "-m", "gpu", "-q",
+                        "-p", "no:cacheprovider", "tests"], REPO, show=15)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", tail(out, 1))}
     if counts.get("passed", 0) == 0:
         raise PartFailed(f"no GPU test passed: {tail(out, 1)}", counts)

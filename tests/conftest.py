@@ -24,10 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config) -> None:
-    """The CPU set up as the stages set it up, before the first parallel operation starts the thread pool."""
+    """The CPU set up as the stages set it up, before the first parallel operation starts the thread pool.
+
+    Under pytest-xdist each worker, and every process its tests start, gets one thread: two
+    workers of two threads each on two cores spin against each other and run many times slower
+    (benchmarks/concurrent_trials.py).
+    """
     from cifar_rounds.runtime import configure_cpu
 
     configure_cpu(torch.device("cpu"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 BIN = str(Path(sys.executable).parent)
 
 

@@ -3,6 +3,7 @@
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,26 +22,55 @@ from cifar_rounds.dataset import Split
 from cifar_rounds.synthetic import write_archive
 from cifar_rounds.loop import build_optimizer
 from cifar_rounds.model import build_model
-from conftest import env, make_project, read_json, run
+from conftest import env, free_port, make_project, read_json, repo_params, run
 
 pytestmark = pytest.mark.slow
 
 
+TRAIN = ["-m", "cifar_rounds.train", "--split", "data/split.npz"]
+
+
 def torchrun(models: str, history: str, summary: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "cifar_rounds.train", "--split", "data/split.npz", "--models", models,
-            "--history", history, "--summary", summary]
+            *TRAIN, "--models", models, "--history", history, "--summary", summary]
 
 
-def test_one_ddp_step_equals_averaging_the_per_rank_micro_batch_gradients(tmp_path):
+def two_nodes(project: Path) -> None:
+    """Two torchrun launchers of one rank each, as two machines would start them (static rendezvous)."""
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+         "--master_addr=127.0.0.1", f"--master_port={port}", *TRAIN, "--models", "models",
+         "--history", "reports/history.csv", "--summary", "reports/summary.json"],
+        cwd=project, env=env(OMP_NUM_THREADS="1"), start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:  # only while it runs: a reaped PID may be another process's now
+                kill_tree(launcher.pid)
+    assert all(launcher.returncode == 0 for launcher in launchers), outputs
+
+
+def test_one_ddp_step_over_two_nodes_equals_averaging_the_per_rank_micro_batch_gradients(tmp_path):
     archive = tmp_path / "small.tar.gz"
     md5 = write_archive(archive, train_size=300, test_size=100, seed=5)
     project = make_project(tmp_path / "p", (archive, md5), **{
         "data.val_size": 50, "train.num_epochs": 1, "train.lr_milestones": [], "train.batch_size": 128,
-        "tracking.log_model": False})
+        "tracking.log_model": False, "tracking.system_metrics_interval_s": 0.2})
     run(["dvc", "repro", "split"], project)
-    run(torchrun("models", "reports/history.csv", "reports/summary.json"), project)
+    two_nodes(project)
     ddp = torch.load(project / "models/last.pt", weights_only=True)["model"]
+
+    # each rank's node is named, and each node's machine is sampled into the one run under its name
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    found = client.get_run(read_json(project / "reports/summary.json")["mlflow_run_id"])
+    nodes = [f"node{n}-{socket.gethostname()}" for n in (0, 1)]
+    assert {k: v for k, v in found.data.tags.items() if k.startswith("node.")} == {"node.rank0": nodes[0], "node.rank1": nodes[1]}
+    for node in nodes:
+        assert f"system/{node}/cpu_utilization_percentage" in found.data.metrics
+    assert not any(k.startswith("system/cpu") for k in found.data.metrics)  # no unnamed machine
 
     params = load_params(project / "params.yaml")
     split = Split.load(project / "data/split.npz")
@@ -112,7 +142,8 @@ def _train_losses(path):
 def test_ddp_training_matches_single_process_logs_once_and_resumes(tmp_path, archive):
     epochs = 3
     project = make_project(tmp_path / "p", archive, **{
-        "train.num_epochs": epochs, "train.lr_milestones": [2], "train.patience": epochs, "train.batch_size": 64})
+        "train.num_epochs": epochs, "train.lr_milestones": [2], "train.patience": epochs, "train.batch_size": 64,
+        "tracking.log_model": False, "tracking.system_metrics_interval_s": 0.5})
     run(["dvc", "repro"], project)  # the single-process reference, global batch 64
     cmd = torchrun("models_ddp", "reports/ddp.csv", "reports/ddp.json")
     proc = subprocess.Popen(cmd, cwd=project, env=env(), start_new_session=True,
@@ -143,6 +174,11 @@ def test_ddp_training_matches_single_process_logs_once_and_resumes(tmp_path, arc
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, epochs + 1))
     assert len(client.list_artifacts(run_id, "checkpoints")) == 2
+    node = f"node0-{socket.gethostname()}"  # both ranks on one machine: it is sampled once, under its name
+    tags = client.get_run(run_id).data.tags
+    assert (tags["node.rank0"], tags["node.rank1"]) == (node, node)
+    sampled = {k.split("/")[1] for k in client.get_run(run_id).data.metrics if k.startswith("system/")}
+    assert sampled == {node}
     assert sorted(p.name for p in (project / "models_ddp").iterdir()) == ["best.pt", "last.pt"]
 
 
@@ -158,3 +194,19 @@ def test_a_divergence_on_any_rank_is_reported_at_its_first_step(monkeypatch):
     reduced, samples = loop.reduce_over_ranks(result, [(4.0, 9.0, 8, 16)], World(0, 2, 0))
     assert reduced.first_bad_step == 2
     assert reduced.metrics["train_loss"] == 1.5 and samples == [(5.0, 9.0, 8, 16)]
+
+
+
+def test_a_node_that_does_not_see_the_local_store_samples_nothing_and_creates_no_store(tmp_path, monkeypatch, capsys):
+    from cifar_rounds.distributed import World
+    from cifar_rounds.params import with_overrides
+    from cifar_rounds.train import node_system_metrics
+
+    monkeypatch.chdir(tmp_path)  # the repository root, where this node finds no mlflow.db
+    params = with_overrides(repo_params(), {"tracking.system_metrics_interval_s": 0.1})
+    second_node = World(rank=1, size=2, local_rank=0, node_rank=1)
+    with node_system_metrics(params, second_node, "0123456789abcdef"):
+        pass
+    assert capsys.readouterr().out == (f"train: node1-{socket.gethostname()} does not see the store "
+                                       f"sqlite:///{tmp_path}/mlflow.db; its system metrics are not sampled\n")
+    assert list(tmp_path.iterdir()) == []

@@ -40,7 +40,8 @@ def runs(project):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, archive):
     path = make_project(tmp_path_factory.mktemp("reliability"), archive,
-                        **{"train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS})
+                        **{"train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS,
+                           "tracking.log_model": False})
     run(["dvc", "repro"], path)
     return path
 

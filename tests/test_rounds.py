@@ -75,6 +75,7 @@ def test_report_flags_rounds_trained_under_different_conditions():
 
 SEEDS = 2
 EPOCHS = 3
+LAX_CRITERIA = {"report.min_test_accuracy": 0.0, "report.max_train_test_gap": 1.0, "report.max_val_loss_rise": 1000.0}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,9 @@ def rounds_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rounds")
     archive = tmp / "small.tar.gz"
     md5 = write_archive(archive, train_size=300, test_size=100, seed=2)
-    project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 8, "train.lr_milestones": [1]})
+    # criteria a tiny round passes, so that @champion moves by the report end to end
+    project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 8, "train.lr_milestones": [1],
+                                                         **LAX_CRITERIA})
     for preset in ("round-1", "round-2"):
         run(["python", "-m", "cifar_rounds.rounds", "run", preset, "--seeds", str(SEEDS), "--epochs", str(EPOCHS)], project)
     return project
@@ -136,7 +139,7 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
     assert f"Seeds: {SEEDS} (round-1-s0, round-1-s1)" in report
     assert "cover training randomness" in report and "test-set sampling" in report  # the variance sources, named
     assert re.search(r"difference in mean test accuracy [+-]\d+\.\d+% \(95% interval", report)
-    assert "Success criteria (mean over seeds" in report and "test accuracy > 88.00%" in report
+    assert "Success criteria (mean over seeds" in report and "test accuracy > 0.00%" in report
     assert f"- precision: {m1[0]['precision']}\n" in report and "(changed)" not in report  # same machine
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(m2[0]["mlflow_run_id"], "report")}
@@ -158,20 +161,33 @@ def test_the_report_moves_round_aliases_to_best_seeds_and_says_where_the_champio
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted((v.tags["round"], v.tags["seed"], v.tags["dvc_exp_name"]) for v in versions) == [
         (p, str(s), f"{p}-s{s}") for p in ("round-1", "round-2") for s in range(SEEDS)]  # one per training run
-    run(["python", "-m", "cifar_rounds.report", "round-1", "round-2", "--out", "reports/aliases.md"], rounds_project)
+
+    def champion_after(base: str, cand: str) -> str:
+        """The report's @champion line, checked against where the alias now is."""
+        run(["python", "-m", "cifar_rounds.report", base, cand, "--out", "reports/aliases.md"], rounds_project)
+        line = next(x for x in (rounds_project / "reports/aliases.md").read_text().splitlines() if x.startswith("- @champion"))
+        held = client.get_registered_model(name).aliases.get("champion")
+        assert line.startswith(f"- @champion -> version {held}: " if line.startswith("- @champion ->")
+                               else f"- @champion stays at version {held}: "), line
+        return line
+
+    # no champion, and round-2 passes its (lax) criteria: it becomes the champion
+    line = champion_after("round-1", "round-2")
     report = (rounds_project / "reports/aliases.md").read_text()
     for preset in ("round-1", "round-2"):
         best = max((_metrics(rounds_project, r) for r in replicas(preset)), key=lambda m: m["test_accuracy"])
         assert client.get_model_version_by_alias(name, preset).run_id == best["mlflow_run_id"]
         assert f"- @{preset} -> {name} version" in report
-    line = next(x for x in report.splitlines() if x.startswith("- @champion"))
-    moved = re.fullmatch(r"- @champion -> version (\d+): .+", line)
-    if moved:  # the tiny candidate passed its criteria: there was no champion before
-        assert client.get_model_version_by_alias(name, "champion").version == moved.group(1)
-        assert "there was no champion" in line
-    else:
-        assert line.startswith("- @champion stays at no version: round-2 does not pass its success criteria")
-        assert "champion" not in client.get_registered_model(name).aliases
+    best = {p: client.get_model_version_by_alias(name, p).version for p in ("round-1", "round-2")}
+    assert line == f"- @champion -> version {best['round-2']}: there was no champion, and round-2 passes its success criteria"
+    # a champion from the candidate's round follows the round's best seed
+    assert "the champion already comes from round-2" in champion_after("round-1", "round-2")
+    # round-1 against the champion's round: the champion moves exactly when the configuration verdict says so
+    line = champion_after("round-2", "round-1")
+    moved = line.startswith("- @champion ->")
+    assert moved == ("its configuration beats round-2, the champion's round" in line)
+    assert moved or "the configuration verdict does not say round-1 beats round-2" in line, line
+    assert client.get_model_version_by_alias(name, "champion").version == best["round-1" if moved else "round-2"]
     # a champion from a round this report does not compare stays where it is
     location = client.get_logged_model(versions[0].source.removeprefix("models:/")).artifact_location
     other = client.create_model_version(name, location)  # no run: as if registered from elsewhere

@@ -206,7 +206,13 @@ TINY_SWEEP = {
 
 
 def _trials(project: Path) -> list:
-    return optuna.load_study(study_name="s", storage=f"sqlite:///{project}/optuna.db").trials
+    """The study's trials; none before the driver has created it."""
+    if not (project / "optuna.db").exists():
+        return []
+    try:
+        return optuna.load_study(study_name="s", storage=f"sqlite:///{project}/optuna.db").trials
+    except KeyError:  # the database is there, the study not yet
+        return []
 
 
 def _queue_lines(project: Path, state: str) -> list[str]:
@@ -248,7 +254,8 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     driver = subprocess.Popen(cmd, cwd=project, env=env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
-    while not (_queue_lines(project, "Running") and any(t.state.name == "COMPLETE" for t in _trials(project))):
+    # the study first (read in-process), then DVC's queue: each `dvc queue status` costs the trials a second of CPU
+    while not (any(t.state.name == "COMPLETE" for t in _trials(project)) and _queue_lines(project, "Running")):
         assert driver.poll() is None and time.time() < deadline
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver (DVC's queue workers have process groups of their own)

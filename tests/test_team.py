@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server(tmp_path, archive, mlflow_server):
-    project = make_project(tmp_path / "p", archive, **{"train.num_epochs": 2, "train.lr_milestones": [1]})
+    project = make_project(tmp_path / "p", archive, **{"train.num_epochs": 2, "train.lr_milestones": [1],
+                                                         "tracking.log_model": False})
     run(["dvc", "remote", "add", "-d", "team", str(tmp_path / "remote")], project)
     run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=mlflow_server)
     run(["git", "add", "-A"], project)

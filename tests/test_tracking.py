@@ -14,6 +14,7 @@ from conftest import REPO, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
 TWO_EPOCHS = {"train.num_epochs": 2, "train.lr_milestones": [1]}
+NO_MODEL = {"tracking.log_model": False}  # the model's logging is checked once, over the server; it costs seconds a run
 
 
 def finished_runs(client: MlflowClient, experiment: str = "cifar-rounds"):
@@ -37,7 +38,7 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(tmp_path, archive, mlfl
 
 
 def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path, archive):
-    project = make_project(tmp_path / "p", archive, **TWO_EPOCHS)
+    project = make_project(tmp_path / "p", archive, **TWO_EPOCHS, **NO_MODEL)
     names = ["q0", "q1"]  # two workers run them at the same time
     for i, name in enumerate(names):
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr_gamma={0.2 + 0.1 * i:.1f}"], project)
@@ -67,7 +68,7 @@ def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path
 
 
 def test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params(tmp_path, archive):
-    project = make_project(tmp_path / "p", archive, **{"train.lr_milestones": [1]})
+    project = make_project(tmp_path / "p", archive, **{"train.lr_milestones": [1]}, **NO_MODEL)
     before = (project / "params.yaml").read_text()
     run([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar-rounds",
          "-P", "preset=round-1", "-P", "overrides=train.num_epochs=2 train.lr_milestones=[1] train.lr_gamma=0.5"], project)

@@ -8,6 +8,7 @@ here is the identity.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,16 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def node_name(self) -> str:
+        """This rank's machine: its node rank (two launchers on one host stay apart) and host name."""
+        return f"node{self.node_rank}-{socket.gethostname()}"
 
     @property
     def shard(self) -> slice:
@@ -35,7 +42,8 @@ def init_world(use_cuda: bool) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
+                  int(os.environ.get("GROUP_RANK", "0")))
     if use_cuda:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")

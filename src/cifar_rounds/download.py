@@ -16,8 +16,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from torchvision.datasets.utils import download_url
-
 from cifar_rounds.cifar import BATCHES_DIR
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.files import file_md5
@@ -41,6 +39,9 @@ def fetch(url: str, workdir: Path) -> Path:
         if not path.is_file():
             raise StageError(f"data.url: no such file {path}")
         return path
+    # imported here: torchvision takes seconds to import, and a local archive does not need it
+    from torchvision.datasets.utils import download_url
+
     name = PurePosixPath(urllib.parse.urlparse(url).path).name or "archive.tar.gz"
     try:
         download_url(url, str(workdir), name)

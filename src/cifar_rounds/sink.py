@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,6 +65,8 @@ def epoch_bar(total: int, done: int):
 class NullSink:
     """What ranks other than 0 write: nothing."""
 
+    run_id = None
+
     def running(self) -> AbstractContextManager:
         return nullcontext()
 
@@ -82,6 +83,11 @@ class RunSink:
     def __init__(self, tracker: Tracker | NullTracker, params: Params, out: Outputs, num_classes: int) -> None:
         self.tracker, self.params, self.out, self.num_classes = tracker, params, out, num_classes
         self.bar = None
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run this training logs to; None when it logs nothing (a finalised run's rebuild)."""
+        return self.tracker.run_id
 
     @classmethod
     def open(cls, params: Params, out: Outputs, num_classes: int, conditions: dict[str, str], progress: Progress,
@@ -124,11 +130,9 @@ class RunSink:
         metrics = {k: v for k, v in record.items() if k != "epoch"}
         self.tracker.log_metrics(metrics, int(record["epoch"]), {"grad_norm_step": series})
 
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """The run ends FINISHED, FAILED or KILLED with the block; system metrics are sampled during it."""
-        with terminated_on_exit(self.tracker), self.tracker.system_metrics(self.params.tracking.system_metrics_interval_s):
-            yield
+    def running(self) -> AbstractContextManager:
+        """The run ends FINISHED, FAILED or KILLED with the block."""
+        return terminated_on_exit(self.tracker)
 
     def tag(self, tags: dict[str, str]) -> None:
         if tags:

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -451,26 +451,6 @@ class Tracker:
         ready = [m.model_id for m in self._run_models() if m.status == LoggedModelStatus.READY]
         return ready[0] if ready else None
 
-    @contextmanager
-    def system_metrics(self, interval_s: float) -> Iterator[None]:
-        """MLflow's own system metrics (`system/...`), sampled every `interval_s` while the block runs.
-
-        A resumed run continues their steps. 0: off.
-        """
-        if interval_s == 0:
-            yield
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
-                                       tracking_uri=self.client.tracking_uri)
-        monitor.start()
-        try:
-            yield
-        finally:
-            monitor.finish()
-
     def finish(self, status: str = "FINISHED") -> None:
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
 
@@ -488,9 +468,29 @@ class NullTracker:
     def log_inputs(self, datasets) -> None: ...
     def log_artifact(self, path, artifact_path=None, name=None) -> None: ...
     def log_model(self, model, example, registered_model) -> None: ...
-    def system_metrics(self, interval_s: float) -> AbstractContextManager:
-        return nullcontext()
     def finish(self, status: str = "FINISHED") -> None: ...
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str | None, interval_s: float, node: str | None = None) -> Iterator[None]:
+    """MLflow's own system metrics of this machine, sampled into `run_id` every `interval_s` while the block runs.
+
+    `node` names the machine in the metric keys (`system/NODE/...`), so that the nodes of a
+    torchrun job stay apart in one run. A resumed run continues their steps. 0 or no run: off.
+    """
+    if interval_s == 0 or run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
+                                   tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def _find_run(client: MlflowClient, run_id: str | None, patience_s: float):

@@ -10,6 +10,7 @@ norms); at the end, a summary. See `loop` for the epoch, `sink` for the outputs,
 from __future__ import annotations
 
 import argparse
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from filelock import FileLock, Timeout
 from cifar_rounds.checkpoint import Outputs, Progress, best_weights, find_resume, restore, run_identity, training_state
 from cifar_rounds.cli import StageError, run_stage
 from cifar_rounds.diagnostics import NoiseScale
-from cifar_rounds.distributed import World, close_world, from_main_rank, init_world
+from cifar_rounds.distributed import World, close_world, from_main_rank, gather, init_world
 from cifar_rounds.engine import EarlyStopping
 from cifar_rounds.files import file_md5
 from cifar_rounds.loop import build_trainer, diagnose, run_epoch, sharpness_due
@@ -27,7 +28,7 @@ from cifar_rounds.names import TRAINER_LOCK
 from cifar_rounds.params import Params, load_params
 from cifar_rounds.runtime import configure_cpu, run_conditions, select_device
 from cifar_rounds.sink import NullSink, RunSink
-from cifar_rounds.tracking import dataset_inputs
+from cifar_rounds.tracking import dataset_inputs, repo_root, system_metrics, tracking_uri
 from cifar_rounds.trial import STATE_TAG, NoTrial, open_trial
 from cifar_rounds.dataset import Split
 
@@ -50,8 +51,9 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
     sink = RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume, datasets) if world.is_main else NullSink()
     trial = open_trial(params.sweep) if world.is_main and not progress.finalized else NoTrial()  # rank 0 reports
     sink.tag(trial.tags())
+    sink.tag(rank_nodes(world))
     state = resume.state
-    with sink.running():
+    with sink.running(), node_system_metrics(params, world, from_main_rank(sink.run_id, world)):
         while not progress.finished:
             epoch = progress.epoch + 1
             record, result, samples = run_epoch(t, epoch, tp)
@@ -76,6 +78,29 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
             sink.tag({STATE_TAG: trial_state})
         sink.finish(progress, state, summary)
     return summary
+
+
+def rank_nodes(world: World) -> dict[str, str]:
+    """Tags naming each rank's node, under torchrun; none for one process."""
+    if world.size == 1:
+        return {}
+    return {f"node.rank{rank}": name for rank, name in enumerate(gather(world.node_name, world))}
+
+
+def node_system_metrics(params: Params, world: World, run_id: str | None) -> AbstractContextManager:
+    """System metrics of each machine once, by its first rank (they are the machine's, not the process's).
+
+    Under torchrun the keys carry the node's name; one process keeps MLflow's plain `system/...`.
+    """
+    if world.local_rank != 0:
+        return nullcontext()
+    uri = tracking_uri(params, repo_root())
+    if not world.is_main and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # another machine's local file: opening it here would create an empty store
+        print(f"train: {world.node_name} does not see the store {uri}; its system metrics are not sampled")
+        return nullcontext()
+    return system_metrics(uri, run_id, params.tracking.system_metrics_interval_s,
+                          world.node_name if world.size > 1 else None)
 
 
 def step_series(step_norms: list[float], epoch: int, interval: int) -> dict[int, float]:
