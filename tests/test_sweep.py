@@ -6,9 +6,11 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import dvc.api
@@ -206,13 +208,18 @@ TINY_SWEEP = {
 
 
 def _trials(project: Path) -> list:
-    """The study's trials; none before the driver has created it."""
-    if not (project / "optuna.db").exists():
-        return []
+    """The study's trials; none before the driver has created it.
+
+    Read-only until the study is there: opening the storage earlier would race the driver's
+    schema creation.
+    """
     try:
-        return optuna.load_study(study_name="s", storage=f"sqlite:///{project}/optuna.db").trials
-    except KeyError:  # the database is there, the study not yet
+        with closing(sqlite3.connect(f"file:{project / 'optuna.db'}?mode=ro", uri=True)) as con:
+            if not con.execute("SELECT 1 FROM studies WHERE study_name = 's'").fetchone():
+                return []
+    except sqlite3.OperationalError:  # no database, or no tables yet
         return []
+    return optuna.load_study(study_name="s", storage=f"sqlite:///{project}/optuna.db").trials
 
 
 def _queue_lines(project: Path, state: str) -> list[str]:
