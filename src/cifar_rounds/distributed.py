@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,11 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def gather(values: list[float], world: World) -> list[list[float]]:
-    """Every rank's `values`, in rank order, on every rank."""
+def gather(values: T, world: World) -> list[T]:
+    """Every rank's `values` (any picklable object), in rank order, on every rank."""
     if world.size == 1:
         return [values]
-    gathered: list[list[float]] = [[] for _ in range(world.size)]
+    gathered: list = [None] * world.size
     dist.all_gather_object(gathered, values)  # object collectives work on gloo and nccl alike
     return gathered
 
