@@ -179,6 +179,9 @@ def test_ddp_training_matches_single_process_logs_once_and_resumes(tmp_path, arc
     assert (tags["node.rank0"], tags["node.rank1"]) == (node, node)
     sampled = {k.split("/")[1] for k in client.get_run(run_id).data.metrics if k.startswith("system/")}
     assert sampled == {node}
+    # a second sampler on the machine (rank 1) would log the same steps again
+    steps = [m.step for m in client.get_metric_history(run_id, f"system/{node}/cpu_utilization_percentage")]
+    assert steps and len(steps) == len(set(steps)), steps
     assert sorted(p.name for p in (project / "models_ddp").iterdir()) == ["best.pt", "last.pt"]
 
 
@@ -196,13 +199,14 @@ def test_a_divergence_on_any_rank_is_reported_at_its_first_step(monkeypatch):
     assert reduced.metrics["train_loss"] == 1.5 and samples == [(5.0, 9.0, 8, 16)]
 
 
-
 def test_a_node_that_does_not_see_the_local_store_samples_nothing_and_creates_no_store(tmp_path, monkeypatch, capsys):
     from cifar_rounds.distributed import World
     from cifar_rounds.params import with_overrides
     from cifar_rounds.train import node_system_metrics
 
     monkeypatch.chdir(tmp_path)  # the repository root, where this node finds no mlflow.db
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):  # the store would be found elsewhere
+        monkeypatch.delenv(name, raising=False)
     params = with_overrides(repo_params(), {"tracking.system_metrics_interval_s": 0.1})
     second_node = World(rank=1, size=2, local_rank=0, node_rank=1)
     with node_system_metrics(params, second_node, "0123456789abcdef"):

@@ -223,9 +223,7 @@ def _trials(project: Path) -> list:
 
 
 def _queue_lines(project: Path, state: str) -> list[str]:
-    """Names of the queue's experiments in `state` (none before the first trial is queued)."""
-    if not (project / "optuna.db").exists():
-        return []
+    """Names of the queue's experiments in `state`."""
     status = run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout.splitlines()
     return [line.split()[1] for line in status if line.endswith(state)]
 
