@@ -35,6 +35,10 @@ DIGEST_ATTR = "space_digest"
 QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
 RETRIED_ATTR = "retried"  # a FAIL trial whose values were queued again: not counted against the budget
 POLL_S = 5.0
+# DVC moves a finished experiment between its queue's lists: for a moment the queue knows it under no
+# state, before or after its experiment is saved. Only an entry missing this long (and unsaved) is lost.
+LOST_AFTER_S = 30.0
+WORKERS_LOG = Path(".dvc/tmp/sweep-workers.log")  # what `dvc queue start` and its workers print, from the repo root
 
 
 @dataclass
@@ -48,6 +52,12 @@ class Driver:
     client: object  # MlflowClient
     parent_run_id: str
     queue: str = field(default_factory=lambda: f"{socket.gethostname()}:{repo_root()}")
+    missing: dict[int, float] = field(default_factory=dict)  # trial -> when its queue entry was first found missing
+    inherited: set[int] = field(default_factory=set)  # trials left RUNNING by an earlier driver
+
+    def lost(self, number: int) -> bool:
+        """Whether the trial's queue entry has now been missing for LOST_AFTER_S."""
+        return time.monotonic() - self.missing.setdefault(number, time.monotonic()) >= LOST_AFTER_S
 
     def trial_id(self, number: int) -> int:
         study_id = self.storage.get_study_id_from_name(self.sweep.study)
@@ -149,34 +159,50 @@ def counts(study) -> dict[str, int]:
     return out
 
 
-def settle(d: Driver, resuming: bool) -> list[int]:
-    """Trials still RUNNING: those whose experiment is queued or running; the others are ended FAIL.
+def saved_experiments(root: Path) -> set[str]:
+    """Names of the DVC experiments saved in the repository, on any baseline: DVC saves only those that succeeded.
 
-    When the driver starts again (`resuming`), a trial it left RUNNING whose experiment is gone,
-    failed or ended without telling the study (a killed driver or worker) is also queued again
-    with the same values, once: the FAIL is then not counted against the budget.
+    Their refs are refs/exps/<baseline[:2]>/<baseline[2:]>/<name>; DVC's own refs (the queue's stash,
+    the executors') have other shapes.
+    """
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
+                         capture_output=True, text=True).stdout
+    parts = [ref.split("/") for ref in out.split()]
+    return {p[4] for p in parts if len(p) == 5 and len(p[2]) == 2}
+
+
+def settle(d: Driver) -> list[int]:
+    """Trials still RUNNING: those whose experiment is queued or running; the others are concluded or ended FAIL.
+
+    A trial is concluded from its result when the queue says Success or its experiment is saved (the
+    queue may have dropped the entry, e.g. `dvc queue remove --success`). It is lost when it failed, or
+    when the queue has not known it for LOST_AFTER_S and nothing is saved. A lost trial that an earlier
+    driver left RUNNING (`d.inherited`: a killed driver or worker) is also queued again with the same
+    values, once: the FAIL is then not counted against the budget.
     """
     import optuna
 
     running = [t for t in d.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and d.ours(t)]
     states = queue_states({d.trial_name(t.number) for t in running})
-    alive = []
-    for t in running:
-        state = states.get(d.trial_name(t.number))
-        if state in ("Queued", "Running"):
-            alive.append(t.number)
-            continue
+    ended = [t for t in running if states.get(d.trial_name(t.number)) not in ("Queued", "Running")]
+    saved = saved_experiments(repo_root()) if ended else set()
+    alive = [t.number for t in running if t not in ended]
+    for t in ended:
+        name, state = d.trial_name(t.number), states.get(d.trial_name(t.number))
         if not d.still_running(t.number):
             continue
-        if state == "Success":
-            print(f"sweep: trial {t.number} ({d.trial_name(t.number)}) {conclude(d.study, t.number).lower()}")
+        if state == "Success" or name in saved:
+            print(f"sweep: trial {t.number} ({name}) {conclude(d.study, t.number).lower()}")
             continue
-        retry = resuming and "retry_of" not in t.user_attrs
+        if state is None and not d.lost(t.number):
+            alive.append(t.number)  # perhaps between the queue's lists: looked at again next time
+            continue
+        retry = t.number in d.inherited and "retry_of" not in t.user_attrs
         if retry:
             attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
             d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
             d.mark_retried(t.number)
-        print(f"sweep: trial {t.number} ({d.trial_name(t.number)}) {'was lost' if state is None else state.lower()}"
+        print(f"sweep: trial {t.number} ({name}) {'was lost' if state is None else state.lower()}"
               f"; marked FAIL{', retrying it' if retry else ''}")
         d.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         end_trial_runs(d, t.number)
@@ -228,19 +254,34 @@ def worker_env(workers: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), **os.environ}
 
 
+def start_workers(workers: int) -> None:
+    """`dvc queue start -j workers`, detached: its forked workers must not hold pipes the driver waits on.
+
+    Idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while.
+    Their output goes to WORKERS_LOG, appended.
+    """
+    log = repo_root() / WORKERS_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], stdin=subprocess.DEVNULL,
+                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=worker_env(workers))
+
+
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     """Keep `workers` trials in the queue until the budget is spent and every trial has ended."""
-    alive = settle(d, resuming=True)
+    import optuna
+
+    running = optuna.trial.TrialState.RUNNING
+    d.inherited = {t.number for t in d.study.get_trials(deepcopy=False) if t.state == running and d.ours(t)}
+    alive = settle(d)
     while True:
         while len(alive) < workers and queue_next(d):
-            alive = settle(d, resuming=False)
+            alive = settle(d)
         if not alive:
             break
-        # idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], capture_output=True,
-                       env=worker_env(workers))
+        start_workers(workers)
         time.sleep(poll_s)
-        alive = settle(d, resuming=False)
+        alive = settle(d)
     c = counts(d.study)
     print("sweep: done; " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items())))
 
