@@ -22,8 +22,8 @@ def child(width: int, batch: int, steps: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from cifar_rounds.model import build_model
-    from cifar_rounds.runtime import configure_cpu, memory_format
+    from cifar_rounds.training.model import build_model
+    from cifar_rounds.training.runtime import configure_cpu, memory_format
 
     cpu = torch.device("cpu")
     configure_cpu(cpu)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from cifar_rounds.demo import dvc, init_project, offline_params
-from cifar_rounds.params import PARAMS_FILE, load_params
-from cifar_rounds.synthetic import write_archive
+from cifar_rounds.stages.demo import dvc, init_project, offline_params
+from cifar_rounds.core.params import PARAMS_FILE, load_params
+from cifar_rounds.data.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def throughput(project: Path, procs: int) -> float:
     history = f"reports/ddp{procs}.csv"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-         "-m", "cifar_rounds.train", "--split", "data/split.npz", "--models", f"models{procs}",
+         "-m", "cifar_rounds.stages.train", "--split", "data/split.npz", "--models", f"models{procs}",
          "--history", history, "--summary", f"reports/ddp{procs}.json"],
         cwd=project, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifar_rounds.diagnostics import HessianOperator, hvp, sharpness, unbiased_norm_estimates
-from cifar_rounds.engine import autocast
-from cifar_rounds.model import build_model
-from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD
-from cifar_rounds.runtime import amp_dtype, configure_cpu, memory_format
-from cifar_rounds.synthetic import generate_images
+from cifar_rounds.training.diagnostics import HessianOperator, hvp, sharpness, unbiased_norm_estimates
+from cifar_rounds.training.engine import autocast
+from cifar_rounds.training.model import build_model
+from cifar_rounds.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from cifar_rounds.training.runtime import amp_dtype, configure_cpu, memory_format
+from cifar_rounds.data.synthetic import generate_images
 
 TRAIN_IMAGES = 45_000
 CPU = torch.device("cpu")

@@ -271,9 +271,9 @@ def part_gpu_tests(run: Run) -> dict:
 def build_project(run: Run) -> Path:
     """The generated archive and a git + DVC project with the real dvc.yaml and src/, made once."""
     # imported here, not at the top: part 1 may have only just installed what they need
-    from cifar_rounds.demo import ARCHIVE, init_project, offline_params
-    from cifar_rounds.params import PARAMS_FILE, load_params
-    from cifar_rounds.synthetic import write_archive
+    from cifar_rounds.stages.demo import ARCHIVE, init_project, offline_params
+    from cifar_rounds.core.params import PARAMS_FILE, load_params
+    from cifar_rounds.data.synthetic import write_archive
 
     project = run.work / "project"
     if not (project / "dvc.yaml").exists():
@@ -290,8 +290,8 @@ def build_project(run: Run) -> Path:
 
 def init_without_git(project: Path, params) -> None:
     """demo.init_project's project where git is missing: DVC without SCM."""
-    from cifar_rounds.demo import PROJECT_FILES
-    from cifar_rounds.params import PARAMS_FILE, dump_params
+    from cifar_rounds.stages.demo import PROJECT_FILES
+    from cifar_rounds.core.params import PARAMS_FILE, dump_params
 
     project.mkdir(parents=True, exist_ok=True)
     for name in (n for n in PROJECT_FILES if (REPO / n).exists()):
@@ -324,7 +324,7 @@ def metric_steps(client, run_id: str, key: str) -> list[int]:
 
 def expected_conditions(device: torch.device) -> dict[str, str]:
     """The MLflow tags `device` and `precision` that a run on `device` with train.precision auto gets here."""
-    from cifar_rounds.runtime import amp_dtype
+    from cifar_rounds.training.runtime import amp_dtype
 
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": "bf16" if amp_dtype("auto", device) is not None else "fp32"}
@@ -433,7 +433,7 @@ def weight_distance(reference: Path, resumed: Path) -> dict:
 def part_resume(run: Run) -> dict:
     project, epochs = build_project(run), run.sizes.params["train.num_epochs"]
     command(run, [sys.executable, "-m", "dvc", "repro", "split"], project, show=1)
-    cmd = [sys.executable, "-m", "cifar_rounds.train", "--split", "data/split.npz", "--models", "models_killed",  # dvc.yaml's
+    cmd = [sys.executable, "-m", "cifar_rounds.stages.train", "--split", "data/split.npz", "--models", "models_killed",  # dvc.yaml's
            "--history", "reports/killed.csv", "--summary", "reports/killed.json"]
     shutil.rmtree(project / "models_killed", ignore_errors=True)  # a reused --work folder: start from nothing
     for path in (project / "reports/killed.csv", project / "reports/killed.json"):

@@ -19,7 +19,7 @@ with |m_i| > --cutoff are not sampled (always right or always wrong: a flip has
 probability below 3.2e-5, and the script prints the share of per-image variance
 this drops) so only contested images cost random draws.
 
-Each comparison runs `cifar_rounds.verdict.compare_configs` on the k replicates
+Each comparison runs `cifar_rounds.analysis.verdict.compare_configs` on the k replicates
 of each side, and the one-seed McNemar verdict on the first replicate of each.
 Prints, as Markdown for benchmarks/RESULTS.md: the A/A false-positive rate per
 seed count (with the one-seed McNemar rate beside it), power against the true
@@ -43,7 +43,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from cifar_rounds.verdict import compare_configs, difference_variance, power, recommended_seeds
+from cifar_rounds.analysis.verdict import compare_configs, difference_variance, power, recommended_seeds
 
 NORMAL = NormalDist()
 _HERMITE = np.polynomial.hermite_e.hermegauss(150)  # nodes and weights for E over a standard normal

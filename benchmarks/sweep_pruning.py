@@ -28,16 +28,16 @@ from pathlib import Path
 import optuna
 import torch
 
-from cifar_rounds.checkpoint import Outputs
-from cifar_rounds.dataset import Split
-from cifar_rounds.demo import offline_params
-from cifar_rounds.files import file_md5
-from cifar_rounds.params import dump_params, load_params, with_overrides
-from cifar_rounds.runtime import configure_cpu
-from cifar_rounds.sweepfile import MedianPruner, NoPruner, Objective
-from cifar_rounds.synthetic import write_archive
-from cifar_rounds.train import fit
-from cifar_rounds.trial import OBJECTIVE_ATTR, PRUNER_ATTR, conclude
+from cifar_rounds.training.checkpoint import Outputs
+from cifar_rounds.data.dataset import Split
+from cifar_rounds.stages.demo import offline_params
+from cifar_rounds.core.files import file_md5
+from cifar_rounds.core.params import dump_params, load_params, with_overrides
+from cifar_rounds.training.runtime import configure_cpu
+from cifar_rounds.search.spec import MedianPruner, NoPruner, Objective
+from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.stages.train import fit
+from cifar_rounds.search.trial import OBJECTIVE_ATTR, PRUNER_ATTR, conclude
 
 CPU = torch.device("cpu")
 SPACE = {"train.learning_rate": (1e-4, 0.3), "train.weight_decay": (1e-5, 1e-2)}  # log-uniform
@@ -53,7 +53,7 @@ def make_split(folder: Path, train_images: int, epochs: int) -> tuple[object, Pa
         "tracking.log_model": False, "tracking.tracking_uri": f"sqlite:///{folder}/mlflow.db"})
     dump_params(params, folder / "params.yaml")
     for stage, args in (("download", ["--out", "raw"]), ("split", ["--raw", "raw", "--out", "split.npz"])):
-        subprocess.run([sys.executable, "-m", f"cifar_rounds.{stage}", *args], cwd=folder, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", f"cifar_rounds.stages.{stage}", *args], cwd=folder, check=True, capture_output=True)
     return params, folder / "split.npz"
 
 

@@ -25,14 +25,14 @@ from datetime import date
 import torch
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from cifar_rounds.diagnostics import SmallBatchProbe
-from cifar_rounds.engine import GradNorms, autocast, train_one_epoch
-from cifar_rounds.runtime import amp_dtype, peak_memory_mb, run_conditions
-from cifar_rounds.model import ResNet18
-from cifar_rounds.params import Params, load_params, with_overrides
-from cifar_rounds.pipeline import TrainBatches
-from cifar_rounds.loop import build_optimizer
-from cifar_rounds.tracking import Tracker
+from cifar_rounds.training.diagnostics import SmallBatchProbe
+from cifar_rounds.training.engine import GradNorms, autocast, train_one_epoch
+from cifar_rounds.training.runtime import amp_dtype, peak_memory_mb, run_conditions
+from cifar_rounds.training.model import ResNet18
+from cifar_rounds.core.params import Params, load_params, with_overrides
+from cifar_rounds.data.augment import TrainBatches
+from cifar_rounds.training.trainer import build_optimizer
+from cifar_rounds.tracking.run import Tracker
 
 TRAIN_IMAGES = 45_000
 CPU = torch.device("cpu")

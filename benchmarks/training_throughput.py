@@ -28,10 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_rounds.engine import autocast
-from cifar_rounds.runtime import amp_dtype, run_conditions
-from cifar_rounds.model import ResNet18
-from cifar_rounds.pipeline import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
+from cifar_rounds.training.engine import autocast
+from cifar_rounds.training.runtime import amp_dtype, run_conditions
+from cifar_rounds.training.model import ResNet18
+from cifar_rounds.data.augment import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
 
 GFLOP_PER_IMAGE = 3.33  # forward + backward of the CIFAR ResNet-18, per training image
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-python -m cifar_rounds.demo "$@"
+python -m cifar_rounds.stages.demo "$@"

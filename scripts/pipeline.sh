@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-python -m cifar_rounds.params params.yaml
+python -m cifar_rounds.core.params params.yaml
 dvc repro "$@"
 dvc metrics show

@@ -1,0 +1,1 @@
+"""Rounds and their comparison: presets, replicates, the verdict, the report, next-round proposals."""

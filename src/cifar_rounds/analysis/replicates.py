@@ -1,0 +1,171 @@
+"""A round's replicates, found where they live: DVC experiments, git revisions or MLflow runs.
+
+A round named R is, in this order of search:
+1. an explicit list `A,B,C` of any of the below, one replicate each;
+2. the DVC experiments `R-s0`, `R-s1`, ... that `rounds run R --seeds N` made;
+3. a DVC experiment or git revision `R` itself (one replicate);
+4. the MLflow runs tagged `round=R` (one per seed), else the run named R (refused when
+   several share the name), else the run whose id is R.
+Every replicate carries its own params, so each round is judged by its own thresholds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.names import EVALUATION_ARTIFACTS
+from cifar_rounds.core.params import PARAMS_FILE, Params, ParamsError, params_from_text
+from cifar_rounds.tracking.run import open_client
+
+
+@dataclass(frozen=True)
+class Replicate:
+    label: str
+    params: Params
+    metrics: dict
+    history: list[dict[str, float]]
+    predictions: list[tuple[str, str]]  # (actual, predicted) per test image, in test-set order
+
+    @property
+    def correct(self) -> np.ndarray:
+        return np.array([a == p for a, p in self.predictions], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Round:
+    name: str
+    replicates: list[Replicate]
+
+    @property
+    def first(self) -> Replicate:
+        return self.replicates[0]
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """Where the pipeline writes what the report reads, as dvc.yaml declares it."""
+
+    metrics: str
+    history: str
+    predictions: str
+
+    @classmethod
+    def from_dvc(cls, root: Path) -> ArtifactPaths:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            outs = {s.name: s.outs for s in repo.index.stages}
+        metrics = next(o.def_path for o in outs["evaluate"] if o.metric)
+        history = next(o.def_path for o in outs["train"] if o.def_path.endswith(".csv"))  # its one CSV output
+        predictions = next(o.def_path for o in outs["evaluate"] if o.plot)
+        return cls(metrics, history, predictions)
+
+
+def number(row: dict, key: str) -> float:
+    """A history value; NaN where the column is absent or blank (diagnostic not measured that epoch)."""
+    value = row.get(key, "")
+    return float(value) if value not in ("", None) else math.nan
+
+
+def parse_replicate(label: str, params: str, metrics: str, history: str, predictions: str) -> Replicate:
+    try:
+        parsed = json.loads(metrics)
+        rows = list(csv.DictReader(io.StringIO(history)))
+        preds = [(r["actual"], r["predicted"]) for r in csv.DictReader(io.StringIO(predictions))]
+        return Replicate(label, params_from_text(params, Path(f"{label}:{PARAMS_FILE}")), parsed,
+                         [{k: number(r, k) for k in r} for r in rows], preds)
+    except (json.JSONDecodeError, KeyError, ValueError, ParamsError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise StageError(f"{label}: its measurements cannot be read ({first})") from None
+
+
+def dvc_replicate(root: Path, rev: str, paths: ArtifactPaths) -> Replicate | None:
+    """The replicate at a DVC experiment or git revision; None if no such revision."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+    from dvc.scm import RevError
+
+    files = (str(PARAMS_FILE), paths.metrics, paths.history, paths.predictions)
+    texts = []
+    for path in files:
+        try:
+            texts.append(dvc.api.read(path, repo=str(root), rev=rev))
+        except RevError:
+            return None
+        except (DvcException, FileNotFoundError):
+            if path == str(PARAMS_FILE):
+                return None
+            raise StageError(f"{rev}: a revision without {path}; run the pipeline there first (dvc repro), "
+                             "or name a round that ran") from None
+    return parse_replicate(rev, *texts)
+
+
+def dvc_experiment_names(root: Path) -> list[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        found = repo.experiments.ls(all_commits=True)
+    return sorted({name for names in found.values() for name, _ in names if name})
+
+
+def seed_of(name: str, round_name: str) -> int | None:
+    match = re.fullmatch(rf"{re.escape(round_name)}-s(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def dvc_round(root: Path, name: str, paths: ArtifactPaths) -> Round | None:
+    replicas = sorted((seed_of(n, name), n) for n in dvc_experiment_names(root) if seed_of(n, name) is not None)
+    if replicas:
+        return Round(name, [dvc_replicate(root, n, paths) for _, n in replicas])
+    single = dvc_replicate(root, name, paths)
+    return Round(name, [single]) if single else None
+
+
+def mlflow_runs(params: Params, ref: str) -> list:
+    """Runs tagged with round `ref` (latest per seed), else the one run named or identified by `ref`."""
+    client, experiment = open_client(params)
+    runs = client.search_runs([experiment], max_results=5000, order_by=["attributes.start_time DESC"])
+    by_seed = {}
+    for r in runs:
+        if r.data.tags.get("round") == ref:
+            by_seed.setdefault(r.data.tags.get("seed"), r)
+    if by_seed:
+        return [by_seed[s] for s in sorted(by_seed, key=lambda s: int(s) if s and s.isdigit() else -1)]
+    named = [r for r in runs if r.info.run_name == ref]
+    if len(named) > 1:
+        ids = ", ".join(r.info.run_id for r in named)
+        raise StageError(f"{ref!r}: {len(named)} MLflow runs have this name ({ids}); name one by its run id")
+    return named or [r for r in runs if r.info.run_id == ref]
+
+
+def mlflow_replicate(params: Params, run, paths: ArtifactPaths) -> Replicate:
+    client, _ = open_client(params)
+    files = [str(PARAMS_FILE), f"{EVALUATION_ARTIFACTS}/{Path(paths.metrics).name}", Path(paths.history).name,
+             f"{EVALUATION_ARTIFACTS}/{Path(paths.predictions).name}"]
+    try:
+        texts = [Path(client.download_artifacts(run.info.run_id, f)).read_text() for f in files]
+    except Exception:  # MlflowException, OSError: the run never got that far
+        raise StageError(f"MLflow run {run.info.run_name!r} ({run.info.run_id}, {run.info.status}) has no "
+                         "evaluation; it did not finish the pipeline") from None
+    return parse_replicate(run.info.run_name, *texts)
+
+
+def find_round(ref: str, params: Params, root: Path, paths: ArtifactPaths) -> Round:
+    if "," in ref:
+        return Round(ref, [r for part in ref.split(",") for r in find_round(part, params, root, paths).replicates])
+    found = dvc_round(root, ref, paths)
+    if found is not None:
+        return found
+    runs = mlflow_runs(params, ref)
+    if not runs:
+        raise StageError(f"{ref!r} is neither a DVC experiment, a git revision, an MLflow round, run name nor run id")
+    return Round(ref, [mlflow_replicate(params, r, paths) for r in runs])

@@ -1,0 +1,147 @@
+"""The sweep report: trials ranked, the best against the baseline, history, importances, pruning's savings.
+
+Written to `reports/sweep-STUDY.md` and `.png`, and logged to the sweep's parent MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cifar_rounds.core.figures import pyplot, save_figure
+from cifar_rounds.core.files import atomic_path
+from cifar_rounds.core.params import with_overrides
+from cifar_rounds.analysis.rounds import load_preset
+
+if TYPE_CHECKING:
+    from cifar_rounds.search.sweep import Driver
+
+REPORTS_DIR = Path("reports")
+REPORT_ARTIFACTS = "sweep_report"
+
+
+def decoded(d, trial) -> dict[str, object]:
+    """The trial's searched values as params.yaml holds them."""
+    return {k: json.loads(v) if d.sweep.space[k].type == "categorical" else v for k, v in trial.params.items()}
+
+
+def epochs_trained(trial) -> int:
+    """Epochs the trial reported (one report per epoch)."""
+    return max(trial.intermediate_values, default=0)
+
+
+def planned_epochs(d: Driver, trial) -> int:
+    """Epochs the trial would have trained without pruning: its train.num_epochs."""
+    values = {**load_preset(d.sweep.baseline), **d.sweep.fixed, **decoded(d, trial)}
+    return with_overrides(d.base, values).train.num_epochs
+
+
+def ranked(d: Driver, trials: list) -> list:
+    """Complete trials best first, then pruned by their last value, then the rest."""
+    sign = -1 if d.sweep.objective.direction == "maximize" else 1
+    order = {"COMPLETE": 0, "PRUNED": 1}
+
+    def key(t):
+        value = t.value if t.value is not None else (t.intermediate_values[epochs_trained(t)] if t.intermediate_values else None)
+        return order.get(t.state.name, 2), sign * value if value is not None else math.inf
+
+    return sorted(trials, key=key)
+
+
+def trial_table(d: Driver, trials: list) -> list[str]:
+    names = list(d.sweep.space)
+    lines = [f"| rank | trial | state | {d.sweep.objective.metric} | epochs | " + " | ".join(names) + " |",
+             "|" + "---|" * (5 + len(names))]
+    for i, t in enumerate(ranked(d, trials), 1):
+        values = decoded(d, t)
+        value = f"{t.value:.4f}" if t.value is not None else "–"
+        origin = f" ({t.user_attrs['preset']})" if "preset" in t.user_attrs else ""
+        lines.append(f"| {i} | {t.number}{origin} | {t.state.name} | {value} | {epochs_trained(t)} | "
+                     + " | ".join(str(values.get(n, "–")) for n in names) + " |")
+    return lines
+
+
+def best_against_baseline(d: Driver, best) -> list[str]:
+    base = {**load_preset(d.sweep.baseline), **d.sweep.fixed}
+    changed = {k: v for k, v in decoded(d, best).items() if base.get(k) != v}
+    lines = [f"Best: trial {best.number} ({d.trial_name(best.number)}), {d.sweep.objective.metric} {best.value:.4f}.", "",
+             f"| parameter | {d.sweep.baseline} | trial {best.number} |", "|---|---|---|"]
+    lines += [f"| {k} | {base.get(k, '–')} | {v} |" for k, v in changed.items()] or ["| (none) | | |"]
+    return lines
+
+
+def importance_lines(d: Driver) -> list[str]:
+    """fANOVA importances of the searched parameters, or why there are none."""
+    import optuna
+
+    try:
+        importances = optuna.importance.get_param_importances(
+            d.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as error:  # too few complete trials, or a single distinct value
+        return [f"Not computable yet ({str(error).splitlines()[0]})."]
+    return ["| parameter | importance (fANOVA) |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in importances.items()]
+
+
+def pruning_lines(d: Driver, trials: list) -> list[str]:
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    trained = sum(epochs_trained(t) for t in trials)
+    saved = sum(planned_epochs(d, t) - epochs_trained(t) for t in pruned)
+    return [f"{len(pruned)} of {len(trials)} trials pruned; {trained} epochs trained, {saved} saved by pruning "
+            f"({saved / max(trained + saved, 1):.0%} of the epochs the trials would have trained)."]
+
+
+def render(d: Driver) -> str:
+    trials = [t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    lines = [f"# Sweep {d.sweep.study}", "",
+             f"{len(trials)} trials, objective {d.sweep.objective.metric} ({d.sweep.objective.direction}), "
+             f"sampler {d.sweep.sampler.kind}, pruner {d.sweep.pruner.kind}; MLflow parent run {d.parent_run_id}.", "",
+             "## Trials", "", *trial_table(d, trials), "", "## Best trial against the baseline", ""]
+    lines += best_against_baseline(d, d.study.best_trial) if complete else ["No trial has completed."]
+    lines += ["", "## Parameter importances", "", *importance_lines(d), "", "## Pruning", "", *pruning_lines(d, trials),
+              "", f"![optimisation history](sweep-{d.sweep.study}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_history(d: Driver, path: Path) -> None:
+    """Each finished trial's objective by trial number, and the best so far."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = [t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
+    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+        points = [(t.number, t.value if t.value is not None else t.intermediate_values[epochs_trained(t)])
+                  for t in done if t.state.name == state and (t.value is not None or t.intermediate_values)]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, label=state.lower())
+    best, run = [], None
+    for t in sorted((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.number):
+        better = run is None or (t.value > run if d.sweep.objective.direction == "maximize" else t.value < run)
+        run = t.value if better else run
+        best.append((t.number, run))
+    if best:
+        ax.step(*zip(*best), where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(d.sweep.objective.metric)
+    ax.set_title(f"Sweep {d.sweep.study}: optimisation history")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def write_sweep_report(d: Driver, folder: Path = REPORTS_DIR) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"sweep-{d.sweep.study}.md"
+    plot_history(d, out.with_suffix(".png"))
+    with atomic_path(out) as tmp:
+        tmp.write_text(render(d))
+    for path in (out, out.with_suffix(".png")):
+        d.client.log_artifact(d.parent_run_id, str(path), REPORT_ARTIFACTS)
+    c = {s: sum(t.state.name == s for t in d.study.get_trials(deepcopy=False)) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    for state, n in c.items():
+        d.client.log_metric(d.parent_run_id, f"trials_{state.lower()}", n)
+    if c["COMPLETE"]:
+        d.client.log_metric(d.parent_run_id, f"best_{d.sweep.objective.metric}", d.study.best_value)
+    print(f"sweep: report {out}")
+    return out

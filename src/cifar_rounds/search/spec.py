@@ -1,0 +1,236 @@
+"""A sweep file (`sweeps/*.yaml`): the search space for round N+1, validated like params.yaml.
+
+It names the parameters to search by their dotted params.yaml names, each a float
+or int range (optionally log-scaled) or a categorical choice; fixed overrides; the
+objective (a validation metric, never a test metric); the trial budget; the
+sampler with its seed; and the pruner. `load_sweep` checks every range end and
+choice against the `Params` model before any trial runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cifar_rounds.core.params import Params, ParamsError, read_yaml, with_overrides
+
+SWEEPS_DIR = Path("sweeps")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a study name that is also a valid DVC experiment prefix
+
+
+class Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(Part):
+    """A closed interval [low, high], sampled uniformly or, with `log`, log-uniformly."""
+
+    log: bool = Field(False, description="Sample the logarithm uniformly (for rates and decays).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"needs low < high (and low > 0 on a log scale), got [{self.low}, {self.high}]")
+        return self
+
+    def ends(self) -> list[float]:
+        return [self.low, self.high]
+
+    def contains(self, value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+
+class FloatRange(Range):
+    type: Literal["float"]
+    low: float = Field(description="Smallest value.")
+    high: float = Field(description="Largest value.")
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+class IntRange(Range):
+    type: Literal["int"]
+    low: int = Field(description="Smallest value.")
+    high: int = Field(description="Largest value.")
+
+    def suggest(self, trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, log=self.log)
+
+    def contains(self, value: object) -> bool:
+        return isinstance(value, int) and super().contains(value)
+
+
+class Choice(Part):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1, description="The values to choose from (numbers, strings, lists).")
+
+    def suggest(self, trial, name: str) -> Any:
+        # Optuna stores only scalars: a list value (lr_milestones) travels as its JSON text
+        picked = trial.suggest_categorical(name, [json.dumps(c) for c in self.choices])
+        return json.loads(picked)
+
+    def ends(self) -> list[Any]:
+        return list(self.choices)
+
+    def contains(self, value: object) -> bool:
+        return value in self.choices
+
+
+Dimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type")]
+
+
+class Objective(Part):
+    metric: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="Validation metric a trial is judged by, at its best epoch; never a test metric.")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether larger or smaller is better.")
+
+    @model_validator(mode="after")
+    def _direction_fits(self) -> Objective:
+        if (self.metric == "val_loss") != (self.direction == "minimize"):
+            raise ValueError(f"{self.metric} is to be {'minimized' if self.metric == 'val_loss' else 'maximized'}")
+        return self
+
+    def best(self, values: list[float]) -> float:
+        return max(values) if self.direction == "maximize" else min(values)
+
+
+class TpeSampler(Part):
+    kind: Literal["tpe"]
+    seed: int = Field(0, ge=0, description="Sampler seed: the same sweep file proposes the same trials.")
+
+    def build(self, space: dict[str, Dimension], offset: int = 0):
+        import optuna
+
+        return optuna.samplers.TPESampler(seed=self.seed + offset)
+
+
+class RandomSampler(Part):
+    kind: Literal["random"]
+    seed: int = Field(0, ge=0, description="Sampler seed.")
+
+    def build(self, space: dict[str, Dimension], offset: int = 0):
+        import optuna
+
+        return optuna.samplers.RandomSampler(seed=self.seed + offset)
+
+
+class GridSampler(Part):
+    kind: Literal["grid"]
+    seed: int = Field(0, ge=0, description="Seed of the order in which grid points are tried.")
+
+    def build(self, space: dict[str, Dimension], offset: int = 0):
+        import optuna  # the grid's order is fixed by the seed; points already tried are skipped by Optuna
+
+        return optuna.samplers.GridSampler({k: [json.dumps(c) for c in d.choices] for k, d in space.items()}, seed=self.seed)
+
+
+class NoPruner(Part):
+    kind: Literal["none"]
+
+    def build(self):
+        import optuna
+
+        return optuna.pruners.NopPruner()
+
+
+class MedianPruner(Part):
+    kind: Literal["median"]
+    startup_trials: int = Field(2, ge=0, description="Trials that finish before any is pruned.")
+    warmup_epochs: int = Field(1, ge=0, description="Epochs every trial trains before it may be pruned.")
+
+    def build(self):
+        import optuna
+
+        return optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials, n_warmup_steps=self.warmup_epochs)
+
+
+class HalvingPruner(Part):
+    kind: Literal["successive_halving"]
+    min_epochs: int = Field(1, ge=1, description="Epochs of the first rung.")
+    reduction_factor: int = Field(3, ge=2, description="1/this of the trials go on at each rung.")
+
+    def build(self):
+        import optuna
+
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_epochs, reduction_factor=self.reduction_factor)
+
+
+Sampler = Annotated[TpeSampler | RandomSampler | GridSampler, Field(discriminator="kind")]
+Pruner = Annotated[NoPruner | MedianPruner | HalvingPruner, Field(discriminator="kind")]
+
+
+class Sweep(Part):
+    study: str = Field(pattern=NAME_PATTERN, description="Study name; trials are the DVC experiments STUDY-t000, ...")
+    baseline: str = Field(description="Preset (rounds/NAME.yaml) the best trial is compared with.")
+    trials: int = Field(ge=1, description="Trials to finish (complete, pruned or failed), the enqueued ones included.")
+    storage: str | None = Field(None, description="Optuna storage URL; null: sqlite optuna.db at the repository root.")
+    enqueue: list[str] = Field(default_factory=list, description="Presets tried first, in this order (their values "
+                               "of the searched parameters).")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="params.yaml values every trial gets.")
+    space: dict[str, Dimension] = Field(min_length=1, description="The parameters searched, by dotted name.")
+    objective: Objective = Field(default_factory=Objective)
+    sampler: Sampler = Field(default_factory=lambda: TpeSampler(kind="tpe"))
+    pruner: Pruner = Field(default_factory=lambda: MedianPruner(kind="median"))
+
+    @model_validator(mode="after")
+    def _grid_needs_choices(self) -> Sweep:
+        if isinstance(self.sampler, GridSampler) and not all(isinstance(d, Choice) for d in self.space.values()):
+            raise ValueError("sampler.kind grid: every space entry must be categorical")
+        overlap = sorted(set(self.fixed) & set(self.space))
+        if overlap:
+            raise ValueError(f"{overlap[0]} is both fixed and searched")
+        return self
+
+    def digest(self) -> str:
+        """What makes two sweep files the same study: the space, the fixed values and the objective."""
+        chosen = self.model_dump(include={"space", "fixed", "objective"})
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_sweep(path: Path, base: Params) -> Sweep:
+    """The validated sweep file; every searched key and range end is checked against `base` (params.yaml)."""
+    raw = read_yaml(_read(path), path)
+    try:
+        sweep = Sweep.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p) in ("float", "int", "categorical"))
+        message = first["msg"].removeprefix("Value error, ")
+        raise ParamsError(f"{path}: {where + ': ' if where else ''}{message}") from None
+    check_space(sweep, base, path)
+    return sweep
+
+
+def _read(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such sweep file") from None
+
+
+def check_space(sweep: Sweep, base: Params, path: Path) -> None:
+    """Each fixed value, and each range end or choice (with the fixed values), must make valid params."""
+    try:
+        fixed = with_overrides(base, sweep.fixed)
+    except ParamsError as error:
+        raise ParamsError(f"{path}: fixed: {error}") from None
+    for name, dimension in sweep.space.items():
+        for value in dimension.ends():
+            try:
+                with_overrides(fixed, {name: value})
+            except ParamsError as error:
+                raise ParamsError(f"{path}: space.{name}: {value!r} is not a valid value ({error})") from None
+
+
+def check_enqueued(sweep: Sweep, presets: dict[str, dict[str, object]], path: Path) -> None:
+    """An enqueued preset's values of the searched parameters must lie in the space (Optuna refuses others)."""
+    for name, values in presets.items():
+        for key, dimension in sweep.space.items():
+            if key in values and not dimension.contains(values[key]):
+                raise ParamsError(f"{path}: enqueue: preset {name} has {key} = {values[key]!r}, outside "
+                                  f"space.{key} {dimension.ends()}; widen the space or drop the preset")

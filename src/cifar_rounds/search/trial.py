@@ -1,0 +1,119 @@
+"""The train stage's side of a sweep: report each epoch to the Optuna trial, stop when it is pruned.
+
+A run is a trial when `sweep.study` and `sweep.trial` are set in params.yaml (the
+sweep driver sets them). Outside a sweep, `open_trial` returns `NoTrial`, which
+imports nothing and costs nothing. A pruned trial stops like an early stop: its
+checkpoint and history are kept. The study learns the trial's end from the sweep
+driver (`conclude`), once the whole experiment has succeeded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.params import SweepParams
+from cifar_rounds.tracking.run import repo_root
+
+STUDY_FILE = "optuna.db"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attributes the driver sets, the trials read
+OBJECTIVE_ATTR = "objective"
+PRUNED_ATTR = "pruned"  # a trial attribute the train stage sets at its end
+PRUNER_ATTR = "pruner"
+SWEEP_TAG, TRIAL_TAG, STATE_TAG = "sweep", "sweep.trial", "sweep.trial_state"
+
+
+def study_storage(url: str | None, root: Path) -> str:
+    """The storage URL: the given one, or sqlite optuna.db at the repository root; relative sqlite paths from the root."""
+    prefix = "sqlite:///"
+    if url is None:
+        return f"{prefix}{root / STUDY_FILE}"
+    if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_absolute():
+        return f"{prefix}{root / url.removeprefix(prefix)}"
+    return url
+
+
+class NoTrial:
+    """Not a trial: nothing reported, never pruned."""
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+    def report(self, epoch: int, record: dict) -> bool:
+        return False
+
+    def finish(self, history: list[dict], pruned: bool) -> str | None:
+        return None
+
+
+class StudyTrial:
+    """One running Optuna trial, fed by the training loop."""
+
+    def __init__(self, study, trial, number: int, metric: str) -> None:
+        self.study, self.trial, self.number, self.metric = study, trial, number, metric
+
+    def tags(self) -> dict[str, str]:
+        parent = self.study.user_attrs.get(PARENT_RUN_ATTR)
+        return {SWEEP_TAG: self.study.study_name, TRIAL_TAG: str(self.number),
+                **({"mlflow.parentRunId": parent} if parent else {})}
+
+    def report(self, epoch: int, record: dict) -> bool:
+        """Report the epoch's objective; True when the pruner says stop."""
+        value = float(record[self.metric])
+        if not math.isfinite(value):
+            return False  # a diverged run is stopped by the loop itself
+        self.trial.report(value, epoch)
+        return bool(self.trial.should_prune())
+
+    def finish(self, history: list[dict], pruned: bool) -> str:
+        """Record how training ended; the driver tells the study once the whole experiment has succeeded."""
+        self.trial.set_user_attr(PRUNED_ATTR, pruned)
+        return "PRUNED" if pruned else "COMPLETE"
+
+
+def conclude(study, number: int) -> str:
+    """Tell the study how a trial whose experiment succeeded ended: PRUNED, or COMPLETE with the best
+    objective it reported (one value per epoch); FAIL if it reported none."""
+    import optuna
+
+    trial = study.get_trials(deepcopy=False)[number]
+    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
+    if trial.user_attrs.get(PRUNED_ATTR):
+        state, value = optuna.trial.TrialState.PRUNED, None
+    elif values:
+        state, value = optuna.trial.TrialState.COMPLETE, (max if study.direction.name == "MAXIMIZE" else min)(values)
+    else:
+        state, value = optuna.trial.TrialState.FAIL, None
+    study.tell(number, value, state=state, skip_if_finished=True)
+    return state.name
+
+
+def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
+    """The trial params.yaml names, if it is still running; one line and no reporting otherwise."""
+    if sp.study is None:
+        return NoTrial()
+    import optuna
+
+    from cifar_rounds.search.spec import Objective, Pruner
+    from pydantic import TypeAdapter
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = study_storage(sp.storage, repo_root())
+    try:
+        storage = optuna.storages.get_storage(url)
+        study_id = storage.get_study_id_from_name(sp.study)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, sp.trial)
+    except KeyError:
+        raise StageError(f"sweep: study {sp.study!r} has no trial {sp.trial} in {url}") from None
+    except Exception as error:  # an unreachable database: say which, in one line
+        raise StageError(f"sweep.storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
+    attrs = storage.get_study_user_attrs(study_id)
+    pruner = TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build()
+    study = optuna.Study(study_name=sp.study, storage=storage, pruner=pruner)
+    frozen = storage.get_trial(trial_id)
+    if frozen.state != optuna.trial.TrialState.RUNNING:
+        print(f"sweep: trial {sp.trial} of {sp.study!r} is already {frozen.state.name}; training without reporting to it")
+        return NoTrial()
+    objective = Objective.model_validate(attrs[OBJECTIVE_ATTR])
+    return StudyTrial(study, optuna.trial.Trial(study, trial_id), sp.trial, objective.metric)

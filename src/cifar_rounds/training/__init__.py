@@ -1,0 +1,1 @@
+"""Training: the model, the loops, diagnostics, checkpoints, where records go, the device and torchrun."""

@@ -1,0 +1,97 @@
+"""The house rules that can drift: stage dependencies, imports between modules, values declared once."""
+
+import ast
+import re
+
+import pytest
+import yaml
+
+from cifar_rounds.core.names import BEST_CHECKPOINT
+from cifar_rounds.analysis.rounds import load_preset, preset_names
+from helpers import REPO
+
+PACKAGE = REPO / "src" / "cifar_rounds"
+STAGES = ("stages.download", "stages.split", "stages.train", "stages.evaluate")
+
+
+def modules() -> set[str]:
+    """Every module of the package as GROUP.MODULE (the groups' __init__ files aside)."""
+    return {f"{p.parent.name}.{p.stem}" for p in PACKAGE.glob("*/*.py") if p.stem != "__init__"}
+
+
+def imports_of(module: str) -> set[str]:
+    """The package modules (GROUP.MODULE) that `module` imports directly."""
+    tree = ast.parse((PACKAGE / f"{module.replace('.', '/')}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found |= {n.removeprefix("cifar_rounds.") for n in names if n.startswith("cifar_rounds.")}
+    return found
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imports_of(m)
+    return seen
+
+
+def test_every_module_sits_in_a_group_folder():
+    assert [p.name for p in PACKAGE.glob("*.py")] == ["__init__.py"]
+    assert all(m.count(".") == 1 for m in modules()) and all(imports_of(m) <= modules() for m in modules())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_depends_on_exactly_the_modules_it_imports(stage):
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    listed = {d for d in dvc["stages"][stage.split(".")[1]]["deps"] if d.startswith("src/")}
+    assert listed == {f"src/cifar_rounds/{m.replace('.', '/')}.py" for m in closure(stage)}
+
+
+def test_no_module_imports_a_stage_module():
+    for module in modules():
+        imported = imports_of(module) & set(STAGES)
+        assert not imported - {module}, f"{module} imports the stage module(s) {imported}"
+
+
+def test_tracking_and_report_import_no_torch_heavy_module():
+    heavy = {"training.engine", "training.runtime", "training.trainer", "training.model", "data.augment",
+             "training.diagnostics", "training.checkpoint"}
+    for light in ("tracking.run", "analysis.report", "analysis.replicates", "analysis.verdict", "core.params",
+                  "core.names"):
+        assert not closure(light) & heavy, light
+
+
+def test_readme_rounds_table_is_the_preset_files(monkeypatch):
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text()
+    header = re.search(r"^\| \| (learning_rate.*) \|$", readme, re.M).group(1).split(" | ")
+    for name in preset_names():
+        row = re.search(rf"^\| {name} \| (.*) \|$", readme, re.M).group(1).split(" | ")
+        preset = load_preset(name)
+        assert {f"train.{h}": yaml.safe_load(v) for h, v in zip(header, row)} == preset, name
+
+
+def test_round_values_appear_once_in_the_source_tree():
+    """Round 2's values live in rounds/round-2.yaml (and params.yaml, the working copy), not in code."""
+    code = "\n".join(p.read_text() for p in PACKAGE.glob("**/*.py")) + (REPO / "MLproject").read_text()
+    for literal in ("0.0005", "[60, 120, 160]", "batch_size: 96", "0.05,"):
+        assert literal not in code, literal
+
+
+def test_dvc_yaml_declares_the_best_checkpoint_as_a_model_artifact():
+    from dvc.repo import Repo
+    from dvc.repo.artifacts import check_name_format
+
+    with Repo(str(REPO)) as repo:
+        artifacts = repo.artifacts.read()["dvc.yaml"]
+        (name, artifact), = artifacts.items()
+        check_name_format(name)  # what `dvc artifacts get` and Studio accept
+        train_outs = {o.def_path for s in repo.index.stages if s.name == "train" for o in s.outs}
+    models_dir = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["models_dir"]
+    assert artifact.type == "model" and artifact.path == f"{models_dir}/{BEST_CHECKPOINT}"
+    assert models_dir in train_outs  # the file the train stage writes

@@ -1,0 +1,217 @@
+"""The search for round N+1: sweep files, the trial hook, the driver over DVC's queue, promotion, proposals."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from helpers import REPO, repo_params, run
+from cifar_rounds.analysis.proposals import proposals
+from cifar_rounds.core.params import ParamsError, SweepParams, with_overrides
+from cifar_rounds.analysis.replicates import Replicate, Round
+from cifar_rounds.search.spec import load_sweep
+from cifar_rounds.search.trial import NoTrial, StudyTrial, conclude, open_trial
+
+GOOD = {
+    "study": "r3", "baseline": "round-2", "trials": 4, "enqueue": ["round-1", "round-2"],
+    "fixed": {"train.num_epochs": 30, "train.lr_milestones": [10, 20]},
+    "space": {"train.learning_rate": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
+              "train.batch_size": {"type": "categorical", "choices": [64, 96, 128]}},
+}
+
+
+def sweep_file(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, **changes}))
+    return path
+
+
+def test_a_good_sweep_file_has_the_documented_defaults(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path), repo_params())
+    assert (sweep.objective.metric, sweep.objective.direction) == ("val_accuracy", "maximize")
+    assert (sweep.sampler.kind, sweep.pruner.kind) == ("tpe", "median")
+    assert load_sweep(REPO / "sweeps/round-3.yaml", repo_params()).study == "round-3"  # the shipped example
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"space": {"train.learnig_rate": {"type": "float", "low": 0.01, "high": 0.1}}},
+     "unknown parameter 'train.learnig_rate' (did you mean train.learning_rate?)"),
+    ({"space": {"train.momentum": {"type": "float", "low": 0.5, "high": 1.5}}}, "space.train.momentum: 1.5 is not a valid value"),
+    ({"space": {"train.learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}}, "needs low < high"),
+    ({"space": {"train.learning_rate": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}}, "low > 0 on a log scale"),
+    ({"objective": {"metric": "test_accuracy"}}, "objective.metric: Input should be 'val_accuracy' or 'val_loss'"),
+    ({"objective": {"metric": "val_loss", "direction": "maximize"}}, "val_loss is to be minimized"),
+    ({"sampler": {"kind": "grid"}}, "every space entry must be categorical"),
+    ({"pruner": {"kind": "hyperband"}}, "pruner"),
+    ({"fixed": {"train.num_epochs": 0}}, "fixed: "),
+    ({"fixed": {"train.batch_size": 64}}, "train.batch_size is both fixed and searched"),
+    ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+    ({"study": "bad name"}, "study: String should match pattern"),
+    ({"extra": 1}, "extra: Extra inputs are not permitted"),
+])
+def test_bad_sweep_files_are_refused_by_name(tmp_path, changes, message):
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")) as error:
+        load_sweep(sweep_file(tmp_path, **changes), repo_params())
+    assert "\n" not in str(error.value) and str(tmp_path / "sweep.yaml") in str(error.value)
+
+
+def test_the_cli_refuses_in_one_line_and_creates_nothing(tmp_path):
+    project = tmp_path / "p"
+    project.mkdir()
+    for name in ("params.yaml", "rounds"):
+        (project / name).symlink_to(REPO / name)
+    cases = {
+        "malformed": "study: [unclosed",
+        "outside": yaml.safe_dump({**GOOD, "space": {"train.batch_size": {"type": "categorical", "choices": [64, 96]}}}),
+        "storage": yaml.safe_dump({**GOOD, "storage": f"sqlite:///{tmp_path}/no/such/dir/optuna.db"}),
+    }
+    expected = {"malformed": "not valid YAML", "outside": "enqueue: preset round-1 has train.batch_size = 128, outside",
+                "storage": "sweep storage: cannot open"}
+    for name, text in cases.items():
+        (project / f"{name}.yaml").write_text(text)
+        result = run([sys.executable, "-m", "cifar_rounds.search.sweep", f"{name}.yaml"], project, check=False)
+        assert result.returncode == 1 and expected[name] in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (project / "optuna.db").exists() and not (project / "mlflow.db").exists()
+
+
+def test_a_study_name_used_by_another_space_is_refused(tmp_path, monkeypatch):
+    from cifar_rounds.core.errors import StageError
+    from cifar_rounds.search.sweep import open_study
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    first = load_sweep(sweep_file(tmp_path), repo_params())
+    study, _, created = open_study(first, url)
+    assert created
+    study.set_user_attr("space_digest", first.digest())
+    assert open_study(first, url)[2] is False  # the same space continues
+    wider = load_sweep(sweep_file(tmp_path, space={**GOOD["space"], "train.lr_gamma": {"type": "float", "low": 0.1, "high": 0.5}}),
+                       repo_params())
+    with pytest.raises(StageError, match="study 'r3' .* was created from another search space"):
+        open_study(wider, url)
+
+
+def test_a_run_without_a_sweep_imports_no_optuna():
+    code = ("import sys; from cifar_rounds.search.trial import open_trial; from cifar_rounds.core.params import SweepParams; "
+            "t = open_trial(SweepParams(study=None, trial=None, storage=None)); "
+            "assert t.report(1, {'val_accuracy': 0.5}) is False and t.tags() == {}; print('optuna' in sys.modules)")
+    assert run([sys.executable, "-c", code], REPO).stdout.strip() == "False"
+
+
+def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for_good(tmp_path, monkeypatch):
+    """The queue's word is not the last: a saved experiment is a result, a briefly missing entry is not lost."""
+    from cifar_rounds.search import sweep as driver
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for name in ("rounds", "params.yaml"):
+        (tmp_path / name).symlink_to(REPO / name)
+    run(["git", "init", "-q"], tmp_path)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], tmp_path)
+    d = driver.new_driver(load_sweep(sweep_file(tmp_path), repo_params()), repo_params())
+    trials = [d.study.ask() for _ in range(3)]
+    for t in trials:
+        t.set_user_attr("queue", d.queue)
+        t.report(0.5, 1)
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    run(["git", "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/r3-t000", head], tmp_path)  # saved, entry removed
+    experiment = d.client.get_run(d.parent_run_id).info.experiment_id
+    finished = d.client.create_run(experiment, tags={"sweep": "r3", "sweep.trial": "2"}).info.run_id
+    d.client.set_terminated(finished, "FINISHED")  # trained, but its experiment failed before it was saved
+    monkeypatch.setattr(driver, "queue_states", lambda names: {"r3-t002": "Failed"})
+    d.inherited = {0, 1, 2}
+
+    assert driver.settle(d) == [1]  # t001: missing from the queue for a moment only, still waited for
+    states = [t.state.name for t in d.study.get_trials()]
+    assert states[:3] == ["COMPLETE", "RUNNING", "FAIL"] and d.study.trials[0].value == 0.5
+    assert d.client.get_run(finished).data.tags["sweep.trial_state"] == "FAIL"
+    monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
+    assert driver.settle(d) == []
+    retried = [t.user_attrs["retry_of"] for t in d.study.get_trials() if "retry_of" in t.user_attrs]
+    assert d.study.trials[1].state.name == "FAIL" and sorted(retried) == [1, 2]
+
+
+def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
+    from cifar_rounds.search.spec import MedianPruner, Objective
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    study.set_user_attr("objective", Objective().model_dump())
+    study.set_user_attr("pruner", MedianPruner(kind="median", startup_trials=2, warmup_epochs=2).model_dump())
+    return study, url
+
+
+def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_concluded(tmp_path, monkeypatch):
+    study, url = _study_with_pruner(tmp_path, monkeypatch)
+    for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):  # two good trials complete
+        number = study.ask().number
+        trial = open_trial(SweepParams(study="s", trial=number, storage=url))
+        assert isinstance(trial, StudyTrial)
+        assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
+        assert trial.finish([], pruned=False) == "COMPLETE"
+        assert study.trials[number].state.name == "RUNNING"  # until the driver sees the experiment succeed
+        assert conclude(study, number) == "COMPLETE"
+    number = study.ask().number
+    trial = open_trial(SweepParams(study="s", trial=number, storage=url))
+    assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up: never pruned
+    assert trial.report(2, {"val_accuracy": 0.1}) is True  # far below the median at epoch 2
+    assert trial.finish([], pruned=True) == "PRUNED" and conclude(study, number) == "PRUNED"
+    silent = study.ask().number  # reported nothing (it died before its first epoch ended)
+    assert conclude(study, silent) == "FAIL"
+    states = [(t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=url).trials]
+    assert states == [("COMPLETE", 0.7), ("COMPLETE", 0.8), ("PRUNED", 0.1), ("FAIL", None)]  # the best epoch's value
+    # a finished trial is not reported to again (an applied experiment rerun later)
+    assert isinstance(open_trial(SweepParams(study="s", trial=0, storage=url)), NoTrial)
+
+
+def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
+    from cifar_rounds.core.errors import StageError
+
+    _, url = _study_with_pruner(tmp_path, monkeypatch)
+    with pytest.raises(StageError, match="sweep: study 'nope' has no trial 3"):
+        open_trial(SweepParams(study="nope", trial=3, storage=url))
+
+
+def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=math.nan, bound=100.0) -> Replicate:
+    params = with_overrides(repo_params(), {"train.num_epochs": 100, "train.lr_milestones": [30, 60, 80],
+                                            "train.patience": 20, "train.batch_size": 96, "tracking.round": "round-2"})
+    history = [{"epoch": e, "noise_scale": noise, "lambda_max": lam if e == stopped else math.nan,
+                "stability_bound": bound, "val_loss": 1.0, "learning_rate": 0.05} for e in range(1, stopped + 1)]
+    metrics = {"train_accuracy": train_acc, "test_accuracy": test_acc, "stopped_epoch": stopped}
+    return Replicate("r", params, metrics, history, [])
+
+
+def test_next_round_proposals_come_only_from_measurements_that_cross_their_lines():
+    calm = Round("c", [_replicate()])
+    assert proposals(calm) == []
+    memorised = proposals(Round("m", [_replicate(train_acc=1.0, test_acc=0.8329)]))
+    assert [p.slug for p in memorised] == ["regularisation"]
+    assert "train accuracy 100.00% with a train-test gap of 16.71%" in memorised[0].evidence
+    assert memorised[0].overrides == {"train.weight_decay": 0.001}
+    early = proposals(Round("e", [_replicate(stopped=45)]))
+    assert [p.slug for p in early] == ["patience"] and early[0].overrides == {"train.patience": 35}
+    assert "epochs 45" in early[0].evidence and "milestone (80)" in early[0].evidence
+    batch = proposals(Round("b", [_replicate(noise=1000.0)]))
+    assert [p.slug for p in batch] == ["batch"] and batch[0].overrides["train.batch_size"] == 192
+    assert proposals(Round("b", [_replicate(noise=300.0)])) == []  # 3.1x the batch: below the 4x line
+    assert proposals(Round("e", [_replicate(stopped=85)])) == []  # after the last milestone (80)
+    edge = proposals(Round("l", [_replicate(lam=90.0, bound=100.0)]))
+    assert [p.slug for p in edge] == ["learning-rate"] and "90% of the stability bound" in edge[0].evidence
+    assert proposals(Round("l", [_replicate(lam=50.0, bound=100.0)])) == []
+
+
+def test_a_proposal_writes_a_sweep_file_that_validates(tmp_path, monkeypatch):
+    from cifar_rounds.analysis.proposals import next_round_lines
+
+    monkeypatch.chdir(REPO)  # the presets
+    lines = next_round_lines(Round("round-2", [_replicate(train_acc=1.0, test_acc=0.8329)]), tmp_path / "next")
+    assert any("more regularisation" in line and "python -m cifar_rounds.search.sweep" in line for line in lines)
+    sweep = load_sweep(tmp_path / "next" / "regularisation.yaml", repo_params())
+    assert sweep.baseline == "round-2" and list(sweep.space) == ["train.weight_decay"]
