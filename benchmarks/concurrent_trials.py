@@ -40,8 +40,17 @@ def child(width: int, batch: int, steps: int) -> None:
 
 
 def together(args, env: dict[str, str]) -> list[float]:
-    cmd = [sys.executable, __file__, "--child", "--width", str(args.width), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--width",
+        str(args.width),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+    ]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(args.processes)]
     return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
@@ -59,9 +68,14 @@ def main() -> None:
         return
     base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     share = str(max(1, (os.cpu_count() or 1) // args.processes))
-    print(f"date: {date.today()}  {os.cpu_count()} CPU cores; {args.processes} processes at once, ResNet-18 width "
-          f"{args.width}, batch {args.batch_size}, {args.steps} timed steps each")
-    for label, env in (("torch default threads", base), (f"OMP_NUM_THREADS={share}", {**base, "OMP_NUM_THREADS": share})):
+    print(
+        f"date: {date.today()}  {os.cpu_count()} CPU cores; {args.processes} processes at once, ResNet-18 width "
+        f"{args.width}, batch {args.batch_size}, {args.steps} timed steps each"
+    )
+    for label, env in (
+        ("torch default threads", base),
+        (f"OMP_NUM_THREADS={share}", {**base, "OMP_NUM_THREADS": share}),
+    ):
         rates = together(args, env)
         print(f"{label:24s} per process {', '.join(f'{r:.0f}' for r in rates)} img/s; total {sum(rates):.0f} img/s")
 

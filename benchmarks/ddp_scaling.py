@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from cifar_rounds.stages.demo import dvc, init_project, offline_params
 from cifar_rounds.core.params import PARAMS_FILE, load_params
 from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.stages.demo import dvc, init_project, offline_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +33,27 @@ REPO = Path(__file__).resolve().parents[1]
 def throughput(project: Path, procs: int) -> float:
     history = f"reports/ddp{procs}.csv"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-         "-m", "cifar_rounds.stages.train", "--split", "data/split.npz", "--models", f"models{procs}",
-         "--history", history, "--summary", f"reports/ddp{procs}.json"],
-        cwd=project, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "cifar_rounds.stages.train",
+            "--split",
+            "data/split.npz",
+            "--models",
+            f"models{procs}",
+            "--history",
+            history,
+            "--summary",
+            f"reports/ddp{procs}.json",
+        ],
+        cwd=project,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     with open(project / history) as f:
         return float(list(csv.DictReader(f))[-1]["images_per_s"])
@@ -53,9 +70,15 @@ def main() -> None:
         project = Path(tmp) / "p"
         archive = Path(tmp) / "a.tar.gz"
         md5 = write_archive(archive, args.images, 500, seed=0)
-        overrides = {"model.width": args.width, "train.batch_size": args.batch_size, "train.num_epochs": 2,
-                     "train.lr_milestones": [1], "train.deterministic": False, "train.device": "auto",
-                     "tracking.log_model": False}
+        overrides = {
+            "model.width": args.width,
+            "train.batch_size": args.batch_size,
+            "train.num_epochs": 2,
+            "train.lr_milestones": [1],
+            "train.deterministic": False,
+            "train.device": "auto",
+            "tracking.log_model": False,
+        }
         init_project(REPO, project, offline_params(load_params(REPO / PARAMS_FILE), archive, md5, overrides))
         dvc("repro", "split", cwd=project)
         rates = {k: throughput(project, k) for k in args.procs}
@@ -63,8 +86,10 @@ def main() -> None:
     print(f"date: {date.today()}  device: {device}  ({os.cpu_count()} CPU cores, torch {torch.__version__})")
     print(f"ResNet-18 width {args.width}, global batch {args.batch_size}, {args.images} generated images")
     for k, rate in rates.items():
-        print(f"{k} process(es): {rate:8.1f} img/s in all, {rate / k:8.1f} img/s per process, "
-              f"scaling efficiency {rate / (k * rates[min(rates)]):.0%}")
+        print(
+            f"{k} process(es): {rate:8.1f} img/s in all, {rate / k:8.1f} img/s per process, "
+            f"scaling efficiency {rate / (k * rates[min(rates)]):.0%}"
+        )
 
 
 if __name__ == "__main__":

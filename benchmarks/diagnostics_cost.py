@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cifar_rounds.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from cifar_rounds.data.synthetic import generate_images
 from cifar_rounds.training.diagnostics import HessianOperator, hvp, sharpness, unbiased_norm_estimates
 from cifar_rounds.training.engine import autocast
 from cifar_rounds.training.model import build_model
-from cifar_rounds.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from cifar_rounds.training.runtime import amp_dtype, configure_cpu, memory_format
-from cifar_rounds.data.synthetic import generate_images
 
 TRAIN_IMAGES = 45_000
 CPU = torch.device("cpu")
@@ -118,8 +118,13 @@ def time_products(model: nn.Module, x: torch.Tensor, y: torch.Tensor, products: 
         hvp(loss_of(model, x, y), params, v)
     out = {}
     for unit in ("wall", "cpu"):
-        out.update({f"build_{unit}": getattr(build, unit), f"fresh_product_{unit}": getattr(fresh, unit),
-                    f"product_{unit}": statistics.median(getattr(c, unit) for c in reuse)})
+        out.update(
+            {
+                f"build_{unit}": getattr(build, unit),
+                f"fresh_product_{unit}": getattr(fresh, unit),
+                f"product_{unit}": statistics.median(getattr(c, unit) for c in reuse),
+            }
+        )
     return out
 
 
@@ -145,7 +150,9 @@ def flops_per_image(width: int, images: int = 8) -> dict[str, float]:
 def learnable_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The offline demo's generated classes, standardised as the pipeline does."""
     images, labels = generate_images(n, np.random.default_rng(seed))
-    x = (torch.from_numpy(images).float() / 255 - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+    x = (torch.from_numpy(images).float() / 255 - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(
+        CIFAR10_STD
+    )[:, None, None]
     return x, torch.from_numpy(labels)
 
 
@@ -165,10 +172,14 @@ def count_products(width: int, args: argparse.Namespace) -> dict[str, float]:
         loss_of(model, x[batch], y[batch]).backward()
         optimizer.step()
     with Clock() as clock:
-        out = sharpness(model, x[: args.samples], y[: args.samples], args.iterations, args.probes, seed=0,
-                        tolerance=args.tolerance)
-    return {"counted_products": out["hessian_vector_products"], "counted_wall": clock.wall,
-            "lambda_max": out["lambda_max"]}
+        out = sharpness(
+            model, x[: args.samples], y[: args.samples], args.iterations, args.probes, seed=0, tolerance=args.tolerance
+        )
+    return {
+        "counted_products": out["hessian_vector_products"],
+        "counted_wall": clock.wall,
+        "lambda_max": out["lambda_max"],
+    }
 
 
 def measure_width(width: int, args: argparse.Namespace) -> dict[str, float]:
@@ -179,8 +190,13 @@ def measure_width(width: int, args: argparse.Namespace) -> dict[str, float]:
     steps = time_train_steps(model, args.batch_size, half, dtype)
     timed = time_products(model, x, y, args.hvps)
     steps += time_train_steps(model, args.batch_size, args.train_steps - half, dtype)
-    row = {"width": width, "step_wall": statistics.median(c.wall for c in steps),
-           "step_cpu": statistics.median(c.cpu for c in steps), **timed, **flops_per_image(width)}
+    row = {
+        "width": width,
+        "step_wall": statistics.median(c.wall for c in steps),
+        "step_cpu": statistics.median(c.cpu for c in steps),
+        **timed,
+        **flops_per_image(width),
+    }
     if width in args.count_widths:
         row.update(count_products(width, args))
     return row
@@ -197,41 +213,67 @@ def shares(row: dict[str, float], args: argparse.Namespace) -> dict[str, float]:
     # GPU, by arithmetic: the same FLOPs per image, whatever the device
     train_flops = args.epochs * TRAIN_IMAGES * row["train_gflop"]
     old_n, cap_n = args.old_iterations + args.old_probes, args.iterations + args.probes
-    out["old_flop_share"] = args.measurements * args.samples * old_n * (row["graph_gflop"] + row["product_gflop"]) / train_flops
-    out["cap_flop_share"] = args.measurements * args.samples * (row["graph_gflop"] + cap_n * row["product_gflop"]) / train_flops
+    out["old_flop_share"] = (
+        args.measurements * args.samples * old_n * (row["graph_gflop"] + row["product_gflop"]) / train_flops
+    )
+    out["cap_flop_share"] = (
+        args.measurements * args.samples * (row["graph_gflop"] + cap_n * row["product_gflop"]) / train_flops
+    )
     return out
 
 
 def print_width(row: dict[str, float], s: dict[str, float], args: argparse.Namespace) -> None:
     share = lambda seconds: args.measurements * seconds / (args.epochs * s["epoch"])  # noqa: E731
     per_image = row["product_cpu"] / args.samples / (row["step_cpu"] / args.batch_size)
-    print(f"width {row['width']}: training step {row['step_cpu']:.2f} CPU s, {row['step_wall']:.2f} s wall "
-          f"(batch {args.batch_size}); epoch {s['epoch'] / 60:.1f} CPU min ({TRAIN_IMAGES // args.batch_size} steps)")
-    print(f"  {args.samples} samples, CPU s (wall s): graph {row['build_cpu']:.1f} ({row['build_wall']:.1f}), "
-          f"product through it {row['product_cpu']:.1f} ({row['product_wall']:.1f}), product with its own graph "
-          f"{row['fresh_product_cpu']:.1f} ({row['fresh_product_wall']:.1f}); a product per image = {per_image:.1f} training images")
-    print(f"  GFLOP per image: training step {row['train_gflop']:.3f}, graph {row['graph_gflop']:.3f}, product {row['product_gflop']:.3f}")
-    for name, label in (("old", f"old ({args.old_iterations}+{args.old_probes} products, each its own graph)"),
-                        ("cap", f"new at the cap ({args.iterations}+{args.probes} products, one graph)"),
-                        ("counted", f"new, counted ({row.get('counted_products', 0):.0f} products at tolerance {args.tolerance:g})")):
+    print(
+        f"width {row['width']}: training step {row['step_cpu']:.2f} CPU s, {row['step_wall']:.2f} s wall "
+        f"(batch {args.batch_size}); epoch {s['epoch'] / 60:.1f} CPU min ({TRAIN_IMAGES // args.batch_size} steps)"
+    )
+    print(
+        f"  {args.samples} samples, CPU s (wall s): graph {row['build_cpu']:.1f} ({row['build_wall']:.1f}), "
+        f"product through it {row['product_cpu']:.1f} ({row['product_wall']:.1f}), product with its own graph "
+        f"{row['fresh_product_cpu']:.1f} ({row['fresh_product_wall']:.1f}); a product per image "
+        f"= {per_image:.1f} training images"
+    )
+    print(
+        f"  GFLOP per image: training step {row['train_gflop']:.3f}, graph "
+        f"{row['graph_gflop']:.3f}, product {row['product_gflop']:.3f}"
+    )
+    for name, label in (
+        ("old", f"old ({args.old_iterations}+{args.old_probes} products, each its own graph)"),
+        ("cap", f"new at the cap ({args.iterations}+{args.probes} products, one graph)"),
+        ("counted", f"new, counted ({row.get('counted_products', 0):.0f} products at tolerance {args.tolerance:g})"),
+    ):
         if name in s:
-            print(f"  {label}: {s[name] / 60:.1f} CPU min = {s[name] / s['epoch']:.2f} epochs; "
-                  f"{args.measurements} of them: {share(s[name]):.2%} of training")
+            print(
+                f"  {label}: {s[name] / 60:.1f} CPU min = {s[name] / s['epoch']:.2f} epochs; "
+                f"{args.measurements} of them: {share(s[name]):.2%} of training"
+            )
     if "counted_products" in row:
-        print(f"  (counted after {args.count_train_steps} training steps: {row['counted_wall'] / 60:.1f} min wall, "
-              f"lambda_max {row['lambda_max']:.4g})")
-    print(f"  GPU by arithmetic (FLOPs, equal throughput per FLOP): old {s['old_flop_share']:.2%}, "
-          f"new at the cap {s['cap_flop_share']:.2%}; with fp32 sharpness on TF32 at half the bf16 rate: "
-          f"old {BF16_OVER_TF32 * s['old_flop_share']:.2%}, new {BF16_OVER_TF32 * s['cap_flop_share']:.2%}")
+        print(
+            f"  (counted after {args.count_train_steps} training steps: {row['counted_wall'] / 60:.1f} min wall, "
+            f"lambda_max {row['lambda_max']:.4g})"
+        )
+    print(
+        f"  GPU by arithmetic (FLOPs, equal throughput per FLOP): old {s['old_flop_share']:.2%}, "
+        f"new at the cap {s['cap_flop_share']:.2%}; with fp32 sharpness on TF32 at half the bf16 rate: "
+        f"old {BF16_OVER_TF32 * s['old_flop_share']:.2%}, new {BF16_OVER_TF32 * s['cap_flop_share']:.2%}"
+    )
 
 
 def small_net(batchnorm: bool) -> nn.Module:
     torch.manual_seed(0)
     norm = nn.BatchNorm2d if batchnorm else (lambda c: nn.Identity())
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=not batchnorm), norm(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=not batchnorm), norm(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, padding=1, bias=not batchnorm),
+        norm(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=not batchnorm),
+        norm(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 
@@ -240,8 +282,9 @@ def flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))])
 
 
-def reference_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, big: int, batches: int,
-                    generator: torch.Generator) -> tuple[float, float, float]:
+def reference_noise(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, big: int, batches: int, generator: torch.Generator
+) -> tuple[float, float, float]:
     """|G|^2 of the full data; tr(Sigma) = B E|g_B - G|^2 at a large B, and its standard error.
 
     Per-example gradients are not defined with BatchNorm, and adding one example to the data
@@ -249,10 +292,13 @@ def reference_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, big: int
     either; the large-batch variance is what tr(Sigma)/B models.
     """
     full = flat_grad(model, x, y)
-    dev = torch.tensor([
-        big * (flat_grad(model, x[idx], y[idx]) - full).square().sum().item()
-        for idx in (torch.randint(0, len(y), (big,), generator=generator) for _ in range(batches))
-    ], dtype=torch.float64)
+    dev = torch.tensor(
+        [
+            big * (flat_grad(model, x[idx], y[idx]) - full).square().sum().item()
+            for idx in (torch.randint(0, len(y), (big,), generator=generator) for _ in range(batches))
+        ],
+        dtype=torch.float64,
+    )
     return full.square().sum().item(), dev.mean().item(), dev.std().item() / math.sqrt(batches)
 
 
@@ -262,8 +308,9 @@ def per_example_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
     return (grads - grads.mean(0)).square().sum(1).mean().item()
 
 
-def probe_estimates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, batches: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_estimates(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, batches: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard error of the probe's (|G|^2, tr(Sigma)) over batches of 2b and their first halves."""
     estimates = []
     for _ in range(batches):
@@ -291,21 +338,28 @@ def batchnorm_bias(args: argparse.Namespace) -> None:
     x = torch.randn(args.bn_examples, 3, 8, 8, generator=g)
     y = (x.flatten(1) @ torch.randn(3 * 64, 10, generator=g)).argmax(1)  # a learnable teacher
     big = args.bn_big_factor * args.bn_examples
-    print(f"noise probe bias: {args.bn_examples} examples (3x8x8), {args.bn_batches} batches per size, reference "
-          f"tr(Sigma) from {args.bn_batches // 4} batches of {big}; relative bias of the probe's estimate +- standard error")
+    print(
+        f"noise probe bias: {args.bn_examples} examples (3x8x8), {args.bn_batches} batches per size, reference "
+        f"tr(Sigma) from {args.bn_batches // 4} batches of {big}; relative bias of the probe's "
+        "estimate +- standard error"
+    )
     for batchnorm in (False, True):
         model = small_net(batchnorm)
         for steps in (0, args.bn_train_steps):
             train_small(model, x, y, steps)  # cumulative: 0, then bn_train_steps
             g_sq, trace, trace_err = reference_noise(model, x, y, big, args.bn_batches // 4, g)
             exact = "" if batchnorm else f" (per-example: {per_example_trace(model, x, y):.4g})"
-            print(f"  {'BatchNorm' if batchnorm else 'no BatchNorm (control)'}, after {steps} steps: |G|^2 = {g_sq:.4g}, "
-                  f"tr(Sigma) = {trace:.4g} +- {trace_err / trace:.1%}{exact}, B_simple = {trace / g_sq:.1f}")
+            print(
+                f"  {'BatchNorm' if batchnorm else 'no BatchNorm (control)'}, after {steps} steps: |G|^2 = {g_sq:.4g}, "
+                f"tr(Sigma) = {trace:.4g} +- {trace_err / trace:.1%}{exact}, B_simple = {trace / g_sq:.1f}"
+            )
             for b in args.bn_sizes:
                 mean, err = probe_estimates(model, x, y, b, args.bn_batches, g)
-                print(f"    b = {b:3d}, 2b = {2 * b:3d}: |G|^2 {mean[0] / g_sq - 1:+.1%} +- {err[0] / g_sq:.1%}, "
-                      f"tr(Sigma) {mean[1] / trace - 1:+.1%} +- {err[1] / trace:.1%}, "
-                      f"B_simple {(mean[1] / mean[0]) / (trace / g_sq) - 1:+.1%}")
+                print(
+                    f"    b = {b:3d}, 2b = {2 * b:3d}: |G|^2 {mean[0] / g_sq - 1:+.1%} +- {err[0] / g_sq:.1%}, "
+                    f"tr(Sigma) {mean[1] / trace - 1:+.1%} +- {err[1] / trace:.1%}, "
+                    f"B_simple {(mean[1] / mean[0]) / (trace / g_sq) - 1:+.1%}"
+                )
 
 
 def parse_args() -> argparse.Namespace:
@@ -313,22 +367,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="*", default=[16, 64], help="ResNet-18 widths to time sharpness at")
     p.add_argument("--samples", type=int, default=512, help="images in the sharpness subset")
     p.add_argument("--batch-size", type=int, default=96, help="training batch size (the seed's)")
-    p.add_argument("--train-steps", type=int, default=20, help="training steps timed per width, to extrapolate an epoch")
+    p.add_argument(
+        "--train-steps", type=int, default=20, help="training steps timed per width, to extrapolate an epoch"
+    )
     p.add_argument("--hvps", type=int, default=3, help="Hessian-vector products timed through the kept graph")
     p.add_argument("--old-iterations", type=int, default=20, help="power iterations before the tolerance (all ran)")
     p.add_argument("--old-probes", type=int, default=10, help="Hutchinson probes before")
     p.add_argument("--iterations", type=int, default=20, help="proposed cap on power iterations")
     p.add_argument("--tolerance", type=float, default=1e-3, help="proposed relative tolerance of power iteration")
     p.add_argument("--probes", type=int, default=10, help="proposed Hutchinson probes")
-    p.add_argument("--count-widths", type=int, nargs="*", default=[16],
-                   help="widths at which one whole measurement runs, to count its products (slow on CPU)")
-    p.add_argument("--count-train-steps", type=int, default=60,
-                   help="SGD steps on generated, learnable images before the counted measurement")
+    p.add_argument(
+        "--count-widths",
+        type=int,
+        nargs="*",
+        default=[16],
+        help="widths at which one whole measurement runs, to count its products (slow on CPU)",
+    )
+    p.add_argument(
+        "--count-train-steps",
+        type=int,
+        default=60,
+        help="SGD steps on generated, learnable images before the counted measurement",
+    )
     p.add_argument("--epochs", type=int, default=250, help="epochs of the projected run")
     p.add_argument("--measurements", type=int, default=4, help="sharpness measurements in it (3 milestones + the end)")
     p.add_argument("--bn-examples", type=int, default=256, help="examples of the BatchNorm-bias data set")
     p.add_argument("--bn-batches", type=int, default=2000, help="sampled batches per size for the bias; 0 skips it")
-    p.add_argument("--bn-sizes", type=int, nargs="*", default=[8, 32], help="small batch sizes b (the probe's half batch)")
+    p.add_argument(
+        "--bn-sizes", type=int, nargs="*", default=[8, 32], help="small batch sizes b (the probe's half batch)"
+    )
     p.add_argument("--bn-big-factor", type=int, default=8, help="the reference batch, in multiples of the data set")
     p.add_argument("--bn-train-steps", type=int, default=300, help="SGD steps before the second bias measurement")
     return p.parse_args()
@@ -338,10 +405,14 @@ def main() -> None:
     args = parse_args()
     configure_cpu(CPU)  # before any parallel work: denormals flushed, as the stages run
     load = os.getloadavg()[0]
-    print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, load average {load:.1f} at the start")
-    print(f"sharpness on {args.samples} images; projected onto {args.epochs} epochs of {TRAIN_IMAGES} images at batch "
-          f"{args.batch_size} with {args.measurements} measurements")
+    print(
+        f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, load average {load:.1f} at the start"
+    )
+    print(
+        f"sharpness on {args.samples} images; projected onto {args.epochs} epochs of {TRAIN_IMAGES} images at batch "
+        f"{args.batch_size} with {args.measurements} measurements"
+    )
     for width in args.widths:
         row = measure_width(width, args)
         print_width(row, shares(row, args), args)

@@ -56,11 +56,30 @@ FULL_TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 training images less round 2's d
 ROUND_EPOCHS, ROUND_BATCH = 250, 96  # round 2's train.num_epochs and train.batch_size
 ROUND_SHARPNESS_POINTS = 4  # round 2's sharpness measurements: three milestones and the last epoch
 # On every GPU image already, and large: never carried as wheels, never installed.
-PREINSTALLED = {"torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "pyarrow", "matplotlib",
-                "contourpy", "fonttools", "kiwisolver", "pillow", "setuptools", "pip", "wheel"}
+PREINSTALLED = {
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "scipy",
+    "scikit-learn",
+    "pyarrow",
+    "matplotlib",
+    "contourpy",
+    "fonttools",
+    "kiwisolver",
+    "pillow",
+    "setuptools",
+    "pip",
+    "wheel",
+}
 EPOCH_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm_mean")  # MLflow metrics, one per epoch
 DIAGNOSTICS = ("noise_scale", "lambda_max", "hessian_trace")  # history columns, blank when not measured
-MODES = {"eager": (), "compiled": ("--compile",), "compiled+cudagraphs": ("--compile", "--compile-mode", "reduce-overhead")}
+MODES = {
+    "eager": (),
+    "compiled": ("--compile",),
+    "compiled+cudagraphs": ("--compile", "--compile-mode", "reduce-overhead"),
+}
 
 
 @dataclass(frozen=True)
@@ -79,28 +98,67 @@ class Sizes:
 # Full width on a small archive: 9000 training images are about a second an epoch on an H200, so
 # compilation dominates, and the compiled pipeline, two resume runs and the throughput rows fit.
 GPU = Sizes(
-    train_images=10_000, test_images=1_000,
-    params={"data.val_size": 1000, "model.width": 64, "train.batch_size": 96, "train.num_epochs": 4,
-            "train.lr_milestones": [2], "train.patience": 4, "train.eval_batch_size": 1000, "train.device": "cuda",
-            "train.precision": "auto", "train.compile": True, "train.deterministic": False,
-            "tracking.grad_norm_interval": 50, "diagnostics.noise_interval": 20,  # round 2's diagnostics
-            "diagnostics.sharpness_samples": 512, "diagnostics.power_iterations": 20, "diagnostics.hutchinson_samples": 10},
-    throughput=((96, "eager"), (96, "compiled"), (96, "compiled+cudagraphs"), (512, "eager"), (128, "eager"),
-                (512, "compiled"), (512, "compiled+cudagraphs"), (128, "compiled"), (128, "compiled+cudagraphs")),
+    train_images=10_000,
+    test_images=1_000,
+    params={
+        "data.val_size": 1000,
+        "model.width": 64,
+        "train.batch_size": 96,
+        "train.num_epochs": 4,
+        "train.lr_milestones": [2],
+        "train.patience": 4,
+        "train.eval_batch_size": 1000,
+        "train.device": "cuda",
+        "train.precision": "auto",
+        "train.compile": True,
+        "train.deterministic": False,
+        "tracking.grad_norm_interval": 50,
+        "diagnostics.noise_interval": 20,  # round 2's diagnostics
+        "diagnostics.sharpness_samples": 512,
+        "diagnostics.power_iterations": 20,
+        "diagnostics.hutchinson_samples": 10,
+    },
+    throughput=(
+        (96, "eager"),
+        (96, "compiled"),
+        (96, "compiled+cudagraphs"),
+        (512, "eager"),
+        (128, "eager"),
+        (512, "compiled"),
+        (512, "compiled+cudagraphs"),
+        (128, "compiled"),
+        (128, "compiled+cudagraphs"),
+    ),
     throughput_args=("--steps", "50", "--data-batches", "50"),
-    budgets=(45, 60, 180, 150, None, 5), time_limit=570,  # part 5: at least 130 s
+    budgets=(45, 60, 180, 150, None, 5),
+    time_limit=570,  # part 5: at least 130 s
 )
 # Width 8, not 4: at 4 the CPU runtime turns oneDNN off (its AVX2 fault), and epochs crawl.
 DRY = Sizes(
-    train_images=400, test_images=100,
-    params={"data.val_size": 100, "model.width": 8, "train.batch_size": 32, "train.num_epochs": 3,
-            "train.lr_milestones": [2], "train.patience": 3, "train.eval_batch_size": 500, "train.device": "cpu",
-            "train.precision": "auto", "train.compile": False, "train.deterministic": True,
-            "tracking.grad_norm_interval": 4, "diagnostics.noise_interval": 2,
-            "diagnostics.sharpness_samples": 64, "diagnostics.power_iterations": 3, "diagnostics.hutchinson_samples": 2},
+    train_images=400,
+    test_images=100,
+    params={
+        "data.val_size": 100,
+        "model.width": 8,
+        "train.batch_size": 32,
+        "train.num_epochs": 3,
+        "train.lr_milestones": [2],
+        "train.patience": 3,
+        "train.eval_batch_size": 500,
+        "train.device": "cpu",
+        "train.precision": "auto",
+        "train.compile": False,
+        "train.deterministic": True,
+        "tracking.grad_norm_interval": 4,
+        "diagnostics.noise_interval": 2,
+        "diagnostics.sharpness_samples": 64,
+        "diagnostics.power_iterations": 3,
+        "diagnostics.hutchinson_samples": 2,
+    },
     throughput=((96, "eager"),),
     throughput_args=("--steps", "2", "--data-batches", "2", "--width", "8", "--images", "512"),
-    budgets=(60, 0, 600, 600, None, 5), time_limit=1500,
+    budgets=(60, 0, 600, 600, None, 5),
+    time_limit=1500,
 )
 
 
@@ -153,8 +211,15 @@ def command(run: Run, cmd: list[str], cwd: Path, show: int = 12) -> str:
     """
     run.say(f"$ {' '.join(cmd)}    [in {cwd}; {run.left():.0f} s left]")
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=max(run.left(), 1))
     except subprocess.TimeoutExpired:
@@ -172,7 +237,9 @@ def tool_bin(work: Path, git: bool) -> Path:
     """`python` (this interpreter, which dvc.yaml's commands call) and, without git, a `git` that says so."""
     folder = work / "bin"
     folder.mkdir(parents=True, exist_ok=True)
-    tools = {"python": f'exec "{sys.executable}" "$@"'} | ({} if git else {"git": "echo 'git: not installed' >&2; exit 1"})
+    tools = {"python": f'exec "{sys.executable}" "$@"'} | (
+        {} if git else {"git": "echo 'git: not installed' >&2; exit 1"}
+    )
     for name, body in tools.items():
         (folder / name).write_text(f"#!/bin/sh\n{body}\n")
         (folder / name).chmod(0o755)
@@ -219,13 +286,23 @@ def install_missing(run: Run) -> dict:
 
 def gpu_facts() -> dict:
     props = torch.cuda.get_device_properties(0)
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True) if shutil.which("nvidia-smi") else None
-    return {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
-            "memory_gib": round(props.total_memory / 2**30, 1), "compute_capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "driver": smi.stdout.strip() if smi and smi.returncode == 0 else "unknown (no nvidia-smi)",
-            "bf16": torch.cuda.is_bf16_supported(), "bf16_matmul_tflops": bf16_matmul_tflops()}
+    smi = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        if shutil.which("nvidia-smi")
+        else None
+    )
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "driver": smi.stdout.strip() if smi and smi.returncode == 0 else "unknown (no nvidia-smi)",
+        "bf16": torch.cuda.is_bf16_supported(),
+        "bf16_matmul_tflops": bf16_matmul_tflops(),
+    }
 
 
 def bf16_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
@@ -245,11 +322,16 @@ def bf16_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
 
 
 def part_environment(run: Run) -> dict:
-    facts = {"python": platform.python_version(), "executable": sys.executable, "cpu_cores": os.cpu_count(),
-             "torch": torch.__version__, "cuda": torch.version.cuda,
-             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-             "git": shutil.which("git") if run.git else "missing: a failing stand-in, DVC without SCM",
-             "packages_installed": install_missing(run)}
+    facts = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git": shutil.which("git") if run.git else "missing: a failing stand-in, DVC without SCM",
+        "packages_installed": install_missing(run),
+    }
     facts |= {name: importlib.metadata.version(name) for name in ("mlflow", "dvc", "pydantic")}
     if not run.dry_run:
         facts |= gpu_facts()
@@ -260,8 +342,26 @@ def part_environment(run: Run) -> dict:
 
 def part_gpu_tests(run: Run) -> dict:
     # one process, without the ini's pytest-xdist options: the GPU image may lack the plugin, and GPU tests share GPUs
-    out = command(run, [sys.executable, "-m", "pytest", "-o", "addopts=-ra", "-p", "no:xdist", "-m", "gpu", "-q",
-                        "-p", "no:cacheprovider", "tests"], REPO, show=15)
+    out = command(
+        run,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-o",
+            "addopts=-ra",
+            "-p",
+            "no:xdist",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+        ],
+        REPO,
+        show=15,
+    )
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", tail(out, 1))}
     if counts.get("passed", 0) == 0:
         raise PartFailed(f"no GPU test passed: {tail(out, 1)}", counts)
@@ -271,9 +371,9 @@ def part_gpu_tests(run: Run) -> dict:
 def build_project(run: Run) -> Path:
     """The generated archive and a git + DVC project with the real dvc.yaml and src/, made once."""
     # imported here, not at the top: part 1 may have only just installed what they need
-    from cifar_rounds.stages.demo import ARCHIVE, init_project, offline_params
     from cifar_rounds.core.params import PARAMS_FILE, load_params
     from cifar_rounds.data.synthetic import write_archive
+    from cifar_rounds.stages.demo import ARCHIVE, init_project, offline_params
 
     project = run.work / "project"
     if not (project / "dvc.yaml").exists():
@@ -290,14 +390,18 @@ def build_project(run: Run) -> Path:
 
 def init_without_git(project: Path, params) -> None:
     """demo.init_project's project where git is missing: DVC without SCM."""
-    from cifar_rounds.stages.demo import PROJECT_FILES
     from cifar_rounds.core.params import PARAMS_FILE, dump_params
+    from cifar_rounds.stages.demo import PROJECT_FILES
 
     project.mkdir(parents=True, exist_ok=True)
     for name in (n for n in PROJECT_FILES if (REPO / n).exists()):
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, project / name, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                REPO / name,
+                project / name,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+            )
         else:
             shutil.copy2(REPO / name, project / name)
     dump_params(params, project / PARAMS_FILE)
@@ -326,8 +430,10 @@ def expected_conditions(device: torch.device) -> dict[str, str]:
     """The MLflow tags `device` and `precision` that a run on `device` with train.precision auto gets here."""
     from cifar_rounds.training.runtime import amp_dtype
 
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": "bf16" if amp_dtype("auto", device) is not None else "fp32"}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": "bf16" if amp_dtype("auto", device) is not None else "fp32",
+    }
 
 
 def diagnostics_found(history: list[dict], noise_g_sq: dict[int, float]) -> tuple[dict, list[str]]:
@@ -339,8 +445,11 @@ def diagnostics_found(history: list[dict], noise_g_sq: dict[int, float]) -> tupl
     found, problems = {}, []
     for col in DIAGNOSTICS:
         measured = {int(r["epoch"]): r[col] for r in history if r.get(col) is not None}
-        bad = [e for e, v in measured.items()
-               if not math.isfinite(v) and not (col == "noise_scale" and math.isnan(v) and noise_g_sq.get(e, 1) <= 0)]
+        bad = [
+            e
+            for e, v in measured.items()
+            if not math.isfinite(v) and not (col == "noise_scale" and math.isnan(v) and noise_g_sq.get(e, 1) <= 0)
+        ]
         found[col] = {"epochs": list(measured), "values": list(measured.values())}
         problems += [f"{col} not finite at epochs {bad}"] if bad else []
         problems += [] if any(map(math.isfinite, measured.values())) else [f"{col}: no finite value ({measured})"]
@@ -372,23 +481,38 @@ def part_pipeline(run: Run) -> dict:
     # seconds from one epoch's log to the next: training, validation, diagnostics, checkpoint, logging
     stamps = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run_id, "train_loss")}
     sharpness_epochs = sorted(set(p["train.lr_milestones"]) | {epochs})
-    results = {"project": str(project), "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
-               "tags": {k: mlrun.data.tags.get(k) for k in ("device", "precision", "torch_version", "git_commit")},
-               "diagnostics": diagnostics, "epochs_logged": logged,
-               "epoch_wall_s": [stamps[e] - stamps[e - 1] for e in sorted(stamps)[1:]],
-               "history": [{k: r[k] for k in ("epoch", "epoch_time_s", "images_per_s", "val_loss")} for r in history],
-               "width": p["model.width"], "batch_size": p["train.batch_size"],
-               "train_images": run.sizes.train_images - p["data.val_size"], "val_images": p["data.val_size"]}
+    results = {
+        "project": str(project),
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+        "tags": {k: mlrun.data.tags.get(k) for k in ("device", "precision", "torch_version", "git_commit")},
+        "diagnostics": diagnostics,
+        "epochs_logged": logged,
+        "epoch_wall_s": [stamps[e] - stamps[e - 1] for e in sorted(stamps)[1:]],
+        "history": [{k: r[k] for k in ("epoch", "epoch_time_s", "images_per_s", "val_loss")} for r in history],
+        "width": p["model.width"],
+        "batch_size": p["train.batch_size"],
+        "train_images": run.sizes.train_images - p["data.val_size"],
+        "val_images": p["data.val_size"],
+    }
     run.say(f"diagnostics: {json.dumps(diagnostics)}")
-    return verdict(run, {
-        "run FINISHED": mlrun.info.status == "FINISHED",
-        f"tags {expected}": all(results["tags"][k] == v for k, v in expected.items()),
-        f"MLflow param train.compile {p['train.compile']}": mlrun.data.params.get("train.compile") == str(p["train.compile"]),
-        f"stopped_epoch {epochs}": metrics.get("stopped_epoch") == epochs,
-        "test accuracy in [0, 1], test loss finite": 0 <= metrics["test_accuracy"] <= 1 and math.isfinite(metrics["test_loss"]),
-        f"each epoch logged once: {', '.join(EPOCH_KEYS)}": all(s == list(range(1, epochs + 1)) for s in logged.values()),
-        f"sharpness measured at epochs {sharpness_epochs}": diagnostics["lambda_max"]["epochs"] == sharpness_epochs,
-    }, problems, results)
+    return verdict(
+        run,
+        {
+            "run FINISHED": mlrun.info.status == "FINISHED",
+            f"tags {expected}": all(results["tags"][k] == v for k, v in expected.items()),
+            f"MLflow param train.compile {p['train.compile']}": mlrun.data.params.get("train.compile")
+            == str(p["train.compile"]),
+            f"stopped_epoch {epochs}": metrics.get("stopped_epoch") == epochs,
+            "test accuracy in [0, 1], test loss finite": 0 <= metrics["test_accuracy"] <= 1
+            and math.isfinite(metrics["test_loss"]),
+            f"each epoch logged once: {', '.join(EPOCH_KEYS)}": all(
+                s == list(range(1, epochs + 1)) for s in logged.values()
+            ),
+            f"sharpness measured at epochs {sharpness_epochs}": diagnostics["lambda_max"]["epochs"] == sharpness_epochs,
+        },
+        problems,
+        results,
+    )
 
 
 def kill_mid_epoch(run: Run, project: Path, cmd: list[str], after: int) -> dict:
@@ -399,7 +523,9 @@ def kill_mid_epoch(run: Run, project: Path, cmd: list[str], after: int) -> dict:
     try:
         while not (history.exists() and len(read_history(history)) >= after):
             if proc.poll() is not None or run.left() < 0:
-                raise PartFailed(f"the run to kill ended or ran out of time before epoch {after}:\n{tail(log.read_text(), 20)}")
+                raise PartFailed(
+                    f"the run to kill ended or ran out of time before epoch {after}:\n{tail(log.read_text(), 20)}"
+                )
             time.sleep(0.05)
         epoch_s = read_history(history)[-1]["epoch_time_s"]
         time.sleep(epoch_s / 2)
@@ -412,29 +538,55 @@ def kill_mid_epoch(run: Run, project: Path, cmd: list[str], after: int) -> dict:
             proc.kill()
             proc.wait()
     state = torch.load(project / cmd[cmd.index("--models") + 1] / "last.pt", map_location="cpu", weights_only=True)
-    run.say(f"{tail(log.read_text(), 3)}\n  killed {epoch_s / 2:.2f} s into epoch {after + 1} (epoch time {epoch_s:.2f} s); "
-            f"the checkpoint then held epoch {state['progress']['epoch']}")
-    return {"kill_after_epochs": after, "kill_delay_s": epoch_s / 2, "checkpoint_epoch_at_kill": state["progress"]["epoch"]}
+    run.say(
+        f"{tail(log.read_text(), 3)}\n  killed {epoch_s / 2:.2f} s into epoch {after + 1} (epoch "
+        f"time {epoch_s:.2f} s); "
+        f"the checkpoint then held epoch {state['progress']['epoch']}"
+    )
+    return {
+        "kill_after_epochs": after,
+        "kill_delay_s": epoch_s / 2,
+        "checkpoint_epoch_at_kill": state["progress"]["epoch"],
+    }
 
 
 def weight_distance(reference: Path, resumed: Path) -> dict:
     """Max |difference| over the model's floating-point tensors (parameters, batch-norm statistics)."""
     a, b = (torch.load(path, map_location="cpu", weights_only=True) for path in (reference, resumed))
-    diffs = {k: (t.double() - b["model"][k].double()).abs().max().item() for k, t in a["model"].items() if t.is_floating_point()}
+    diffs = {
+        k: (t.double() - b["model"][k].double()).abs().max().item()
+        for k, t in a["model"].items()
+        if t.is_floating_point()
+    }
     worst = max(diffs, key=diffs.get)
     last = [s["progress"]["history"][-1] for s in (a, b)]
-    return {"max_abs_weight_diff": diffs[worst], "worst_tensor": worst,
-            "max_abs_weight": max(a["model"][k].abs().max().item() for k in diffs),
-            "bit_exact": all(torch.equal(t, b["model"][k]) for k, t in a["model"].items()),
-            "val_loss": [r["val_loss"] for r in last], "val_accuracy": [r["val_accuracy"] for r in last],
-            "epochs": [s["progress"]["epoch"] for s in (a, b)]}
+    return {
+        "max_abs_weight_diff": diffs[worst],
+        "worst_tensor": worst,
+        "max_abs_weight": max(a["model"][k].abs().max().item() for k in diffs),
+        "bit_exact": all(torch.equal(t, b["model"][k]) for k, t in a["model"].items()),
+        "val_loss": [r["val_loss"] for r in last],
+        "val_accuracy": [r["val_accuracy"] for r in last],
+        "epochs": [s["progress"]["epoch"] for s in (a, b)],
+    }
 
 
 def part_resume(run: Run) -> dict:
     project, epochs = build_project(run), run.sizes.params["train.num_epochs"]
     command(run, [sys.executable, "-m", "dvc", "repro", "split"], project, show=1)
-    cmd = [sys.executable, "-m", "cifar_rounds.stages.train", "--split", "data/split.npz", "--models", "models_killed",  # dvc.yaml's
-           "--history", "reports/killed.csv", "--summary", "reports/killed.json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar_rounds.stages.train",
+        "--split",
+        "data/split.npz",
+        "--models",
+        "models_killed",  # dvc.yaml's
+        "--history",
+        "reports/killed.csv",
+        "--summary",
+        "reports/killed.json",
+    ]
     shutil.rmtree(project / "models_killed", ignore_errors=True)  # a reused --work folder: start from nothing
     for path in (project / "reports/killed.csv", project / "reports/killed.json"):
         path.unlink(missing_ok=True)
@@ -443,20 +595,27 @@ def part_resume(run: Run) -> dict:
     summary = json.loads((project / "reports/killed.json").read_text())
     client, mlrun = mlflow_run(project, summary["mlflow_run_id"])
     grad_steps = metric_steps(client, mlrun.info.run_id, "grad_norm_step")
-    results |= {"resumed_line": next((s for s in output.splitlines() if "resum" in s.lower()), None),
-                "epochs_logged": {k: metric_steps(client, mlrun.info.run_id, k) for k in EPOCH_KEYS},
-                "run_status": mlrun.info.status, "stopped_epoch": summary["stopped_epoch"],
-                "grad_norm_steps": len(grad_steps), "grad_norm_steps_unique": len(set(grad_steps))}
+    results |= {
+        "resumed_line": next((s for s in output.splitlines() if "resum" in s.lower()), None),
+        "epochs_logged": {k: metric_steps(client, mlrun.info.run_id, k) for k in EPOCH_KEYS},
+        "run_status": mlrun.info.status,
+        "stopped_epoch": summary["stopped_epoch"],
+        "grad_norm_steps": len(grad_steps),
+        "grad_norm_steps_unique": len(set(grad_steps)),
+    }
     if (project / "models/last.pt").exists():  # part 3's uninterrupted run of the same params
-        results["distance_to_uninterrupted"] = weight_distance(project / "models/last.pt", project / "models_killed/last.pt")
+        results["distance_to_uninterrupted"] = weight_distance(
+            project / "models/last.pt", project / "models_killed/last.pt"
+        )
     run.say(f"distance to the uninterrupted run: {json.dumps(results.get('distance_to_uninterrupted'))}")
     at_kill, finished = results["checkpoint_epoch_at_kill"], mlrun.info.status == "FINISHED"
     checks = {
         f"killed mid-run (checkpoint at epoch {at_kill} of {epochs})": at_kill < epochs,
         "the restart resumed from the checkpoint": results["resumed_line"] is not None,
         f"completed: stopped_epoch {epochs}, run FINISHED": summary["stopped_epoch"] == epochs and finished,
-        f"each epoch logged exactly once: {', '.join(EPOCH_KEYS)}":
-            all(s == list(range(1, epochs + 1)) for s in results["epochs_logged"].values()),
+        f"each epoch logged exactly once: {', '.join(EPOCH_KEYS)}": all(
+            s == list(range(1, epochs + 1)) for s in results["epochs_logged"].values()
+        ),
         "grad_norm_step logged, once per step": len(grad_steps) == len(set(grad_steps)) > 0,
         "part 3's uninterrupted run to compare with": "distance_to_uninterrupted" in results,
     }
@@ -468,8 +627,12 @@ def part_resume(run: Run) -> dict:
 def parse_throughput(output: str) -> dict[str, float]:
     """The rates benchmarks/training_throughput.py prints."""
     found = {}
-    for key, label in (("ours_img_s", "training, ours:"), ("conventional_img_s", "training, conventional:"),
-                       ("data_ours_img_s", "data only, ours:"), ("data_conventional_img_s", "data only, conventional:")):
+    for key, label in (
+        ("ours_img_s", "training, ours:"),
+        ("conventional_img_s", "training, conventional:"),
+        ("data_ours_img_s", "data only, ours:"),
+        ("data_conventional_img_s", "data only, conventional:"),
+    ):
         match = re.search(rf"^{re.escape(label)}\s+([\d.]+) img/s", output, re.M)
         if match is None:
             raise PartFailed(f"the benchmark printed no '{label}'")
@@ -485,8 +648,11 @@ def tflops(images_per_s: float, run: Run) -> dict:
     from training_throughput import GFLOP_PER_IMAGE
 
     achieved, matmul = images_per_s * GFLOP_PER_IMAGE / 1000, run.results("environment").get("bf16_matmul_tflops")
-    return {"tflops": round(achieved, 1), "of_bf16_peak": round(achieved / H200_BF16_DENSE_PEAK_TFLOPS, 4),
-            "of_measured_matmul": round(achieved / matmul, 4) if matmul else None}
+    return {
+        "tflops": round(achieved, 1),
+        "of_bf16_peak": round(achieved / H200_BF16_DENSE_PEAK_TFLOPS, 4),
+        "of_measured_matmul": round(achieved / matmul, 4) if matmul else None,
+    }
 
 
 def part_throughput(run: Run) -> dict:
@@ -497,8 +663,14 @@ def part_throughput(run: Run) -> dict:
         if run.left() < 20:
             failures.append(f"batch {batch} {mode} not run")
             continue
-        cmd = [sys.executable, "benchmarks/training_throughput.py", "--batch-size", str(batch),
-               *run.sizes.throughput_args, *MODES[mode]]
+        cmd = [
+            sys.executable,
+            "benchmarks/training_throughput.py",
+            "--batch-size",
+            str(batch),
+            *run.sizes.throughput_args,
+            *MODES[mode],
+        ]
         try:
             row |= parse_throughput(command(run, cmd, REPO, show=8))
             row |= tflops(row["ours_img_s"], run) | {"status": "measured"}
@@ -506,27 +678,36 @@ def part_throughput(run: Run) -> dict:
             row["status"] = f"failed: {error.args[0]}"
             failures.append(f"batch {batch} {mode}: {error.args[0]}")
     run.say(throughput_table(rows))
-    results = {"rows": rows, "peak_tflops": H200_BF16_DENSE_PEAK_TFLOPS,
-               "peak_source": "NVIDIA H200 datasheet, H200 SXM: BFLOAT16 Tensor Core 1,979 TFLOPS with sparsity, halved"}
+    results = {
+        "rows": rows,
+        "peak_tflops": H200_BF16_DENSE_PEAK_TFLOPS,
+        "peak_source": "NVIDIA H200 datasheet, H200 SXM: BFLOAT16 Tensor Core 1,979 TFLOPS with sparsity, halved",
+    }
     if failures:
         raise PartFailed("; ".join(failures), results)
     return results
 
 
 def throughput_table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>5} {'mode':<20} {'ours img/s':>11} {'conv. img/s':>11} {'speed-up':>8} {'TFLOP/s':>8} {'of peak':>8}"]
+    lines = [
+        f"{'batch':>5} {'mode':<20} {'ours img/s':>11} {'conv. img/s':>11} {'speed-up':>8} "
+        f"{'TFLOP/s':>8} {'of peak':>8}"
+    ]
     for r in rows:
         if r["status"] != "measured":
             lines.append(f"{r['batch']:>5} {r['mode']:<20} {r['status']}")
             continue
         share = f"{r['of_bf16_peak']:.1%}" if "of_bf16_peak" in r else "-"
-        lines.append(f"{r['batch']:>5} {r['mode']:<20} {r['ours_img_s']:>11.0f} {r['conventional_img_s']:>11.0f} "
-                     f"{r['speedup']:>7.2f}x {r.get('tflops', '-'):>8} {share:>8}")
+        lines.append(
+            f"{r['batch']:>5} {r['mode']:<20} {r['ours_img_s']:>11.0f} {r['conventional_img_s']:>11.0f} "
+            f"{r['speedup']:>7.2f}x {r.get('tflops', '-'):>8} {share:>8}"
+        )
     return "\n".join(lines)
 
 
 def part_projection(run: Run) -> dict:
-    """A round of 250 epochs on 45,000 images from part 3's epochs (time between epoch logs), and from part 5's rates."""
+    """A round of 250 epochs on 45,000 images from part 3's epochs (time between epoch logs), "
+    "and from part 5's rates."""
     pipe = run.results("pipeline")
     if not pipe.get("history"):
         raise PartFailed("part 3 measured no epochs")
@@ -536,18 +717,29 @@ def part_projection(run: Run) -> dict:
     sharp = set(pipe["diagnostics"]["lambda_max"]["epochs"])
     rest = [(w - r["epoch_time_s"], r["epoch"] in sharp) for w, r in zip(pipe["epoch_wall_s"], pipe["history"][1:])]
     other_s = statistics.median([s for s, with_sharpness in rest if not with_sharpness] or [0.0])
-    sharpness_s = max(statistics.median([s for s, with_sharpness in rest if with_sharpness] or [other_s]) - other_s, 0.0)
+    sharpness_s = max(
+        statistics.median([s for s, with_sharpness in rest if with_sharpness] or [other_s]) - other_s, 0.0
+    )
     first_extra_s = max(pipe["history"][0]["epoch_time_s"] - statistics.median(r["epoch_time_s"] for r in steady), 0.0)
     total_s = ROUND_EPOCHS * (train_s + other_s) + ROUND_SHARPNESS_POINTS * sharpness_s + first_extra_s
-    results = {"basis": f"part 3: {run.sizes.params['train.device']}, width {pipe['width']}, batch {batch}, "
-                        f"{pipe['train_images']} training images",
-               "train_images_per_s": round(images_per_s, 1), "train_epoch_s": round(train_s, 2),
-               "other_per_epoch_s": round(other_s, 3), "other_measured_with_val_images": pipe["val_images"],
-               "sharpness_measurement_s": round(sharpness_s, 2), "first_epoch_extra_s": round(first_extra_s, 1),
-               "round_hours": round(total_s / 3600, 3), "training_only_hours_from_part_5": {
-                   r["mode"]: round(ROUND_EPOCHS * (FULL_TRAIN_IMAGES // ROUND_BATCH) * ROUND_BATCH / r["ours_img_s"] / 3600, 3)
-                   for r in run.results("throughput").get("rows", [])
-                   if r["batch"] == ROUND_BATCH and r["status"] == "measured"}}
+    results = {
+        "basis": f"part 3: {run.sizes.params['train.device']}, width {pipe['width']}, batch {batch}, "
+        f"{pipe['train_images']} training images",
+        "train_images_per_s": round(images_per_s, 1),
+        "train_epoch_s": round(train_s, 2),
+        "other_per_epoch_s": round(other_s, 3),
+        "other_measured_with_val_images": pipe["val_images"],
+        "sharpness_measurement_s": round(sharpness_s, 2),
+        "first_epoch_extra_s": round(first_extra_s, 1),
+        "round_hours": round(total_s / 3600, 3),
+        "training_only_hours_from_part_5": {
+            r["mode"]: round(
+                ROUND_EPOCHS * (FULL_TRAIN_IMAGES // ROUND_BATCH) * ROUND_BATCH / r["ours_img_s"] / 3600, 3
+            )
+            for r in run.results("throughput").get("rows", [])
+            if r["batch"] == ROUND_BATCH and r["status"] == "measured"
+        },
+    }
     for key, value in results.items():
         run.say(f"{key:>33}: {value}")
     return results
@@ -569,9 +761,22 @@ def run_part(run: Run, number: int, name: str, title: str, fn: Callable[[Run], d
     later = sum(b or 0 for b in run.sizes.budgets[number:])
     budget = cap if cap is not None else run.sizes.time_limit - (time.monotonic() - run.started) - later
     title = title.format(width=run.sizes.params["model.width"], compile=str(run.sizes.params["train.compile"]).lower())
-    why = "not selected (--parts)" if number not in run.selected else "dry run: needs CUDA" if run.dry_run else "no time left"
-    record = {"number": number, "name": name, "title": title, "budget_s": round(budget), "status": "skipped",
-              "error": why, "results": {}}
+    why = (
+        "not selected (--parts)"
+        if number not in run.selected
+        else "dry run: needs CUDA"
+        if run.dry_run
+        else "no time left"
+    )
+    record = {
+        "number": number,
+        "name": name,
+        "title": title,
+        "budget_s": round(budget),
+        "status": "skipped",
+        "error": why,
+        "results": {},
+    }
     run.parts.append(record)
     run.say(f"\n== part {number}/{len(PARTS)}: {title} (budget {budget:.0f} s) ==")
     start = time.monotonic()
@@ -584,8 +789,10 @@ def run_part(run: Run, number: int, name: str, title: str, fn: Callable[[Run], d
         except Exception as error:  # noqa: BLE001  (any error ends this part only)
             record |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     record["elapsed_s"] = round(time.monotonic() - start, 1)
-    run.say(f"-- part {number} {record['status']} in {record['elapsed_s']} s of {budget:.0f} s"
-            + (f": {record['error']}" if record["error"] else ""))
+    run.say(
+        f"-- part {number} {record['status']} in {record['elapsed_s']} s of {budget:.0f} s"
+        + (f": {record['error']}" if record["error"] else "")
+    )
     write_outputs(run)
 
 
@@ -593,10 +800,17 @@ def summary_table(run: Run) -> str:
     lines = [f"{'part':<5} {'':<58} {'status':<8} {'time s':>7} {'budget s':>8}  note"]
     for p in run.parts:
         note = p["error"].splitlines()[0][:110] if p["error"] else ""
-        lines.append(f"{p['number']:<5} {p['title']:<58} {p['status']:<8} {p['elapsed_s']:>7} {p['budget_s']:>8}  {note}")
+        lines.append(
+            f"{p['number']:<5} {p['title']:<58} {p['status']:<8} {p['elapsed_s']:>7} {p['budget_s']:>8}  {note}"
+        )
     failed = [str(p["number"]) for p in run.parts if p["status"] == "failed"]
-    return "\n".join(lines + [f"total {time.monotonic() - run.started:.0f} s: "
-                              + (f"FAILED (parts {', '.join(failed)})" if failed else "no part failed")])
+    return "\n".join(
+        lines
+        + [
+            f"total {time.monotonic() - run.started:.0f} s: "
+            + (f"FAILED (parts {', '.join(failed)})" if failed else "no part failed")
+        ]
+    )
 
 
 def plain(value):
@@ -610,9 +824,14 @@ def plain(value):
 
 def write_outputs(run: Run) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
-    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dry_run": run.dry_run,
-           "time_limit_s": run.sizes.time_limit, "wall_s": round(time.monotonic() - run.started, 1),
-           "ok": not any(p["status"] == "failed" for p in run.parts), "parts": run.parts}
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dry_run": run.dry_run,
+        "time_limit_s": run.sizes.time_limit,
+        "wall_s": round(time.monotonic() - run.started, 1),
+        "ok": not any(p["status"] == "failed" for p in run.parts),
+        "parts": run.parts,
+    }
     (run.out / JSON_FILE).write_text(json.dumps(plain(doc), indent=2, default=str) + "\n")
     (run.out / TEXT_FILE).write_text("\n".join(run.lines) + "\n")
 
@@ -634,14 +853,36 @@ def wheel_closure(roots: list[str], python_version: str) -> dict[str, str]:
 
 def fetch_wheels(target: Path, python_version: str) -> int:
     """Wheels, for a manylinux x86-64 CPython, of the versions installed here of what --wheels installs."""
-    specs = [f"{n}=={v}" for n, v in sorted(wheel_closure([p.split("==")[0] for p in project_pins()], python_version).items())]
-    platforms = [a for tag in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1")
-                 for a in ("--platform", f"{tag}_x86_64")]
+    specs = [
+        f"{n}=={v}"
+        for n, v in sorted(wheel_closure([p.split("==")[0] for p in project_pins()], python_version).items())
+    ]
+    platforms = [
+        a
+        for tag in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1")
+        for a in ("--platform", f"{tag}_x86_64")
+    ]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     while specs:
-        done = subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
-                                     "--python-version", python_version, *platforms, "-d", str(target), *specs],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            pip
+            + [
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--implementation",
+                "cp",
+                "--python-version",
+                python_version,
+                *platforms,
+                "-d",
+                str(target),
+                *specs,
+            ],
+            capture_output=True,
+            text=True,
+        )
         no_wheel = re.search(r"No matching distribution found for (\S+)", done.stderr)
         if done.returncode == 0:
             break
@@ -653,27 +894,55 @@ def fetch_wheels(target: Path, python_version: str) -> int:
         specs.remove(no_wheel.group(1))
     wheels = list(target.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
-    print(f"{len(wheels)} wheels, {size:.1f} MiB in {target} for Python {python_version}; "
-          f"on the GPU machine: benchmarks/gpu.sh --wheels {target.name} (carry it)")
+    print(
+        f"{len(wheels)} wheels, {size:.1f} MiB in {target} for Python {python_version}; "
+        f"on the GPU machine: benchmarks/gpu.sh --wheels {target.name} (carry it)"
+    )
     return 0
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="on the CPU at width 8: parts 3 and 4, and 1, 5, 6 in miniature")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-out"),
-                        help=f"folder for {TEXT_FILE} and {JSON_FILE} (default: $OUT, else ./gpu-out)")
-    parser.add_argument("--work", type=Path,
-                        help="folder for the generated archive and project (default: a temporary one, removed at the end)")
-    parser.add_argument("--wheels", type=Path, default=REPO / ".whl" if (REPO / ".whl").is_dir() else None,
-                        help="install the missing packages from these wheels, without an index (default: .whl if there)")
-    parser.add_argument("--time-limit", type=float, help=f"seconds for the whole run; part 5 gets what the others leave "
-                                                          f"(default {GPU.time_limit:.0f}; dry run {DRY.time_limit:.0f})")
-    parser.add_argument("--parts", default="1,2,3,4,5,6",
-                        help="comma-separated part numbers to run, e.g. 3,4 (4 uses 3's run for its comparison)")
-    parser.add_argument("--fetch-wheels", type=Path, metavar="DIR",
-                        help="only download into DIR the wheels that --wheels needs (where PyPI is reachable), then exit")
-    parser.add_argument("--python-version", default="3.12", help="with --fetch-wheels: the GPU machine's Python (3.12 there)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="on the CPU at width 8: parts 3 and 4, and 1, 5, 6 in miniature"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or "gpu-out"),
+        help=f"folder for {TEXT_FILE} and {JSON_FILE} (default: $OUT, else ./gpu-out)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="folder for the generated archive and project (default: a temporary one, removed at the end)",
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        default=REPO / ".whl" if (REPO / ".whl").is_dir() else None,
+        help="install the missing packages from these wheels, without an index (default: .whl if there)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        help=f"seconds for the whole run; part 5 gets what the others leave "
+        f"(default {GPU.time_limit:.0f}; dry run {DRY.time_limit:.0f})",
+    )
+    parser.add_argument(
+        "--parts",
+        default="1,2,3,4,5,6",
+        help="comma-separated part numbers to run, e.g. 3,4 (4 uses 3's run for its comparison)",
+    )
+    parser.add_argument(
+        "--fetch-wheels",
+        type=Path,
+        metavar="DIR",
+        help="only download into DIR the wheels that --wheels needs (where PyPI is reachable), then exit",
+    )
+    parser.add_argument(
+        "--python-version", default="3.12", help="with --fetch-wheels: the GPU machine's Python (3.12 there)"
+    )
     return parser.parse_args()
 
 
@@ -682,19 +951,33 @@ def main() -> int:
     if args.fetch_wheels:
         return fetch_wheels(args.fetch_wheels.resolve(), args.python_version)
     if not args.dry_run and not torch.cuda.is_available():
-        print(f"gpu.sh: no CUDA device here (torch {torch.__version__}), nothing checked; --dry-run tries the script on the CPU")
+        print(
+            f"gpu.sh: no CUDA device here (torch {torch.__version__}), nothing checked; "
+            "--dry-run tries the script on the CPU"
+        )
         return 0
     sizes = DRY if args.dry_run else GPU
     sizes = replace(sizes, time_limit=args.time_limit or sizes.time_limit)
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()
-    run = Run(sizes, args.dry_run, args.out.resolve(), work, args.wheels and args.wheels.resolve(),
-              shutil.which("git") is not None, {int(n) for n in args.parts.split(",")})
-    os.environ["PATH"] = os.pathsep.join([str(tool_bin(work, run.git)), os.path.dirname(sys.executable), os.environ["PATH"]])
+    run = Run(
+        sizes,
+        args.dry_run,
+        args.out.resolve(),
+        work,
+        args.wheels and args.wheels.resolve(),
+        shutil.which("git") is not None,
+        {int(n) for n in args.parts.split(",")},
+    )
+    os.environ["PATH"] = os.pathsep.join(
+        [str(tool_bin(work, run.git)), os.path.dirname(sys.executable), os.environ["PATH"]]
+    )
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
     if not run.git:
         os.environ["GIT_PYTHON_REFRESH"] = "quiet"  # GitPython (imported by MLflow and DVC) must not insist on git
-    run.say(f"gpu check ({'dry run on the CPU' if args.dry_run else 'CUDA'}), {datetime.now():%Y-%m-%d %H:%M}: "
-            f"limit {sizes.time_limit:.0f} s; results in {run.out}; work in {work}")
+    run.say(
+        f"gpu check ({'dry run on the CPU' if args.dry_run else 'CUDA'}), {datetime.now():%Y-%m-%d %H:%M}: "
+        f"limit {sizes.time_limit:.0f} s; results in {run.out}; work in {work}"
+    )
     try:
         for number, (name, title, fn) in enumerate(PARTS, start=1):
             run_part(run, number, name, title, fn)

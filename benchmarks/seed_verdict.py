@@ -118,8 +118,9 @@ def simulate(rng: np.random.Generator, model: Model, k: int, gain: float, count:
         yield from zip(a, b)
 
 
-def run_cell(rng: np.random.Generator, model: Model, k: int, gain: float, count: int, n: int, alpha: float,
-             mcnemar: bool) -> dict:
+def run_cell(
+    rng: np.random.Generator, model: Model, k: int, gain: float, count: int, n: int, alpha: float, mcnemar: bool
+) -> dict:
     """Verdicts on `count` simulated comparisons with k seeds per side and a true gain (fraction)."""
     real = mcnemar_real = covered = 0
     differences, variances, seed_var = [], [], []
@@ -132,12 +133,20 @@ def run_cell(rng: np.random.Generator, model: Model, k: int, gain: float, count:
         seed_var.append(a.mean(axis=1).var(ddof=1))
         if mcnemar:  # the one-seed verdict on the first replicate of each side
             mcnemar_real += compare_configs(a[:1], b[:1], alpha).real
-    return {"count": count, "real": real, "mcnemar_real": mcnemar_real, "covered": covered,
-            "sd_difference": float(np.std(differences, ddof=1)), "se_estimated": math.sqrt(np.mean(variances)),
-            "seed_std": math.sqrt(np.mean(seed_var))}
+    return {
+        "count": count,
+        "real": real,
+        "mcnemar_real": mcnemar_real,
+        "covered": covered,
+        "sd_difference": float(np.std(differences, ddof=1)),
+        "se_estimated": math.sqrt(np.mean(variances)),
+        "seed_std": math.sqrt(np.mean(seed_var)),
+    }
 
 
-def two_level_bootstrap_rejects(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, resamples: int, level: float = 0.95) -> bool:
+def two_level_bootstrap_rejects(
+    rng: np.random.Generator, a: np.ndarray, b: np.ndarray, resamples: int, level: float = 0.95
+) -> bool:
     """Percentile interval of a bootstrap over seeds (per round) and images (shared): does it exclude 0?"""
     ka, n = a.shape
     kb = b.shape[0]
@@ -149,7 +158,6 @@ def two_level_bootstrap_rejects(rng: np.random.Generator, a: np.ndarray, b: np.n
     mb = per_seed_b[rng.integers(0, kb, (kb, resamples)), cols].mean(axis=0)
     low, high = np.quantile(mb - ma, [(1 - level) / 2, (1 + level) / 2])
     return bool(low > 0 or high < 0)
-
 
 
 def bootstrap_cell(rng: np.random.Generator, model: Model, k: int, count: int, n: int, resamples: int) -> dict:
@@ -174,14 +182,31 @@ def tasks(args: argparse.Namespace, model: Model, grid: list[int]) -> list[tuple
     """(key, seed, model, spec) for every cell: A/A and power over the grid, McNemar sensitivity, bootstrap."""
     base = {"n": args.images, "alpha": args.alpha}
     out = [(("aa", k), model, {**base, "k": k, "gain": 0.0, "count": args.comparisons, "mcnemar": True}) for k in grid]
-    out += [(("power", g, k), model, {**base, "k": k, "gain": g / 100, "count": args.power_comparisons, "mcnemar": False})
-            for g in args.gains for k in grid]
+    out += [
+        (("power", g, k), model, {**base, "k": k, "gain": g / 100, "count": args.power_comparisons, "mcnemar": False})
+        for g in args.gains
+        for k in grid
+    ]
     for dist in args.sensitivity:
         m = design(args.accuracy, args.churn, dist / 100, args.cutoff)
-        out.append((("sensitivity", dist), m, {**base, "k": args.sensitivity_seeds, "gain": 0.0,
-                                              "count": args.sensitivity_comparisons, "mcnemar": True}))
-    out += [(("bootstrap", k), model, {**base, "k": k, "count": args.bootstrap_comparisons, "resamples": args.resamples})
-            for k in (2, 3, 5) if args.bootstrap_comparisons]
+        out.append(
+            (
+                ("sensitivity", dist),
+                m,
+                {
+                    **base,
+                    "k": args.sensitivity_seeds,
+                    "gain": 0.0,
+                    "count": args.sensitivity_comparisons,
+                    "mcnemar": True,
+                },
+            )
+        )
+    out += [
+        (("bootstrap", k), model, {**base, "k": k, "count": args.bootstrap_comparisons, "resamples": args.resamples})
+        for k in (2, 3, 5)
+        if args.bootstrap_comparisons
+    ]
     seeds = np.random.SeedSequence(args.seed).spawn(len(out))
     return [(key, seed, m, spec) for (key, m, spec), seed in zip(out, seeds)]
 
@@ -192,16 +217,22 @@ def rate(hits: int, count: int) -> tuple[float, float]:
 
 
 def aa_lines(results: dict, grid: list[int], alpha: float, seed_std: float) -> list[str]:
-    lines = ["| seeds per side | comparisons | false-positive rate | alpha + 3 SE | within | sd of the difference: "
-             "measured / closed form / estimated (points) | one-seed McNemar false-positive rate |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seeds per side | comparisons | false-positive rate | alpha + 3 SE | within | sd of the difference: "
+        "measured / closed form / estimated (points) | one-seed McNemar false-positive rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in grid:
         r = results[("aa", k)]
         fpr, se = rate(r["real"], r["count"])
         bound = alpha + 3 * math.sqrt(alpha * (1 - alpha) / r["count"])
         mc, mc_se = rate(r["mcnemar_real"], r["count"])
-        lines.append(f"| {k} | {r['count']} | {fpr:.3f} ± {se:.3f} | {bound:.3f} | {'yes' if fpr <= bound else 'NO'} | "
-                     f"{100 * r['sd_difference']:.3f} / {100 * seed_std * math.sqrt(2 / k):.3f} / {100 * r['se_estimated']:.3f} | "
-                     f"{mc:.3f} ± {mc_se:.3f} |")
+        lines.append(
+            f"| {k} | {r['count']} | {fpr:.3f} ± {se:.3f} | {bound:.3f} | {'yes' if fpr <= bound else 'NO'} | "
+            f"{100 * r['sd_difference']:.3f} / {100 * seed_std * math.sqrt(2 / k):.3f} / "
+            f"{100 * r['se_estimated']:.3f} | "
+            f"{mc:.3f} ± {mc_se:.3f} |"
+        )
     return lines
 
 
@@ -214,23 +245,33 @@ def power_lines(results: dict, grid: list[int], gains: list[float], alpha: float
             cells.append(f"{r['real'] / r['count']:.2f} ({power(k, g / 100, seed_std, alpha):.2f})")
         lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
     cover = [r["covered"] / r["count"] for key, r in results.items() if key[0] == "power"]
-    lines += ["", f"Coverage of the true gain by the 95% interval over these cells: {min(cover):.3f} to {max(cover):.3f} "
-              f"(mean {np.mean(cover):.3f})."]
+    lines += [
+        "",
+        f"Coverage of the true gain by the 95% interval over these cells: {min(cover):.3f} to {max(cover):.3f} "
+        f"(mean {np.mean(cover):.3f}).",
+    ]
     return lines
 
 
 def recommendation_lines(gains: list[float], alpha: float, stds: list[float]) -> list[str]:
-    lines = ["| to detect a gain of | " + " | ".join(f"seed std {s:g} points" for s in stds) + " |",
-             "|---|" + "---|" * len(stds)]
+    lines = [
+        "| to detect a gain of | " + " | ".join(f"seed std {s:g} points" for s in stds) + " |",
+        "|---|" + "---|" * len(stds),
+    ]
     for g in gains:
         cells = [recommended_seeds(g / 100, s / 100, alpha) for s in stds]
-        lines.append(f"| {g:g} points | " + " | ".join(f"{c} seeds per side" if c else "more than 100" for c in cells) + " |")
+        lines.append(
+            f"| {g:g} points | " + " | ".join(f"{c} seeds per side" if c else "more than 100" for c in cells) + " |"
+        )
     return lines
 
 
 def sensitivity_lines(results: dict, values: list[float], k: int, images: int, churn: float) -> list[str]:
-    lines = [f"| distribution-wise seed std (points) | seed std on {images} images | verdict, {k} seeds per side | "
-             "one-seed McNemar |", "|---|---|---|---|"]
+    lines = [
+        f"| distribution-wise seed std (points) | seed std on {images} images | verdict, {k} seeds per side | "
+        "one-seed McNemar |",
+        "|---|---|---|---|",
+    ]
     for dist in values:
         r = results[("sensitivity", dist)]
         total = math.sqrt((dist / 100) ** 2 + churn / (2 * images))
@@ -259,17 +300,31 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=10_000, help="test images per comparison (CIFAR-10: 10,000)")
     p.add_argument("--accuracy", type=float, default=0.93, help="baseline's population accuracy (fraction)")
     p.add_argument("--churn", type=float, default=0.05, help="expected share of test images two seeds disagree on")
-    p.add_argument("--seed-std", type=float, default=0.25, help="seed-to-seed std of test accuracy on --images images (points)")
-    p.add_argument("--cutoff", type=float, default=4.0, help="latent margin beyond which an image is always right/wrong")
+    p.add_argument(
+        "--seed-std", type=float, default=0.25, help="seed-to-seed std of test accuracy on --images images (points)"
+    )
+    p.add_argument(
+        "--cutoff", type=float, default=4.0, help="latent margin beyond which an image is always right/wrong"
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts")
-    p.add_argument("--seeds", type=lambda t: [int(x) for x in floats(t)], default=[2, 3, 5, 8],
-                   help="seeds per side to simulate (the recommended counts are added)")
+    p.add_argument(
+        "--seeds",
+        type=lambda t: [int(x) for x in floats(t)],
+        default=[2, 3, 5, 8],
+        help="seeds per side to simulate (the recommended counts are added)",
+    )
     p.add_argument("--gains", type=floats, default=[0.25, 0.5, 1.0], help="true gains for the power table (points)")
-    p.add_argument("--sensitivity", type=floats, default=[0.0, 0.1, 0.2, 0.3],
-                   help="distribution-wise seed stds (points) for the McNemar sensitivity table")
+    p.add_argument(
+        "--sensitivity",
+        type=floats,
+        default=[0.0, 0.1, 0.2, 0.3],
+        help="distribution-wise seed stds (points) for the McNemar sensitivity table",
+    )
     p.add_argument("--sensitivity-seeds", type=int, default=3, help="seeds per side of the verdict in that table")
     p.add_argument("--sensitivity-comparisons", type=int, default=1000, help="A/A comparisons per sensitivity row")
-    p.add_argument("--bootstrap-comparisons", type=int, default=300, help="A/A comparisons for the bootstrap check (0: skip)")
+    p.add_argument(
+        "--bootstrap-comparisons", type=int, default=300, help="A/A comparisons for the bootstrap check (0: skip)"
+    )
     p.add_argument("--resamples", type=int, default=400, help="resamples of the two-level bootstrap")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole simulation")
@@ -281,13 +336,15 @@ def header_lines(args: argparse.Namespace, model: Model, results: dict, grid: li
     per_image = math.sqrt(args.churn / (2 * args.images))
     dist = math.sqrt((args.seed_std / 100) ** 2 - per_image**2)
     measured = np.mean([results[("aa", k)]["seed_std"] for k in grid])
-    return [f"date: {date.today()}  host: {platform.machine()}, {args.workers} worker processes, numpy {np.__version__}, "
-            f"{wall:.0f} s wall, {cpu:.0f} s CPU",
-            f"model: accuracy {args.accuracy:.1%}, churn {args.churn:.1%}, seed std {args.seed_std:g} points on "
-            f"{args.images} images (distribution-wise {100 * dist:.3f}, per-image flips {100 * per_image:.3f}); "
-            f"sigma_u {model.sigma_u:.3f}, sigma_g {model.sigma_g:.4f}, mu {model.mu:.3f}; the cutoff drops "
-            f"{dropped_share(model):.2e} of the per-image variance",
-            f"measured seed std over the A/A runs: {100 * measured:.3f} points"]
+    return [
+        f"date: {date.today()}  host: {platform.machine()}, {args.workers} worker processes, numpy {np.__version__}, "
+        f"{wall:.0f} s wall, {cpu:.0f} s CPU",
+        f"model: accuracy {args.accuracy:.1%}, churn {args.churn:.1%}, seed std {args.seed_std:g} points on "
+        f"{args.images} images (distribution-wise {100 * dist:.3f}, per-image flips {100 * per_image:.3f}); "
+        f"sigma_u {model.sigma_u:.3f}, sigma_g {model.sigma_g:.4f}, mu {model.mu:.3f}; the cutoff drops "
+        f"{dropped_share(model):.2e} of the per-image variance",
+        f"measured seed std over the A/A runs: {100 * measured:.3f} points",
+    ]
 
 
 def main() -> None:
@@ -303,15 +360,27 @@ def main() -> None:
         results = dict(pool.map(run_task, tasks(args, model, grid), chunksize=1))
     out = header_lines(args, model, results, grid, time.perf_counter() - start)
     out += ["", "A/A (identical configurations):", ""] + aa_lines(results, grid, args.alpha, seed_std)
-    out += ["", f"Power, simulated (closed form), alpha {args.alpha:g}, {args.power_comparisons} comparisons per cell:", ""]
+    out += [
+        "",
+        f"Power, simulated (closed form), alpha {args.alpha:g}, {args.power_comparisons} comparisons per cell:",
+        "",
+    ]
     out += power_lines(results, grid, args.gains, args.alpha, seed_std)
     out += ["", "Seeds per side for 80% power (closed form):", ""]
     out += recommendation_lines(args.gains, args.alpha, [0.2, args.seed_std, 0.3])
-    out += ["", "A/A false-positive rate against the distribution-wise seed spread "
-            f"({args.sensitivity_comparisons} comparisons each):", ""]
+    out += [
+        "",
+        "A/A false-positive rate against the distribution-wise seed spread "
+        f"({args.sensitivity_comparisons} comparisons each):",
+        "",
+    ]
     out += sensitivity_lines(results, args.sensitivity, args.sensitivity_seeds, args.images, args.churn)
     if args.bootstrap_comparisons:
-        out += ["", f"A/A false-positive rate of a two-level bootstrap ({args.resamples} resamples, percentile interval):", ""]
+        out += [
+            "",
+            f"A/A false-positive rate of a two-level bootstrap ({args.resamples} resamples, percentile interval):",
+            "",
+        ]
         out += bootstrap_lines(results)
     print("\n".join(out))
 

@@ -25,14 +25,14 @@ from datetime import date
 import torch
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from cifar_rounds.training.diagnostics import SmallBatchProbe
-from cifar_rounds.training.engine import GradNorms, autocast, train_one_epoch
-from cifar_rounds.training.runtime import amp_dtype, peak_memory_mb, run_conditions
-from cifar_rounds.training.model import ResNet18
 from cifar_rounds.core.params import Params, load_params, with_overrides
 from cifar_rounds.data.augment import TrainBatches
-from cifar_rounds.training.trainer import build_optimizer
 from cifar_rounds.tracking.run import Tracker
+from cifar_rounds.training.diagnostics import SmallBatchProbe
+from cifar_rounds.training.engine import GradNorms, autocast, train_one_epoch
+from cifar_rounds.training.model import ResNet18
+from cifar_rounds.training.runtime import amp_dtype, peak_memory_mb, run_conditions
+from cifar_rounds.training.trainer import build_optimizer
 
 TRAIN_IMAGES = 45_000
 CPU = torch.device("cpu")
@@ -103,7 +103,10 @@ def store_costs(params: Params, steps_per_epoch: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         params = with_overrides(params, {"tracking.tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
         tracker = Tracker.start(params, {})
-        costs = tracking_cost(tracker, params.tracking.grad_norm_interval, steps_per_epoch), system_metrics_cost(tracker)
+        costs = (
+            tracking_cost(tracker, params.tracking.grad_norm_interval, steps_per_epoch),
+            system_metrics_cost(tracker),
+        )
         tracker.finish()
     return costs
 
@@ -120,8 +123,13 @@ def main() -> None:
     params = with_overrides(load_params(), {"model.width": args.width, "train.batch_size": args.batch_size})
     optimizer, _ = build_optimizer(model, params.train)
     n = args.batch_size * args.steps
-    batches = TrainBatches(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)),
-                           args.batch_size, crop=True, flip=True)
+    batches = TrainBatches(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+        torch.randint(0, 10, (n,)),
+        args.batch_size,
+        crop=True,
+        flip=True,
+    )
     generator = torch.Generator().manual_seed(0)
     dtype = amp_dtype(params.train.precision, CPU)  # what the train stage would use here
     timed_epoch(model, optimizer, batches, generator, 1, dtype, False)  # warm-up
@@ -139,18 +147,32 @@ def main() -> None:
     memory = peak_memory_cost()
     interval = params.diagnostics.noise_interval
     noise = probe_cost(model, args.batch_size, dtype) * (steps_per_epoch // interval) / epoch_off
-    print(f"date: {date.today()}  host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model width {args.width}, batch {args.batch_size}, precision {params.train.precision} -> "
-          f"{run_conditions(params.train.precision, args.width, CPU)['precision']}, {steps_per_epoch} steps per CIFAR-10 epoch")
-    print(f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians of {args.rounds} rounds of {args.steps} steps)")
+    print(
+        f"date: {date.today()}  host: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"model width {args.width}, batch {args.batch_size}, precision {params.train.precision} -> "
+        f"{run_conditions(params.train.precision, args.width, CPU)['precision']}, "
+        f"{steps_per_epoch} steps per CIFAR-10 epoch"
+    )
+    print(
+        f"step time, norms off: {step_off * 1e3:.1f} ms   on: {step_on * 1e3:.1f} ms   (medians "
+        f"of {args.rounds} rounds of {args.steps} steps)"
+    )
     print(f"GradNorms.record alone: {record * 1e3:.3f} ms per step")
     print(f"MLflow logging per epoch (sqlite): {logging * 1e3:.1f} ms")
     print(f"overhead per epoch, from the direct costs: {direct:.3%}")
     print(f"overhead per epoch, from the step times (noisy): {(step_on - step_off) / step_off:+.3%}")
-    print(f"system metrics: {sample * 1e3:.1f} ms per sample, one every {sample_every:g} s: {sample / sample_every:.3%} of training time")
+    print(
+        f"system metrics: {sample * 1e3:.1f} ms per sample, one every {sample_every:g} s: "
+        f"{sample / sample_every:.3%} of training time"
+    )
     print(f"peak-memory reading: {memory * 1e6:.1f} us per epoch: {memory / epoch_off:.5%}")
-    print(f"all tracking together (norms, logging, system metrics, peak memory): "
-          f"{direct + sample / sample_every + memory / epoch_off:.3%} of epoch time")
+    print(
+        f"all tracking together (norms, logging, system metrics, peak memory): "
+        f"{direct + sample / sample_every + memory / epoch_off:.3%} of epoch time"
+    )
     print(f"noise-scale probe every {interval} steps: {noise:.2%} of epoch time")
 
 

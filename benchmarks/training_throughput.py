@@ -28,10 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_rounds.training.engine import autocast
-from cifar_rounds.training.runtime import amp_dtype, run_conditions
-from cifar_rounds.training.model import ResNet18
 from cifar_rounds.data.augment import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
+from cifar_rounds.training.engine import autocast
+from cifar_rounds.training.model import ResNet18
+from cifar_rounds.training.runtime import amp_dtype, run_conditions
 
 GFLOP_PER_IMAGE = 3.33  # forward + backward of the CIFAR ResNet-18, per training image
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -51,12 +51,23 @@ class PILDataset(Dataset):
 
 
 def conventional_loader(images, labels, batch_size, device) -> DataLoader:
-    transform = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-    ])
-    return DataLoader(PILDataset(images, labels, transform), batch_size=batch_size, shuffle=True, drop_last=True,
-                      num_workers=min(8, os.cpu_count() or 1), pin_memory=device.type == "cuda", persistent_workers=True)
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ]
+    )
+    return DataLoader(
+        PILDataset(images, labels, transform),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=min(8, os.cpu_count() or 1),
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -84,6 +95,7 @@ def make_step(model, optimizer, device, dtype):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -100,8 +112,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--images", type=int, default=10_000, help="size of the random stand-in training set")
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile (train.compile: true)")
-    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default",
-                        help="torch.compile mode; reduce-overhead adds CUDA graphs (the train stage uses default)")
+    parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead"),
+        default="default",
+        help="torch.compile mode; reduce-overhead adds CUDA graphs (the train stage uses default)",
+    )
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="ours: train.precision")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +126,9 @@ def main() -> None:
     images = rng.integers(0, 256, (args.images, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images)
     bs = args.batch_size
-    ours_batches = TrainBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), bs, True, True)
+    ours_batches = TrainBatches(
+        torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), bs, True, True
+    )
     generator = torch.Generator().manual_seed(0)
     ours_stream = endless(lambda: ours_batches.epoch(generator))
     conv_loader = conventional_loader(images, labels, bs, device)
@@ -135,9 +153,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"date: {date.today()}  device: {name}  ({os.cpu_count()} CPU cores, torch {torch.__version__})")
     ours_dtype = run_conditions(args.precision, args.width, device)["precision"]
-    print(f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; "
-          f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile and args.compile_mode}; "
-          "conventional: fp32")
+    print(
+        f"model: ResNet-18 width {args.width}, batch {bs}, {args.steps} timed steps each; "
+        f"ours: precision {args.precision} -> {ours_dtype}, compiled: {args.compile and args.compile_mode}; "
+        "conventional: fp32"
+    )
     print(f"training, ours:         {results['ours']:10.1f} img/s")
     print(f"training, conventional: {results['conventional']:10.1f} img/s")
     print(f"training speed-up:      {results['ours'] / results['conventional']:10.2f}x")

@@ -1,6 +1,6 @@
-from __future__ import annotations
-
 """Fixtures, the CPU's setup, and the markers each test folder implies (helpers.py holds the shared functions)."""
+
+from __future__ import annotations
 
 import os
 import sys
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cifar_rounds.data.synthetic import write_archive
+
 from helpers import free_port, serving
 
 
@@ -37,9 +38,22 @@ def archive(tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture
 def mlflow_server(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-           "--artifacts-destination", str(tmp_path / "artifacts")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        url.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path}/server.db",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+    ]
     with serving(cmd, tmp_path, f"{url}/health", 90):
         yield url
 

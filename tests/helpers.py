@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cifar_rounds.stages.demo import init_project, offline_params
 from cifar_rounds.core.params import PARAMS_FILE, Params, load_params
+from cifar_rounds.stages.demo import init_project, offline_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -66,8 +66,9 @@ def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **ext
     Afterwards that group alone is stopped: the server and the workers it started.
     """
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env(**extra_env), start_new_session=True, stdout=subprocess.DEVNULL, stderr=log
+        )
         try:
             deadline = time.time() + timeout_s
             while True:
@@ -90,8 +91,15 @@ def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **ext
 
 
 # the seven values round 2 of the founding analysis changes from round 1
-SEED_CHANGES = {"train.learning_rate", "train.lr_gamma", "train.weight_decay", "train.batch_size",
-                "train.num_epochs", "train.patience", "train.min_delta"}
+SEED_CHANGES = {
+    "train.learning_rate",
+    "train.lr_gamma",
+    "train.weight_decay",
+    "train.batch_size",
+    "train.num_epochs",
+    "train.patience",
+    "train.min_delta",
+}
 
 # params.yaml changes that must be refused, with a word the error must name
 BAD = [

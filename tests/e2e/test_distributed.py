@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.training.engine import autocast
-from cifar_rounds.training.runtime import amp_dtype, memory_format
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.augment import TrainBatches
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.data.synthetic import write_archive
-from cifar_rounds.training.trainer import build_optimizer
+from cifar_rounds.training.engine import autocast
 from cifar_rounds.training.model import build_model
+from cifar_rounds.training.runtime import amp_dtype, memory_format
+from cifar_rounds.training.trainer import build_optimizer
+
 from helpers import env, free_port, make_project, read_json, repo_params, run
 
 pytestmark = pytest.mark.slow
@@ -31,19 +32,53 @@ TRAIN = ["-m", "cifar_rounds.stages.train", "--split", "data/split.npz"]
 
 
 def torchrun(models: str, history: str, summary: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            *TRAIN, "--models", models, "--history", history, "--summary", summary]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *TRAIN,
+        "--models",
+        models,
+        "--history",
+        history,
+        "--summary",
+        summary,
+    ]
 
 
 def two_nodes(project: Path) -> None:
     """Two torchrun launchers of one rank each, as two machines would start them (static rendezvous)."""
     port = free_port()
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-         "--master_addr=127.0.0.1", f"--master_port={port}", *TRAIN, "--models", "models",
-         "--history", "reports/history.csv", "--summary", "reports/summary.json"],
-        cwd=project, env=env(OMP_NUM_THREADS="1"), start_new_session=True, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *TRAIN,
+                "--models",
+                "models",
+                "--history",
+                "reports/history.csv",
+                "--summary",
+                "reports/summary.json",
+            ],
+            cwd=project,
+            env=env(OMP_NUM_THREADS="1"),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     try:
         outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
     finally:
@@ -56,9 +91,18 @@ def two_nodes(project: Path) -> None:
 def test_one_ddp_step_over_two_nodes_equals_averaging_the_per_rank_micro_batch_gradients(tmp_path):
     archive = tmp_path / "small.tar.gz"
     md5 = write_archive(archive, train_size=300, test_size=100, seed=5)
-    project = make_project(tmp_path / "p", (archive, md5), **{
-        "data.val_size": 50, "train.num_epochs": 1, "train.lr_milestones": [], "train.batch_size": 128,
-        "tracking.log_model": False, "tracking.system_metrics_interval_s": 0.2})
+    project = make_project(
+        tmp_path / "p",
+        (archive, md5),
+        **{
+            "data.val_size": 50,
+            "train.num_epochs": 1,
+            "train.lr_milestones": [],
+            "train.batch_size": 128,
+            "tracking.log_model": False,
+            "tracking.system_metrics_interval_s": 0.2,
+        },
+    )
     run(["dvc", "repro", "split"], project)
     two_nodes(project)
     ddp = torch.load(project / "models/last.pt", weights_only=True)["model"]
@@ -67,7 +111,10 @@ def test_one_ddp_step_over_two_nodes_equals_averaging_the_per_rank_micro_batch_g
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     found = client.get_run(read_json(project / "reports/summary.json")["mlflow_run_id"])
     nodes = [f"node{n}-{socket.gethostname()}" for n in (0, 1)]
-    assert {k: v for k, v in found.data.tags.items() if k.startswith("node.")} == {"node.rank0": nodes[0], "node.rank1": nodes[1]}
+    assert {k: v for k, v in found.data.tags.items() if k.startswith("node.")} == {
+        "node.rank0": nodes[0],
+        "node.rank1": nodes[1],
+    }
     for node in nodes:
         assert f"system/{node}/cpu_utilization_percentage" in found.data.metrics
     assert not any(k.startswith("system/cpu") for k in found.data.metrics)  # no unnamed machine
@@ -141,13 +188,23 @@ def _train_losses(path):
 
 def test_ddp_training_matches_single_process_logs_once_and_resumes(tmp_path, archive):
     epochs = 3
-    project = make_project(tmp_path / "p", archive, **{
-        "train.num_epochs": epochs, "train.lr_milestones": [2], "train.patience": epochs, "train.batch_size": 64,
-        "tracking.log_model": False, "tracking.system_metrics_interval_s": 0.5})
+    project = make_project(
+        tmp_path / "p",
+        archive,
+        **{
+            "train.num_epochs": epochs,
+            "train.lr_milestones": [2],
+            "train.patience": epochs,
+            "train.batch_size": 64,
+            "tracking.log_model": False,
+            "tracking.system_metrics_interval_s": 0.5,
+        },
+    )
     run(["dvc", "repro"], project)  # the single-process reference, global batch 64
     cmd = torchrun("models_ddp", "reports/ddp.csv", "reports/ddp.json")
-    proc = subprocess.Popen(cmd, cwd=project, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     history = project / "reports/ddp.csv"
     deadline = time.time() + 300
     while not (history.exists() and len(history.read_text().splitlines()) >= 2):  # one epoch done
@@ -200,9 +257,9 @@ def test_a_divergence_on_any_rank_is_reported_at_its_first_step(monkeypatch):
 
 
 def test_a_node_that_does_not_see_the_local_store_samples_nothing_and_creates_no_store(tmp_path, monkeypatch, capsys):
-    from cifar_rounds.training.distributed import World
     from cifar_rounds.core.params import with_overrides
     from cifar_rounds.stages.train import node_system_metrics
+    from cifar_rounds.training.distributed import World
 
     monkeypatch.chdir(tmp_path)  # the repository root, where this node finds no mlflow.db
     for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):  # the store would be found elsewhere
@@ -211,6 +268,8 @@ def test_a_node_that_does_not_see_the_local_store_samples_nothing_and_creates_no
     second_node = World(rank=1, size=2, local_rank=0, node_rank=1)
     with node_system_metrics(params, second_node, "0123456789abcdef"):
         pass
-    assert capsys.readouterr().out == (f"train: node1-{socket.gethostname()} does not see the store "
-                                       f"sqlite:///{tmp_path}/mlflow.db; its system metrics are not sampled\n")
+    assert capsys.readouterr().out == (
+        f"train: node1-{socket.gethostname()} does not see the store "
+        f"sqlite:///{tmp_path}/mlflow.db; its system metrics are not sampled\n"
+    )
     assert list(tmp_path.iterdir()) == []

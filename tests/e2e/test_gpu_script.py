@@ -15,8 +15,14 @@ GPU_SH = str(REPO / "benchmarks" / "gpu.sh")
 
 
 def gpu_sh(*args: str, out, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([GPU_SH, *args], cwd=REPO, env=env(OUT=str(out), PYTHON=sys.executable),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [GPU_SH, *args],
+        cwd=REPO,
+        env=env(OUT=str(out), PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
@@ -37,7 +43,9 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
     parts = {p["name"]: p for p in doc["parts"]}
     assert [p["number"] for p in doc["parts"]] == [1, 2, 3, 4, 5, 6] and doc["ok"]
     assert parts["gpu_tests"]["status"] == "skipped"
-    assert all(parts[n]["status"] == "passed" for n in ("environment", "pipeline", "resume", "throughput", "projection"))
+    assert all(
+        parts[n]["status"] == "passed" for n in ("environment", "pipeline", "resume", "throughput", "projection")
+    )
 
     pipeline = parts["pipeline"]["results"]
     epochs = len(pipeline["history"])
@@ -60,11 +68,18 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
     assert parts["projection"]["results"]["round_hours"] > 0
 
     text = (out / "gpu-check.txt").read_text()
-    assert summary_statuses(text) == {"1": "passed", "2": "skipped", "3": "passed", "4": "passed", "5": "passed", "6": "passed"}
+    assert summary_statuses(text) == {
+        "1": "passed",
+        "2": "skipped",
+        "3": "passed",
+        "4": "passed",
+        "5": "passed",
+        "6": "passed",
+    }
     assert text.rstrip().endswith("no part failed")
 
 
 def summary_statuses(text: str) -> dict[str, str]:
     """Part number -> status, from the summary table that ends gpu-check.txt."""
-    table = text[text.rindex("\npart "):]
+    table = text[text.rindex("\npart ") :]
     return dict(re.findall(r"^(\d) .*? (passed|failed|skipped) ", table, re.M))

@@ -15,15 +15,15 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from mlflow.entities import LoggedModelStatus
-
+from cifar_rounds.core.params import load_params
+from cifar_rounds.tracking.run import process_store
 from cifar_rounds.training.checkpoint import load_weights
 from cifar_rounds.training.model import build_model
 from cifar_rounds.training.runtime import amp_dtype
-from cifar_rounds.core.params import load_params
-from cifar_rounds.tracking.run import process_store
+
 from helpers import free_port, make_project, read_json, run, serving
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,11 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, archive):
-    path = make_project(tmp_path_factory.mktemp("pipeline"), archive, **{"train.num_epochs": EPOCHS,
-                                                                         "tracking.system_metrics_interval_s": 1})
+    path = make_project(
+        tmp_path_factory.mktemp("pipeline"),
+        archive,
+        **{"train.num_epochs": EPOCHS, "tracking.system_metrics_interval_s": 1},
+    )
     result = run(["dvc", "repro"], path)
     (path / "repro.log").write_text(result.stdout + result.stderr)
     return path
@@ -84,9 +87,19 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert metrics["mlflow_run_id"] == r.info.run_id
     assert (metrics["device"], metrics["precision"]) == ("cpu", r.data.tags["precision"])  # for the round report
     c = client(project)
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
-                "train_val_accuracy_gap", "epoch_time_s", "images_per_s", "peak_memory_mb", "grad_norm_mean",
-                "grad_norm/layer1.0"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "train_val_accuracy_gap",
+        "epoch_time_s",
+        "images_per_s",
+        "peak_memory_mb",
+        "grad_norm_mean",
+        "grad_norm/layer1.0",
+    ):
         history = c.get_metric_history(r.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
         assert all(math.isfinite(m.value) for m in history)
@@ -120,7 +133,12 @@ def test_best_model_is_a_logged_model_with_the_evaluation_and_one_registered_ver
     assert {m.key: m.value for m in logged.metrics}["test_accuracy"] == metrics["test_accuracy"]
     (version,) = c.search_model_versions("name = 'cifar-rounds-resnet18'")
     assert version.run_id == r.info.run_id and version.source == f"models:/{logged.model_id}"
-    assert version.tags == {"round": "workspace", "seed": "0", "dvc_exp_name": "", "git_commit": r.data.tags["git_commit"]}
+    assert version.tags == {
+        "round": "workspace",
+        "seed": "0",
+        "dvc_exp_name": "",
+        "git_commit": r.data.tags["git_commit"],
+    }
     batch = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = checkpoint_model(project)(batch)
@@ -133,8 +151,23 @@ def test_best_model_is_a_logged_model_with_the_evaluation_and_one_registered_ver
 def model_server(project, uri: str):
     """`mlflow models serve` as a real process; yields its URL."""
     url = f"http://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1], "-w", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        url.rsplit(":", 1)[1],
+        "-w",
+        "1",
+    ]
     with serving(cmd, project, f"{url}/ping", 180, MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"):
         yield url
 
@@ -145,8 +178,11 @@ def test_the_champion_answers_rest_predictions_equal_to_the_checkpoints(project)
     c.set_registered_model_alias("cifar-rounds-resnet18", "champion", version.version)  # what a report would do
     batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with model_server(project, "models:/cifar-rounds-resnet18@champion") as url:
-        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": batch.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps({"inputs": batch.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = torch.tensor(json.loads(response.read())["predictions"])
     with torch.no_grad():
@@ -155,11 +191,15 @@ def test_the_champion_answers_rest_predictions_equal_to_the_checkpoints(project)
 
 def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project):
     rows = list(csv.DictReader(open(project / "reports/history.csv")))
-    assert all(math.isfinite(float(r["noise_scale"])) for r in rows[1:])  # NaN only while the EMA of |G|^2 is not positive
+    assert all(
+        math.isfinite(float(r["noise_scale"])) for r in rows[1:]
+    )  # NaN only while the EMA of |G|^2 is not positive
     (r,) = runs(project)
     for key in ("noise_g_sq", "noise_trace_sigma"):
         values = client(project).get_metric_history(r.info.run_id, key)
-        assert sorted(m.step for m in values) == list(range(1, EPOCHS + 1)) and all(math.isfinite(m.value) for m in values)
+        assert sorted(m.step for m in values) == list(range(1, EPOCHS + 1)) and all(
+            math.isfinite(m.value) for m in values
+        )
     assert all(m.value > 0 for m in client(project).get_metric_history(r.info.run_id, "noise_trace_sigma"))
     measured = [int(r["epoch"]) for r in rows if r["lambda_max"]]
     milestones = load_params(project / "params.yaml").train.lr_milestones
@@ -167,7 +207,9 @@ def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project
     for row in rows:
         if row["lambda_max"]:
             tp = load_params(project / "params.yaml").train  # heavy-ball SGD: 2(1 + beta)/lr, less weight decay
-            assert float(row["stability_bound"]) == pytest.approx(2 * (1 + tp.momentum) / float(row["learning_rate"]) - tp.weight_decay)
+            assert float(row["stability_bound"]) == pytest.approx(
+                2 * (1 + tp.momentum) / float(row["learning_rate"]) - tp.weight_decay
+            )
             assert float(row["hessian_trace"]) != 0
     lam = client(project).get_metric_history(r.info.run_id, "lambda_max")
     assert sorted(m.step for m in lam) == measured
@@ -223,7 +265,9 @@ def test_runs_on_one_split_share_its_dataset_and_a_re_split_is_a_new_one(project
     md5 = split_md5(project)
     expected = {("cifar10-train", md5, "training"), ("cifar10-val", md5, "validation"), ("cifar10-test", md5, "test")}
     assert dataset_inputs(project, first) == dataset_inputs(project, second) == expected
-    (train_input,) = [i for i in client(project).get_run(first).inputs.dataset_inputs if i.dataset.name == "cifar10-train"]
+    (train_input,) = [
+        i for i in client(project).get_run(first).inputs.dataset_inputs if i.dataset.name == "cifar10-train"
+    ]
     params = load_params(project / "params.yaml")
     assert json.loads(train_input.dataset.source) == {"uri": params.data.url}
     assert json.loads(train_input.dataset.profile) == {"num_rows": 1500 - params.data.val_size}

@@ -20,53 +20,53 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import REPO, read_json, run, serving
 from cifar_rounds.core.params import dump_params, load_params, with_overrides
 from cifar_rounds.data.synthetic import write_archive
 
-AFTER_A_RUN = ["dvc metrics show", "dvc plots show", "dvc params diff HEAD~1", "dvc metrics diff HEAD~1",
-               "dvc exp show --no-pager --only-changed --drop 'Created|State|Executor'"]
+from helpers import REPO, read_json, run, serving
+
+AFTER_A_RUN = [
+    "dvc metrics show",
+    "dvc plots show",
+    "dvc params diff HEAD~1",
+    "dvc metrics diff HEAD~1",
+    "dvc exp show --no-pager --only-changed --drop 'Created|State|Executor'",
+]
 UI = "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
 RUN_HERE = ["scripts/pipeline.sh", "scripts/offline.sh", "scripts/test.sh -m gpu", *AFTER_A_RUN, UI]
 # As written these train full rounds (200-250 epochs at full width): the named test runs the same command
 # with tiny settings (a generated archive, width 8, a few epochs) on a real DVC repository.
 AT_TINY_SETTINGS = {
-    'mlflow run . --env-manager local --experiment-name cifar-rounds -P preset=round-1 -P overrides="train.patience=40"':
-        "e2e/test_tracking.py::test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params",
+    'mlflow run . --env-manager local --experiment-name cifar-rounds -P preset=round-1 -P overrides="train.patience=40"': "e2e/test_tracking.py::test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params",
     "python -m cifar_rounds.analysis.rounds run round-1 --seeds 5": "e2e/test_rounds.py::rounds_project",
     "python -m cifar_rounds.analysis.rounds run round-2 --seeds 5 --queue": "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
-    "python -m cifar_rounds.analysis.rounds run round-2 -S train.num_epochs=3 -S train.lr_milestones=[1,2]":
-        "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
+    "python -m cifar_rounds.analysis.rounds run round-2 -S train.num_epochs=3 -S train.lr_milestones=[1,2]": "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
     "python -m cifar_rounds.analysis.rounds run round-2 --epochs 10": "e2e/test_rounds.py::rounds_project",
     "python -m cifar_rounds.analysis.rounds run round-2 --force": "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
     "dvc params diff round-1-s0 round-2-s0": "e2e/test_rounds.py::test_dvc_compares_the_two_rounds",
     "dvc metrics diff round-1-s0 round-2-s0": "e2e/test_rounds.py::test_dvc_compares_the_two_rounds",
     "python -m cifar_rounds.analysis.report round-1 round-2": "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements",
-    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2":
-        "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
-    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --no-run --promote round-3":
-        "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
-    "python -m cifar_rounds.analysis.rounds run round-3 --seeds 5":
-        "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
+    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
+    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --no-run --promote round-3": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
+    "python -m cifar_rounds.analysis.rounds run round-3 --seeds 5": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
     "python -m cifar_rounds.analysis.report round-2 round-3": "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements",
 }
 # As written these need what one test machine lacks: 8 GPUs, a team's server host, a shared remote, a clone URL.
 # The named test runs the same flow on 127.0.0.1, a local remote and a local clone.
 ELSEWHERE = {
     "torchrun --standalone --nproc_per_node=8 -m cifar_rounds.stages.train --split data/split.npz --models models "
-    "--history reports/history.csv --summary reports/train_summary.json":
-        "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes",
+    "--history reports/history.csv --summary reports/train_summary.json": "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes",
     "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///srv/mlflow/mlflow.db "
     "--artifacts-destination /srv/mlflow/artifacts": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     "dvc remote add -d team /shared/dvc-remote": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    'dvc repro && git add -A && git commit -m "round 2" && dvc push && git push':
-        "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    "git clone ... && cd ... && scripts/setup.sh && .venv/bin/dvc pull":
-        "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
+    'dvc repro && git add -A && git commit -m "round 2" && dvc push && git push': "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
+    "git clone ... && cd ... && scripts/setup.sh && .venv/bin/dvc pull": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     ".venv/bin/dvc repro": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     # the suite itself, as CI runs it, and its fast subset
-    "scripts/test.sh": "CI", 'scripts/test.sh -m "not slow"': "CI", "scripts/test.sh tests/e2e/test_ui.py": "CI",
+    "scripts/test.sh": "CI",
+    'scripts/test.sh -m "not slow"': "CI",
+    "scripts/test.sh tests/e2e/test_ui.py": "CI",
 }
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -120,8 +120,12 @@ def test_pipeline_offline_fails_with_the_download_error_whose_advice_works_as_wr
     first = run(["scripts/pipeline.sh"], repo, check=False)
     assert first.returncode != 0
     assert f"error: data.url: cannot download {OFFICIAL_URL}" in first.stderr, first.stderr[-2000:]
-    advice = re.search(r"set data.url in params.yaml to its path .*?and rerun (\S+); to try the pipeline without "
-                       r"the data set, run (\S+)$", first.stderr, re.M)
+    advice = re.search(
+        r"set data.url in params.yaml to its path .*?and rerun (\S+); to try the pipeline without "
+        r"the data set, run (\S+)$",
+        first.stderr,
+        re.M,
+    )
     assert advice.groups() == ("scripts/pipeline.sh", "scripts/offline.sh")
     assert (repo / "params.yaml").read_bytes() == before and "Traceback" not in first.stderr
 
@@ -132,7 +136,10 @@ def test_pipeline_offline_fails_with_the_download_error_whose_advice_works_as_wr
     dump_params(with_overrides(load_params(repo / "params.yaml"), {"data.url": str(archive)}), repo / "params.yaml")
     second = run([advice.group(1)], repo, check=False)
     assert second.returncode != 0
-    assert f"error: data.md5: {archive.name} has MD5" in second.stderr and "expected c58f30108f718f92721af3b95e74349a" in second.stderr
+    assert (
+        f"error: data.md5: {archive.name} has MD5" in second.stderr
+        and "expected c58f30108f718f92721af3b95e74349a" in second.stderr
+    )
 
 
 @pytest.mark.slow
@@ -156,7 +163,10 @@ def test_the_offline_demo_then_every_after_a_run_command_and_the_ui_as_written(t
     assert "test_accuracy" in outputs["dvc metrics show"] and "test_accuracy" in outputs["dvc metrics diff HEAD~1"]
     assert (demo / "dvc_plots" / "index.html").exists() and "dvc_plots/" in (demo / ".gitignore").read_text()
     client = MlflowClient(f"sqlite:///{demo}/mlflow.db")
-    assert client.get_run(metrics["mlflow_run_id"]).data.tags["git_commit"] == run(["git", "rev-parse", "HEAD~1"], demo).stdout.strip()
+    assert (
+        client.get_run(metrics["mlflow_run_id"]).data.tags["git_commit"]
+        == run(["git", "rev-parse", "HEAD~1"], demo).stdout.strip()
+    )
 
     ui_answers(demo, metrics["mlflow_run_id"])
 
@@ -177,6 +187,9 @@ def ui_answers(demo: Path, run_id: str) -> None:
         if s.connect_ex(("127.0.0.1", 5000)) == 0:
             pytest.skip("port 5000 is taken here: the UI command as written cannot start")
     with serving(shlex.split(UI), demo, "http://127.0.0.1:5000/health", 60):
-        body = urllib.request.urlopen(f"http://127.0.0.1:5000/api/2.0/mlflow/runs/get?run_id={run_id}",
-                                      timeout=10).read().decode()
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:5000/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10)
+            .read()
+            .decode()
+        )
     assert run_id in body

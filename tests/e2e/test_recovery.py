@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.data.synthetic import write_archive
+
 from helpers import env, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,16 @@ EPOCHS = 3
 
 
 def train_args(tag: str) -> list[str]:
-    return ["--split", "data/split.npz", "--models", f"models_{tag}", "--history", f"reports/{tag}.csv",
-            "--summary", f"reports/{tag}.json"]
+    return [
+        "--split",
+        "data/split.npz",
+        "--models",
+        f"models_{tag}",
+        "--history",
+        f"reports/{tag}.csv",
+        "--summary",
+        f"reports/{tag}.json",
+    ]
 
 
 def train(project, tag: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
@@ -96,8 +105,11 @@ def small_archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, small_archive):
-    path = make_project(tmp_path_factory.mktemp("recovery"), small_archive, **{
-        **SMALL, "train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS})
+    path = make_project(
+        tmp_path_factory.mktemp("recovery"),
+        small_archive,
+        **{**SMALL, "train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS},
+    )
     run(["dvc", "repro", "split"], path)
     return path
 
@@ -300,8 +312,11 @@ def test_a_dead_tracking_server_fails_in_seconds_naming_the_uri(project):
     assert not (project / "models_dead" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("content", [b"this is not a database at all" * 40, b"SQLite format 3\x00" + b"\x00" * 50],
-                         ids=["garbage", "truncated"])
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a database at all" * 40, b"SQLite format 3\x00" + b"\x00" * 50],
+    ids=["garbage", "truncated"],
+)
 def test_a_broken_store_file_is_one_line_naming_it(tmp_path, small_archive, content):
     project = make_project(tmp_path / "p", small_archive, **{**SMALL, "train.num_epochs": 1, "train.lr_milestones": []})
     run(["dvc", "repro", "split"], project)
@@ -312,7 +327,9 @@ def test_a_broken_store_file_is_one_line_naming_it(tmp_path, small_archive, cont
 
 
 def test_a_copied_repository_writes_only_inside_itself(tmp_path, small_archive):
-    original = make_project(tmp_path / "a", small_archive, **{**SMALL, "train.num_epochs": 1, "train.lr_milestones": []})
+    original = make_project(
+        tmp_path / "a", small_archive, **{**SMALL, "train.num_epochs": 1, "train.lr_milestones": []}
+    )
     run(["dvc", "repro"], original)
     copy = tmp_path / "b"
     shutil.copytree(original, copy, symlinks=True)
@@ -327,8 +344,14 @@ def test_a_copied_repository_writes_only_inside_itself(tmp_path, small_archive):
 
 
 def test_sigterm_during_training_is_one_line_and_the_run_ends_killed(project):
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_rounds.stages.train", *train_args("term")], cwd=project, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_rounds.stages.train", *train_args("term")],
+        cwd=project,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (project / "models_term/last.pt").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -341,12 +364,32 @@ def test_sigterm_during_training_is_one_line_and_the_run_ends_killed(project):
 
 
 def evaluate(project, tag: str, summary: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "cifar_rounds.stages.evaluate", "--split", "data/split.npz", "--models", f"models_{tag}",
-                "--summary", summary, "--metrics", f"reports/{tag}-metrics.json", "--predictions",
-                f"reports/{tag}-predictions.csv", "--confusion-png", f"reports/{tag}.png"], project, check=False)
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_rounds.stages.evaluate",
+            "--split",
+            "data/split.npz",
+            "--models",
+            f"models_{tag}",
+            "--summary",
+            summary,
+            "--metrics",
+            f"reports/{tag}-metrics.json",
+            "--predictions",
+            f"reports/{tag}-predictions.csv",
+            "--confusion-png",
+            f"reports/{tag}.png",
+        ],
+        project,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", "{}"], ids=["empty", "garbage", "not-an-object", "no-keys"])
+@pytest.mark.parametrize(
+    "content", ["", "{not json", "[1, 2]", "{}"], ids=["empty", "garbage", "not-an-object", "no-keys"]
+)
 def test_evaluate_on_a_broken_summary_is_one_line_naming_it(project, content):
     (project / "reports/broken-summary.json").write_text(content)
     result = evaluate(project, "b6", "reports/broken-summary.json")
@@ -368,7 +411,22 @@ def test_evaluate_on_a_checkpoint_of_another_width_is_one_line_naming_the_field(
 
 def test_train_on_a_corrupt_split_is_one_line(project):
     (project / "data/garbage.npz").write_bytes(b"PK\x03\x04 this is not a split")
-    result = run([sys.executable, "-m", "cifar_rounds.stages.train", "--split", "data/garbage.npz", "--models", "models_g",
-                  "--history", "reports/g.csv", "--summary", "reports/g.json"], project, check=False)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_rounds.stages.train",
+            "--split",
+            "data/garbage.npz",
+            "--models",
+            "models_g",
+            "--history",
+            "reports/g.csv",
+            "--summary",
+            "reports/g.json",
+        ],
+        project,
+        check=False,
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "data/garbage.npz: not a readable split" in result.stderr

@@ -14,11 +14,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.stages import train
-from cifar_rounds.training.checkpoint import find_resume
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import with_overrides
+from cifar_rounds.stages import train
 from cifar_rounds.tracking.run import Tracker, terminated_on_exit
+from cifar_rounds.training.checkpoint import find_resume
+
 from helpers import BAD, env, make_project, read_json, repo_params, run
 
 pytestmark = pytest.mark.slow
@@ -27,8 +28,19 @@ TIMING = {"epoch_time_s", "images_per_s", "peak_memory_mb"}  # measured of the m
 
 
 def train_cmd(models: str, history: str, summary: str) -> list[str]:
-    return [sys.executable, "-m", "cifar_rounds.stages.train", "--split", "data/split.npz", "--models", models,
-            "--history", history, "--summary", summary]
+    return [
+        sys.executable,
+        "-m",
+        "cifar_rounds.stages.train",
+        "--split",
+        "data/split.npz",
+        "--models",
+        models,
+        "--history",
+        history,
+        "--summary",
+        summary,
+    ]
 
 
 def runs(project):
@@ -38,9 +50,16 @@ def runs(project):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, archive):
-    path = make_project(tmp_path_factory.mktemp("reliability"), archive,
-                        **{"train.num_epochs": EPOCHS, "train.lr_milestones": [2], "train.patience": EPOCHS,
-                           "tracking.log_model": False})
+    path = make_project(
+        tmp_path_factory.mktemp("reliability"),
+        archive,
+        **{
+            "train.num_epochs": EPOCHS,
+            "train.lr_milestones": [2],
+            "train.patience": EPOCHS,
+            "tracking.log_model": False,
+        },
+    )
     run(["dvc", "repro"], path)
     return path
 
@@ -64,8 +83,11 @@ def test_training_killed_mid_run_resumes_bit_for_bit_into_the_same_mlflow_run(pr
     b = torch.load(project / "models_killed/last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(x, y) for s in a["optimizer"]["state"] for x, y in
-               zip(a["optimizer"]["state"][s].values(), b["optimizer"]["state"][s].values()))
+    assert all(
+        torch.equal(x, y)
+        for s in a["optimizer"]["state"]
+        for x, y in zip(a["optimizer"]["state"][s].values(), b["optimizer"]["state"][s].values())
+    )
     # NaN (e.g. a noise scale while the |G|^2 estimate is not yet positive) compares by its text
     strip = lambda h: [{k: repr(v) for k, v in r.items() if k not in TIMING} for r in h]  # noqa: E731
     assert strip(a["progress"]["history"]) == strip(b["progress"]["history"])
@@ -83,8 +105,14 @@ def test_an_interrupted_run_ends_killed_not_running(project, sig):
     models = f"models_{sig.name}"
     cmd = train_cmd(models, f"reports/{sig.name}.csv", f"reports/{sig.name}.json")
     # a shell's background jobs inherit SIGINT ignored; give the child the default, as on a terminal
-    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
+    )
     deadline = time.time() + 300
     while not (project / models / "last.pt").exists():
         assert proc.poll() is None and time.time() < deadline

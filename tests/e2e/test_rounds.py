@@ -9,10 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.proposals import proposals
-from cifar_rounds.core.params import load_params
 from cifar_rounds.analysis.replicates import ArtifactPaths, find_round, mlflow_replicate, mlflow_runs
-from cifar_rounds.search.spec import load_sweep
+from cifar_rounds.core.params import load_params
 from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.search.spec import load_sweep
+
 from helpers import SEED_CHANGES, make_project, run
 
 SEEDS = 2
@@ -26,10 +27,24 @@ def rounds_project(tmp_path_factory):
     archive = tmp / "small.tar.gz"
     md5 = write_archive(archive, train_size=300, test_size=100, seed=2)
     # criteria a tiny round passes, so that @champion moves by the report end to end
-    project = make_project(tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 8, "train.lr_milestones": [1],
-                                                         **LAX_CRITERIA})
+    project = make_project(
+        tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 8, "train.lr_milestones": [1], **LAX_CRITERIA}
+    )
     for preset in ("round-1", "round-2"):
-        run(["python", "-m", "cifar_rounds.analysis.rounds", "run", preset, "--seeds", str(SEEDS), "--epochs", str(EPOCHS)], project)
+        run(
+            [
+                "python",
+                "-m",
+                "cifar_rounds.analysis.rounds",
+                "run",
+                preset,
+                "--seeds",
+                str(SEEDS),
+                "--epochs",
+                str(EPOCHS),
+            ],
+            project,
+        )
     return project
 
 
@@ -47,9 +62,13 @@ def test_dvc_compares_the_two_rounds(rounds_project):
     seeds = json.loads(run(["dvc", "params", "diff", "round-2-s0", "round-2-s1", "--json"], rounds_project).stdout)
     assert set(seeds["params.yaml"]) == {"train.seed"}  # replicates differ in their seed only
     # --all: tiny rounds can tie on test accuracy, and a plain diff lists changed values only
-    metrics = json.loads(run(["dvc", "metrics", "diff", "round-1-s0", "round-2-s0", "--all", "--json"], rounds_project).stdout)
+    metrics = json.loads(
+        run(["dvc", "metrics", "diff", "round-1-s0", "round-2-s0", "--all", "--json"], rounds_project).stdout
+    )
     accuracy = metrics["metrics.json"]["test_accuracy"]
-    assert (accuracy["old"], accuracy["new"]) == tuple(_metrics(rounds_project, r)["test_accuracy"] for r in ("round-1-s0", "round-2-s0"))
+    assert (accuracy["old"], accuracy["new"]) == tuple(
+        _metrics(rounds_project, r)["test_accuracy"] for r in ("round-1-s0", "round-2-s0")
+    )
     plots = run(["dvc", "plots", "diff", "round-1-s0", "round-2-s0", "--json"], rounds_project).stdout
     assert "round-1-s0" in plots and "round-2-s0" in plots
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
@@ -57,7 +76,8 @@ def test_dvc_compares_the_two_rounds(rounds_project):
     found = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in found) == replicas("round-1") + replicas("round-2")
     assert sorted((r.data.tags["round"], r.data.tags["seed"]) for r in found) == [
-        (p, str(s)) for p in ("round-1", "round-2") for s in range(SEEDS)]
+        (p, str(s)) for p in ("round-1", "round-2") for s in range(SEEDS)
+    ]
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], rounds_project).stdout
     assert all(name in shown for name in replicas("round-1") + replicas("round-2"))
 
@@ -74,8 +94,10 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
     m1, m2 = ([_metrics(rounds_project, r) for r in replicas(p)] for p in ("round-1", "round-2"))
     acc = lambda ms: (statistics.mean(m["test_accuracy"] for m in ms), statistics.stdev(m["test_accuracy"] for m in ms))  # noqa: E731
     (a_mean, a_std), (b_mean, b_std) = acc(m1), acc(m2)
-    assert (f"- Test accuracy: {a_mean:.2%} ± {a_std:.2%} (n = {SEEDS}) -> {b_mean:.2%} ± {b_std:.2%} (n = {SEEDS})"
-            in report)
+    assert (
+        f"- Test accuracy: {a_mean:.2%} ± {a_std:.2%} (n = {SEEDS}) -> {b_mean:.2%} ± {b_std:.2%} (n = {SEEDS})"
+        in report
+    )
     changed = set(re.findall(r"^\| `([\w.]+)` \|", report, re.M))
     assert changed == SEED_CHANGES - {"train.num_epochs"}
     assert f"Seeds: {SEEDS} (round-1-s0, round-1-s1)" in report
@@ -102,15 +124,21 @@ def test_the_report_moves_round_aliases_to_best_seeds_and_says_where_the_champio
     name = load_params(rounds_project / "params.yaml").tracking.registered_model
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted((v.tags["round"], v.tags["seed"], v.tags["dvc_exp_name"]) for v in versions) == [
-        (p, str(s), f"{p}-s{s}") for p in ("round-1", "round-2") for s in range(SEEDS)]  # one per training run
+        (p, str(s), f"{p}-s{s}") for p in ("round-1", "round-2") for s in range(SEEDS)
+    ]  # one per training run
 
     def champion_after(base: str, cand: str) -> str:
         """The report's @champion line, checked against where the alias now is."""
         run(["python", "-m", "cifar_rounds.analysis.report", base, cand, "--out", "reports/aliases.md"], rounds_project)
-        line = next(x for x in (rounds_project / "reports/aliases.md").read_text().splitlines() if x.startswith("- @champion"))
+        line = next(
+            x for x in (rounds_project / "reports/aliases.md").read_text().splitlines() if x.startswith("- @champion")
+        )
         held = client.get_registered_model(name).aliases.get("champion")
-        assert line.startswith(f"- @champion -> version {held}: " if line.startswith("- @champion ->")
-                               else f"- @champion stays at version {held}: "), line
+        assert line.startswith(
+            f"- @champion -> version {held}: "
+            if line.startswith("- @champion ->")
+            else f"- @champion stays at version {held}: "
+        ), line
         return line
 
     # no champion (an earlier report of these rounds may have set one), and round-2 passes its (lax)
@@ -124,7 +152,10 @@ def test_the_report_moves_round_aliases_to_best_seeds_and_says_where_the_champio
         assert client.get_model_version_by_alias(name, preset).run_id == best["mlflow_run_id"]
         assert f"- @{preset} -> {name} version" in report
     best = {p: client.get_model_version_by_alias(name, p).version for p in ("round-1", "round-2")}
-    assert line == f"- @champion -> version {best['round-2']}: there was no champion, and round-2 passes its success criteria"
+    assert (
+        line
+        == f"- @champion -> version {best['round-2']}: there was no champion, and round-2 passes its success criteria"
+    )
     # a champion from the candidate's round follows the round's best seed
     assert "the champion already comes from round-2" in champion_after("round-1", "round-2")
     # round-1 against the champion's round: the champion moves exactly when the configuration verdict says so
@@ -137,14 +168,20 @@ def test_the_report_moves_round_aliases_to_best_seeds_and_says_where_the_champio
     location = client.get_logged_model(versions[0].source.removeprefix("models:/")).artifact_location
     other = client.create_model_version(name, location)  # no run: as if registered from elsewhere
     client.set_registered_model_alias(name, "champion", other.version)
-    run(["python", "-m", "cifar_rounds.analysis.report", "round-1", "round-2", "--out", "reports/aliases.md"], rounds_project)
+    run(
+        ["python", "-m", "cifar_rounds.analysis.report", "round-1", "round-2", "--out", "reports/aliases.md"],
+        rounds_project,
+    )
     assert client.get_model_version_by_alias(name, "champion").version == other.version
     assert f"- @champion stays at version {other.version}: " in (rounds_project / "reports/aliases.md").read_text()
 
 
 @pytest.mark.slow
 def test_one_seed_each_is_a_comparison_of_two_models_not_of_configurations(rounds_project):
-    run(["python", "-m", "cifar_rounds.analysis.report", "round-1-s0", "round-2-s0", "--out", "reports/one.md"], rounds_project)
+    run(
+        ["python", "-m", "cifar_rounds.analysis.report", "round-1-s0", "round-2-s0", "--out", "reports/one.md"],
+        rounds_project,
+    )
     report = (rounds_project / "reports/one.md").read_text()
     assert "McNemar" in report and "configuration" in report and "seeds" in report
 
@@ -158,12 +195,16 @@ def test_a_round_can_be_read_back_from_mlflow_alone(rounds_project, monkeypatch)
     assert [rep.metrics for rep in reps] == [_metrics(rounds_project, n) for n in replicas("round-1")]
     assert reps[0].params.train.learning_rate == 0.01 and len(reps[0].predictions) == 100
     assert [rep.metrics for rep in find_round("round-1", params, rounds_project, paths).replicates] == [
-        rep.metrics for rep in reps]  # DVC finds the same replicates
+        rep.metrics for rep in reps
+    ]  # DVC finds the same replicates
 
 
 @pytest.mark.slow
 def test_report_refusals_are_one_line(rounds_project):
-    for args, message in ((["round-1", "it's"], "\"it's\" is neither"), (["round-1", "HEAD"], "HEAD: a revision without metrics.json")):
+    for args, message in (
+        (["round-1", "it's"], '"it\'s" is neither'),
+        (["round-1", "HEAD"], "HEAD: a revision without metrics.json"),
+    ):
         result = run(["python", "-m", "cifar_rounds.analysis.report", *args], rounds_project, check=False)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
         assert re.search(message, result.stderr), result.stderr
@@ -172,8 +213,11 @@ def test_report_refusals_are_one_line(rounds_project):
 @pytest.mark.slow
 def test_a_failed_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_project):
     before = (rounds_project / "params.yaml").read_bytes()
-    result = run(["python", "-m", "cifar_rounds.analysis.rounds", "run", "round-1", "-n", "round-1-s0", "--epochs", "3"],
-                 rounds_project, check=False)
+    result = run(
+        ["python", "-m", "cifar_rounds.analysis.rounds", "run", "round-1", "-n", "round-1-s0", "--epochs", "3"],
+        rounds_project,
+        check=False,
+    )
     assert result.returncode == 1 and "add --force to replace it" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: dvc exp run failed for round-1-s0")
     assert (rounds_project / "params.yaml").read_bytes() == before
@@ -182,14 +226,22 @@ def test_a_failed_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_
 @pytest.mark.slow
 def test_overrides_force_and_queue_work_as_the_readme_shows(rounds_project):
     rounds = ["python", "-m", "cifar_rounds.analysis.rounds", "run"]
-    run([*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short"], rounds_project)
+    run(
+        [*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short"],
+        rounds_project,
+    )
     shown = json.loads(run(["dvc", "params", "diff", "round-2-s0", "r2-short", "--json"], rounds_project).stdout)
     # only what -S changed: the seed is 0 again, not the last replicate's (round-2-s1 ran last)
     assert set(shown["params.yaml"]) == {"train.num_epochs", "train.lr_milestones"}
-    assert shown["params.yaml"]["train.num_epochs"]["new"] == 2 and shown["params.yaml"]["train.lr_milestones"]["new"] == "[1]"
+    assert (
+        shown["params.yaml"]["train.num_epochs"]["new"] == 2
+        and shown["params.yaml"]["train.lr_milestones"]["new"] == "[1]"
+    )
     before = run(["dvc", "exp", "show", "--json"], rounds_project).stdout.count('"r2-short"')
-    run([*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short", "--force"],
-        rounds_project)  # replaced, not refused
+    run(
+        [*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short", "--force"],
+        rounds_project,
+    )  # replaced, not refused
     assert run(["dvc", "exp", "show", "--json"], rounds_project).stdout.count('"r2-short"') == before
     run([*rounds, "round-2", "--seeds", "2", "--queue", "--epochs", "2", "-n", "r2q"], rounds_project)
     status = run(["dvc", "queue", "status"], rounds_project).stdout

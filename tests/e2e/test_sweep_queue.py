@@ -18,17 +18,27 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import env, make_project, read_json, run
 from cifar_rounds.data.synthetic import write_archive
 
-TRIAL_SETTINGS = {"data.val_size": 100, "diagnostics.sharpness": False, "diagnostics.noise_scale": False,
-                  "tracking.log_model": False}
+from helpers import env, make_project, read_json, run
+
+TRIAL_SETTINGS = {
+    "data.val_size": 100,
+    "diagnostics.sharpness": False,
+    "diagnostics.noise_scale": False,
+    "tracking.log_model": False,
+}
 TINY_SWEEP = {
-    "study": "s", "baseline": "round-2", "trials": 6, "enqueue": ["round-1", "round-2"],
+    "study": "s",
+    "baseline": "round-2",
+    "trials": 6,
+    "enqueue": ["round-1", "round-2"],
     "fixed": {"train.num_epochs": 3, "train.lr_milestones": [2], "train.patience": 3},
     # log-uniform down to 1e-5: most random draws learn nothing in 3 epochs, and the pruner stops them
-    "space": {"train.learning_rate": {"type": "float", "low": 0.00001, "high": 0.1, "log": True},
-              "train.batch_size": {"type": "categorical", "choices": [64, 96, 128]}},
+    "space": {
+        "train.learning_rate": {"type": "float", "low": 0.00001, "high": 0.1, "log": True},
+        "train.batch_size": {"type": "categorical", "choices": [64, 96, 128]},
+    },
     "sampler": {"kind": "random", "seed": 3},
     "pruner": {"kind": "median", "startup_trials": 2, "warmup_epochs": 1},
 }
@@ -59,7 +69,10 @@ def _kill_a_running_trial(project: Path) -> str:
     """SIGKILL one trial's running experiment (`dvc queue kill --force`); its name."""
     while names := _queue_lines(project, "Running"):
         for name in names:
-            if run([sys.executable, "-m", "dvc", "queue", "kill", "--force", name], project, check=False).returncode == 0:
+            if (
+                run([sys.executable, "-m", "dvc", "queue", "kill", "--force", name], project, check=False).returncode
+                == 0
+            ):
                 return name
     raise AssertionError("the running trials ended before one could be killed")
 
@@ -67,7 +80,9 @@ def _kill_a_running_trial(project: Path) -> str:
 def _wait_for_workers_to_exit(project: Path) -> None:
     """DVC's queue workers (started through the sweep) leave by themselves once the queue is empty."""
     deadline = time.time() + 120
-    while "Worker status: 0 active, 0 idle" not in run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout:
+    while (
+        "Worker status: 0 active, 0 idle" not in run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout
+    ):
         assert time.time() < deadline
         time.sleep(2)
 
@@ -83,8 +98,9 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     run(["git", "commit", "-qm", "sweep file"], project)
     cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/s.yaml", "--workers", "2"]
 
-    driver = subprocess.Popen(cmd, cwd=project, env=env(), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        cmd, cwd=project, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 900
     # the study first (read in-process), then DVC's queue: each `dvc queue status` costs the trials a second of CPU
     while not (any(t.state.name == "COMPLETE" for t in _trials(project)) and _queue_lines(project, "Running")):
@@ -132,7 +148,9 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     (parent,) = [r for r in client.search_runs([experiment], "tags.sweep = 's'") if "sweep.trial" not in r.data.tags]
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")} == {
-        "sweep_report/sweep-s.md", "sweep_report/sweep-s.png"}
+        "sweep_report/sweep-s.md",
+        "sweep_report/sweep-s.png",
+    }
     runs = [r for r in client.search_runs([experiment], "tags.sweep = 's'") if r.info.run_id != parent.info.run_id]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -153,7 +171,12 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     assert preset["train"]["learning_rate"] == best.params["train.learning_rate"]
     assert preset["train"]["batch_size"] == int(best.params["train.batch_size"]) and preset["train"]["num_epochs"] == 3
 
-    run([sys.executable, "-m", "cifar_rounds.analysis.rounds", "run", "s-best"], project)  # the promoted round runs as it stands
+    run(
+        [sys.executable, "-m", "cifar_rounds.analysis.rounds", "run", "s-best"], project
+    )  # the promoted round runs as it stands
     metrics = read_json(project / "metrics.json")
     ran = client.get_run(metrics["mlflow_run_id"])
-    assert ran.data.tags["round"] == "s-best" and float(ran.data.params["train.learning_rate"]) == best.params["train.learning_rate"]
+    assert (
+        ran.data.tags["round"] == "s-best"
+        and float(ran.data.params["train.learning_rate"]) == best.params["train.learning_rate"]
+    )

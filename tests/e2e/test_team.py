@@ -9,8 +9,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server(tmp_path, archive, mlflow_server):
-    project = make_project(tmp_path / "p", archive, **{"train.num_epochs": 2, "train.lr_milestones": [1],
-                                                         "tracking.log_model": False})
+    project = make_project(
+        tmp_path / "p", archive, **{"train.num_epochs": 2, "train.lr_milestones": [1], "tracking.log_model": False}
+    )
     run(["dvc", "remote", "add", "-d", "team", str(tmp_path / "remote")], project)
     run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=mlflow_server)
     run(["git", "add", "-A"], project)
@@ -28,4 +29,7 @@ def test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server(tmp_path, arc
     run_id = read_json(clone / "metrics.json")["mlflow_run_id"]
     client = MlflowClient(mlflow_server)
     r = client.get_run(run_id)
-    assert r.info.status == "FINISHED" and r.data.metrics["test_accuracy"] == read_json(clone / "metrics.json")["test_accuracy"]
+    assert (
+        r.info.status == "FINISHED"
+        and r.data.metrics["test_accuracy"] == read_json(clone / "metrics.json")["test_accuracy"]
+    )

@@ -10,6 +10,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.rounds import preset_names
+
 from helpers import REPO, make_project, read_json, run
 
 pytestmark = pytest.mark.slow
@@ -50,14 +51,17 @@ def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path
             break
         assert time.time() < deadline, status
         time.sleep(5)
-    assert status.count("Success") == len(names), status + run(["dvc", "queue", "logs", names[0]], project, check=False).stdout
+    assert status.count("Success") == len(names), (
+        status + run(["dvc", "queue", "logs", names[0]], project, check=False).stdout
+    )
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     runs = {r.info.run_name: r for r in finished_runs(client)}
     assert sorted(runs) == names
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     exp_run_ids = {
         e["name"]: e["data"]["metrics"]["metrics.json"]["data"]["mlflow_run_id"]
-        for baseline in shown for e in (x for exps in baseline["experiments"] or [] for x in exps["revs"])
+        for baseline in shown
+        for e in (x for exps in baseline["experiments"] or [] for x in exps["revs"])
     }
     for name, r in runs.items():
         assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] == name
@@ -70,8 +74,24 @@ def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path
 def test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params(tmp_path, archive):
     project = make_project(tmp_path / "p", archive, **{"train.lr_milestones": [1]}, **NO_MODEL)
     before = (project / "params.yaml").read_text()
-    run([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar-rounds",
-         "-P", "preset=round-1", "-P", "overrides=train.num_epochs=2 train.lr_milestones=[1] train.lr_gamma=0.5"], project)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            ".",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "cifar-rounds",
+            "-P",
+            "preset=round-1",
+            "-P",
+            "overrides=train.num_epochs=2 train.lr_milestones=[1] train.lr_gamma=0.5",
+        ],
+        project,
+    )
     assert (project / "params.yaml").read_text() == before
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     (r,) = finished_runs(client)
@@ -82,8 +102,11 @@ def test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params(tmp_pa
 
 
 def test_conda_env_and_mlproject_pin_what_requirements_pin():
-    pins = {line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")}
+    pins = {
+        line.strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     conda = yaml.safe_load((REPO / "conda.yaml").read_text())
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert pins == {p for p in pip_section if "==" in p}

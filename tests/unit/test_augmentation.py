@@ -3,7 +3,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from cifar_rounds.data.augment import (
-    CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, TrainBatches, colour_channels, crop_and_flip, draw_epoch, normalize,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CROP_PADDING,
+    TrainBatches,
+    colour_channels,
+    crop_and_flip,
+    draw_epoch,
+    normalize,
     pack_padded,
 )
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_rounds.data.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names, read_pickle
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.stages.download import download
+from cifar_rounds.data.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names, read_pickle
 from cifar_rounds.data.dataset import Split
+from cifar_rounds.stages.download import download
 from cifar_rounds.stages.split import make_split, stratified_val_indices
 
 
@@ -75,12 +75,15 @@ def _tar_with(member: tarfile.TarInfo, data: bytes = b"x") -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("name,kind", [
-    ("../evil.txt", tarfile.REGTYPE),
-    ("/tmp/evil.txt", tarfile.REGTYPE),
-    (f"{BATCHES_DIR}/link", tarfile.SYMTYPE),
-    (f"{BATCHES_DIR}/../../evil", tarfile.REGTYPE),
-])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("../evil.txt", tarfile.REGTYPE),
+        ("/tmp/evil.txt", tarfile.REGTYPE),
+        (f"{BATCHES_DIR}/link", tarfile.SYMTYPE),
+        (f"{BATCHES_DIR}/../../evil", tarfile.REGTYPE),
+    ],
+)
 def test_members_escaping_the_target_are_refused(tmp_path, name, kind):
     import hashlib
 
@@ -115,8 +118,13 @@ def test_split_is_stratified_deterministic_and_disjoint(archive, tmp_path):
 
 def test_split_file_round_trips_uncompressed(tmp_path):
     rng = np.random.default_rng(0)
-    big = Split(*(rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8) if i % 2 == 0 else rng.integers(0, 10, n)
-                  for i, n in enumerate([4500, 4500, 500, 500, 1000, 1000])), label_names=list("abcdefghij"))
+    big = Split(
+        *(
+            rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8) if i % 2 == 0 else rng.integers(0, 10, n)
+            for i, n in enumerate([4500, 4500, 500, 500, 1000, 1000])
+        ),
+        label_names=list("abcdefghij"),
+    )
     big.save(tmp_path / "split.npz")
     # stored, not deflated: loading is a copy of the bytes, never a decompression
     with zipfile.ZipFile(tmp_path / "split.npz") as z:
@@ -125,7 +133,9 @@ def test_split_file_round_trips_uncompressed(tmp_path):
     assert np.array_equal(loaded.test_images, big.test_images) and loaded.label_names == big.label_names
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a zip at all"], ids=["empty", "truncated", "garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04 truncated", b"not a zip at all"], ids=["empty", "truncated", "garbage"]
+)
 def test_a_corrupt_split_file_is_one_line_naming_it(tmp_path, content):
     (tmp_path / "split.npz").write_bytes(content)
     with pytest.raises(StageError, match=r"split.npz: not a readable split .*rerun the split stage") as error:

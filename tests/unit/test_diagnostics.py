@@ -8,14 +8,23 @@ import pytest
 import torch
 from torch import nn
 
+from cifar_rounds.data.augment import TrainBatches
 from cifar_rounds.training.diagnostics import (
-    HessianOperator, NoiseScale, SmallBatchProbe, bn_buffers, hessian_trace, hvp, power_iteration, sharpness, stability_bound,
-    top_eigenvalue, unbiased_norm_estimates,
+    HessianOperator,
+    NoiseScale,
+    SmallBatchProbe,
+    bn_buffers,
+    hessian_trace,
+    hvp,
+    power_iteration,
+    sharpness,
+    stability_bound,
+    top_eigenvalue,
+    unbiased_norm_estimates,
 )
 from cifar_rounds.training.engine import train_one_epoch
 from cifar_rounds.training.model import build_model
 from cifar_rounds.training.runtime import memory_format
-from cifar_rounds.data.augment import TrainBatches
 
 
 @pytest.fixture
@@ -70,7 +79,9 @@ def test_noise_estimators_recover_exact_g_squared_and_trace_sigma(least_squares)
     model, x, y, loss_fn = least_squares
     per_example, g_sq, trace_sigma = _exact_noise(model, x, y)
     # in expectation, with replacement: E|g_b|^2 = |G|^2 + tr(Sigma)/b; the estimators invert that exactly
-    assert unbiased_norm_estimates(g_sq + trace_sigma / 8, g_sq + trace_sigma / 32, 8, 32) == pytest.approx((g_sq, trace_sigma), rel=1e-9)
+    assert unbiased_norm_estimates(g_sq + trace_sigma / 8, g_sq + trace_sigma / 32, 8, 32) == pytest.approx(
+        (g_sq, trace_sigma), rel=1e-9
+    )
     # and from real autograd gradients of sampled batches, averaged
     gen = torch.Generator().manual_seed(3)
     norms = {}
@@ -78,7 +89,7 @@ def test_noise_estimators_recover_exact_g_squared_and_trace_sigma(least_squares)
         total = 0.0
         for _ in range(3000):
             idx = torch.randint(0, len(x), (b,), generator=gen)
-            grad, = torch.autograd.grad(loss_fn(idx), model.parameters())
+            (grad,) = torch.autograd.grad(loss_fn(idx), model.parameters())
             total += grad.square().sum().item()
         norms[b] = total / 3000
     est_g_sq, est_trace = unbiased_norm_estimates(norms[8], norms[32], 8, 32)

@@ -5,9 +5,17 @@ import pytest
 import yaml
 
 from cifar_rounds.core.params import (
-    MAX_SEED, PARAMS_FILE, Params, ParamsError, all_field_names, load_params, params_from_text, parse_params,
+    MAX_SEED,
+    PARAMS_FILE,
+    Params,
+    ParamsError,
+    all_field_names,
+    load_params,
+    params_from_text,
+    parse_params,
     with_overrides,
 )
+
 from helpers import BAD, REPO, repo_params
 
 
@@ -95,11 +103,17 @@ def test_overrides_are_validated():
 def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(_raw(**{"train.lr_gamma": 2.0})))
-    result = subprocess.run([sys.executable, "-m", "cifar_rounds.core.params", str(bad)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar_rounds.core.params", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "train.lr_gamma" in result.stderr
     (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
-    result = subprocess.run([sys.executable, "-m", "cifar_rounds.core.params", str(tmp_path / "broken.yaml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar_rounds.core.params", str(tmp_path / "broken.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "not valid YAML" in result.stderr
 
 

@@ -1,15 +1,16 @@
 """Presets and the round report's parts, on constructed rounds."""
 
-
 import pytest
 
-from cifar_rounds.core.errors import StageError
 from cifar_rounds.analysis.replicates import Replicate, Round
-from cifar_rounds.tracking.registry import champion_decision, round_alias
 from cifar_rounds.analysis.report import condition_lines, noise_line, per_class_lines, resource_lines
-from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.analysis.rounds import load_preset, scaled_milestones
-from helpers import SEED_CHANGES, REPO, repo_params
+from cifar_rounds.analysis.verdict import Verdict
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.tracking.registry import champion_decision, round_alias
+
+from helpers import REPO, SEED_CHANGES, repo_params
+
 
 def test_presets_are_the_seed_rounds_and_differ_in_exactly_seven_values(monkeypatch):
     monkeypatch.chdir(REPO)
@@ -41,9 +42,17 @@ def test_report_states_peak_memory_and_throughput_of_both_rounds():
     def round_of(label, *histories):
         return Round(label, [Replicate(label, repo_params(), {}, list(h), []) for h in histories])
 
-    base = round_of("a", [{"peak_memory_mb": 100.0, "images_per_s": 50.0}, {"peak_memory_mb": 120.0, "images_per_s": 70.0},
-                          {"peak_memory_mb": 110.0, "images_per_s": 60.0}])
-    cand = round_of("b", [{"peak_memory_mb": 200.0, "images_per_s": 90.0}], [{"peak_memory_mb": 220.0, "images_per_s": 110.0}])
+    base = round_of(
+        "a",
+        [
+            {"peak_memory_mb": 100.0, "images_per_s": 50.0},
+            {"peak_memory_mb": 120.0, "images_per_s": 70.0},
+            {"peak_memory_mb": 110.0, "images_per_s": 60.0},
+        ],
+    )
+    cand = round_of(
+        "b", [{"peak_memory_mb": 200.0, "images_per_s": 90.0}], [{"peak_memory_mb": 220.0, "images_per_s": 110.0}]
+    )
     memory, throughput = resource_lines(base, cand)
     assert memory.startswith("- peak memory, MiB") and memory.endswith(": 120 (n = 1) -> 210 ± 14 (n = 2)")
     assert throughput.endswith(": 60 (n = 1) -> 100 ± 14 (n = 2)")
@@ -52,8 +61,10 @@ def test_report_states_peak_memory_and_throughput_of_both_rounds():
 
 
 def test_report_flags_rounds_trained_under_different_conditions():
-    fp32, bf16 = (Round(label, [Replicate(label, repo_params(), {"device": "cpu", "precision": p}, [], [])])
-                  for label, p in (("a", "fp32"), ("b", "bf16")))
+    fp32, bf16 = (
+        Round(label, [Replicate(label, repo_params(), {"device": "cpu", "precision": p}, [], [])])
+        for label, p in (("a", "fp32"), ("b", "bf16"))
+    )
     lines = condition_lines(fp32, bf16)
     assert "- precision: fp32 -> bf16 (changed)" in lines and "- device: cpu" in lines
     assert any("different conditions" in line for line in lines)
@@ -75,13 +86,30 @@ def test_a_non_positive_or_nan_noise_scale_is_not_measurable_and_an_empty_class_
 
 
 def _verdict(difference: float = 0.02, p: float = 0.01, seeds: int = 2) -> Verdict:
-    return Verdict(difference, difference - 0.01, difference + 0.01, 0.95, p, 0.05, p < 0.05, seeds, seeds,
-                   "test", "covers", "", None, 0.005)
+    return Verdict(
+        difference,
+        difference - 0.01,
+        difference + 0.01,
+        0.95,
+        p,
+        0.05,
+        p < 0.05,
+        seeds,
+        seeds,
+        "test",
+        "covers",
+        "",
+        None,
+        0.005,
+    )
 
 
 def test_champion_moves_only_to_a_candidate_that_passes_and_beats_the_champions_round():
     better = _verdict()
-    assert champion_decision("none", True, better, "a", "b") == (True, "there was no champion, and b passes its success criteria")
+    assert champion_decision("none", True, better, "a", "b") == (
+        True,
+        "there was no champion, and b passes its success criteria",
+    )
     assert champion_decision("baseline", True, better, "a", "b")[0]
     assert champion_decision("candidate", True, better, "a", "b")[0]
     stays = {

@@ -13,13 +13,22 @@ from cifar_rounds.core.names import RUN_CONDITIONS
 from cifar_rounds.core.params import with_overrides
 from cifar_rounds.training.distributed import World
 from cifar_rounds.training.model import ResNet18
-from cifar_rounds.training.runtime import (ONEDNN_FAULT_CHANNELS, amp_dtype, memory_format, onednn_faults_at,
-                                           peak_memory_mb, run_conditions)
+from cifar_rounds.training.runtime import (
+    ONEDNN_FAULT_CHANNELS,
+    amp_dtype,
+    memory_format,
+    onednn_faults_at,
+    peak_memory_mb,
+    run_conditions,
+)
 from cifar_rounds.training.trainer import wrap_for_world
+
 from helpers import env, repo_params
 
 # A fresh process, so that the intra-op thread pool starts after the stage's configuration, as in a stage.
-STAGE_START = "import torch; from cifar_rounds.training.runtime import configure_cpu; configure_cpu(torch.device('cpu'))\n"
+STAGE_START = (
+    "import torch; from cifar_rounds.training.runtime import configure_cpu; configure_cpu(torch.device('cpu'))\n"
+)
 
 # A width-4 ResNet-18 built as the stages build it, fed channels-last batches as the data pipeline
 # makes them, trained and differentiated twice (as the Hessian probes do). Its first projection
@@ -60,11 +69,15 @@ def test_the_route_around_applies_exactly_to_widths_with_faulting_channel_counts
 
 
 def test_denormals_are_flushed_in_every_intra_op_thread_and_recorded():
-    code = STAGE_START + """
+    code = (
+        STAGE_START
+        + """
 tiny = torch.full((1 << 20,), 1e-39)  # split over the threads
 from cifar_rounds.training.runtime import run_conditions
-print(int((tiny * 1.0).count_nonzero()), torch.get_num_threads(), run_conditions("fp32", 64, torch.device("cpu"))["denormals"])
+denormals = run_conditions("fp32", 64, torch.device("cpu"))["denormals"]
+print(int((tiny * 1.0).count_nonzero()), torch.get_num_threads(), denormals)
 """
+    )
     nonzero, threads, recorded = python(code, OMP_NUM_THREADS="2").stdout.split()
     assert (nonzero, threads, recorded) == ("0", "2", "flushed")
 

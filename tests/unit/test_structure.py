@@ -2,12 +2,15 @@
 
 import ast
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from cifar_rounds.core.names import BEST_CHECKPOINT
 from cifar_rounds.analysis.rounds import load_preset, preset_names
+from cifar_rounds.core.names import BEST_CHECKPOINT
+
 from helpers import REPO
 
 PACKAGE = REPO / "src" / "cifar_rounds"
@@ -59,10 +62,23 @@ def test_no_module_imports_a_stage_module():
 
 
 def test_tracking_and_report_import_no_torch_heavy_module():
-    heavy = {"training.engine", "training.runtime", "training.trainer", "training.model", "data.augment",
-             "training.diagnostics", "training.checkpoint"}
-    for light in ("tracking.run", "analysis.report", "analysis.replicates", "analysis.verdict", "core.params",
-                  "core.names"):
+    heavy = {
+        "training.engine",
+        "training.runtime",
+        "training.trainer",
+        "training.model",
+        "data.augment",
+        "training.diagnostics",
+        "training.checkpoint",
+    }
+    for light in (
+        "tracking.run",
+        "analysis.report",
+        "analysis.replicates",
+        "analysis.verdict",
+        "core.params",
+        "core.names",
+    ):
         assert not closure(light) & heavy, light
 
 
@@ -89,9 +105,17 @@ def test_dvc_yaml_declares_the_best_checkpoint_as_a_model_artifact():
 
     with Repo(str(REPO)) as repo:
         artifacts = repo.artifacts.read()["dvc.yaml"]
-        (name, artifact), = artifacts.items()
+        ((name, artifact),) = artifacts.items()
         check_name_format(name)  # what `dvc artifacts get` and Studio accept
         train_outs = {o.def_path for s in repo.index.stages if s.name == "train" for o in s.outs}
     models_dir = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["models_dir"]
     assert artifact.type == "model" and artifact.path == f"{models_dir}/{BEST_CHECKPOINT}"
     assert models_dir in train_outs  # the file the train stage writes
+
+
+def test_the_code_is_formatted_and_lint_free():
+    """`ruff format` and `ruff check` (pyflakes, pycodestyle, import order) as pyproject.toml configures them."""
+    ruff = [sys.executable, "-m", "ruff"]
+    for check in (["format", "--check", "."], ["check", "."]):
+        result = subprocess.run([*ruff, *check], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]

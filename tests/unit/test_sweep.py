@@ -10,18 +10,24 @@ import optuna
 import pytest
 import yaml
 
-from helpers import REPO, repo_params, run
 from cifar_rounds.analysis.proposals import proposals
-from cifar_rounds.core.params import ParamsError, SweepParams, with_overrides
 from cifar_rounds.analysis.replicates import Replicate, Round
+from cifar_rounds.core.params import ParamsError, SweepParams, with_overrides
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.trial import NoTrial, StudyTrial, conclude, open_trial
 
+from helpers import REPO, repo_params, run
+
 GOOD = {
-    "study": "r3", "baseline": "round-2", "trials": 4, "enqueue": ["round-1", "round-2"],
+    "study": "r3",
+    "baseline": "round-2",
+    "trials": 4,
+    "enqueue": ["round-1", "round-2"],
     "fixed": {"train.num_epochs": 30, "train.lr_milestones": [10, 20]},
-    "space": {"train.learning_rate": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
-              "train.batch_size": {"type": "categorical", "choices": [64, 96, 128]}},
+    "space": {
+        "train.learning_rate": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
+        "train.batch_size": {"type": "categorical", "choices": [64, 96, 128]},
+    },
 }
 
 
@@ -38,22 +44,33 @@ def test_a_good_sweep_file_has_the_documented_defaults(tmp_path):
     assert load_sweep(REPO / "sweeps/round-3.yaml", repo_params()).study == "round-3"  # the shipped example
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"space": {"train.learnig_rate": {"type": "float", "low": 0.01, "high": 0.1}}},
-     "unknown parameter 'train.learnig_rate' (did you mean train.learning_rate?)"),
-    ({"space": {"train.momentum": {"type": "float", "low": 0.5, "high": 1.5}}}, "space.train.momentum: 1.5 is not a valid value"),
-    ({"space": {"train.learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}}, "needs low < high"),
-    ({"space": {"train.learning_rate": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}}, "low > 0 on a log scale"),
-    ({"objective": {"metric": "test_accuracy"}}, "objective.metric: Input should be 'val_accuracy' or 'val_loss'"),
-    ({"objective": {"metric": "val_loss", "direction": "maximize"}}, "val_loss is to be minimized"),
-    ({"sampler": {"kind": "grid"}}, "every space entry must be categorical"),
-    ({"pruner": {"kind": "hyperband"}}, "pruner"),
-    ({"fixed": {"train.num_epochs": 0}}, "fixed: "),
-    ({"fixed": {"train.batch_size": 64}}, "train.batch_size is both fixed and searched"),
-    ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
-    ({"study": "bad name"}, "study: String should match pattern"),
-    ({"extra": 1}, "extra: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"space": {"train.learnig_rate": {"type": "float", "low": 0.01, "high": 0.1}}},
+            "unknown parameter 'train.learnig_rate' (did you mean train.learning_rate?)",
+        ),
+        (
+            {"space": {"train.momentum": {"type": "float", "low": 0.5, "high": 1.5}}},
+            "space.train.momentum: 1.5 is not a valid value",
+        ),
+        ({"space": {"train.learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}}, "needs low < high"),
+        (
+            {"space": {"train.learning_rate": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}},
+            "low > 0 on a log scale",
+        ),
+        ({"objective": {"metric": "test_accuracy"}}, "objective.metric: Input should be 'val_accuracy' or 'val_loss'"),
+        ({"objective": {"metric": "val_loss", "direction": "maximize"}}, "val_loss is to be minimized"),
+        ({"sampler": {"kind": "grid"}}, "every space entry must be categorical"),
+        ({"pruner": {"kind": "hyperband"}}, "pruner"),
+        ({"fixed": {"train.num_epochs": 0}}, "fixed: "),
+        ({"fixed": {"train.batch_size": 64}}, "train.batch_size is both fixed and searched"),
+        ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+        ({"study": "bad name"}, "study: String should match pattern"),
+        ({"extra": 1}, "extra: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_sweep_files_are_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")) as error:
         load_sweep(sweep_file(tmp_path, **changes), repo_params())
@@ -67,11 +84,16 @@ def test_the_cli_refuses_in_one_line_and_creates_nothing(tmp_path):
         (project / name).symlink_to(REPO / name)
     cases = {
         "malformed": "study: [unclosed",
-        "outside": yaml.safe_dump({**GOOD, "space": {"train.batch_size": {"type": "categorical", "choices": [64, 96]}}}),
+        "outside": yaml.safe_dump(
+            {**GOOD, "space": {"train.batch_size": {"type": "categorical", "choices": [64, 96]}}}
+        ),
         "storage": yaml.safe_dump({**GOOD, "storage": f"sqlite:///{tmp_path}/no/such/dir/optuna.db"}),
     }
-    expected = {"malformed": "not valid YAML", "outside": "enqueue: preset round-1 has train.batch_size = 128, outside",
-                "storage": "sweep storage: cannot open"}
+    expected = {
+        "malformed": "not valid YAML",
+        "outside": "enqueue: preset round-1 has train.batch_size = 128, outside",
+        "storage": "sweep storage: cannot open",
+    }
     for name, text in cases.items():
         (project / f"{name}.yaml").write_text(text)
         result = run([sys.executable, "-m", "cifar_rounds.search.sweep", f"{name}.yaml"], project, check=False)
@@ -91,16 +113,21 @@ def test_a_study_name_used_by_another_space_is_refused(tmp_path, monkeypatch):
     assert created
     study.set_user_attr("space_digest", first.digest())
     assert open_study(first, url)[2] is False  # the same space continues
-    wider = load_sweep(sweep_file(tmp_path, space={**GOOD["space"], "train.lr_gamma": {"type": "float", "low": 0.1, "high": 0.5}}),
-                       repo_params())
+    wider = load_sweep(
+        sweep_file(tmp_path, space={**GOOD["space"], "train.lr_gamma": {"type": "float", "low": 0.1, "high": 0.5}}),
+        repo_params(),
+    )
     with pytest.raises(StageError, match="study 'r3' .* was created from another search space"):
         open_study(wider, url)
 
 
 def test_a_run_without_a_sweep_imports_no_optuna():
-    code = ("import sys; from cifar_rounds.search.trial import open_trial; from cifar_rounds.core.params import SweepParams; "
-            "t = open_trial(SweepParams(study=None, trial=None, storage=None)); "
-            "assert t.report(1, {'val_accuracy': 0.5}) is False and t.tags() == {}; print('optuna' in sys.modules)")
+    code = (
+        "import sys; from cifar_rounds.search.trial import open_trial; from "
+        "cifar_rounds.core.params import SweepParams; "
+        "t = open_trial(SweepParams(study=None, trial=None, storage=None)); "
+        "assert t.report(1, {'val_accuracy': 0.5}) is False and t.tags() == {}; print('optuna' in sys.modules)"
+    )
     assert run([sys.executable, "-c", code], REPO).stdout.strip() == "False"
 
 
@@ -180,10 +207,27 @@ def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
 
 
 def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=math.nan, bound=100.0) -> Replicate:
-    params = with_overrides(repo_params(), {"train.num_epochs": 100, "train.lr_milestones": [30, 60, 80],
-                                            "train.patience": 20, "train.batch_size": 96, "tracking.round": "round-2"})
-    history = [{"epoch": e, "noise_scale": noise, "lambda_max": lam if e == stopped else math.nan,
-                "stability_bound": bound, "val_loss": 1.0, "learning_rate": 0.05} for e in range(1, stopped + 1)]
+    params = with_overrides(
+        repo_params(),
+        {
+            "train.num_epochs": 100,
+            "train.lr_milestones": [30, 60, 80],
+            "train.patience": 20,
+            "train.batch_size": 96,
+            "tracking.round": "round-2",
+        },
+    )
+    history = [
+        {
+            "epoch": e,
+            "noise_scale": noise,
+            "lambda_max": lam if e == stopped else math.nan,
+            "stability_bound": bound,
+            "val_loss": 1.0,
+            "learning_rate": 0.05,
+        }
+        for e in range(1, stopped + 1)
+    ]
     metrics = {"train_accuracy": train_acc, "test_accuracy": test_acc, "stopped_epoch": stopped}
     return Replicate("r", params, metrics, history, [])
 

@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 
 from cifar_rounds.analysis.verdict import (
-    DEFAULT_SEED_STD, beta_quantile, betainc, compare_configs, difference_variance, format_mean_std, mcnemar_exact,
-    mcnemar_interval, mean_std, power, recommended_seeds, t_pvalue, t_quantile, wilson_interval,
+    DEFAULT_SEED_STD,
+    beta_quantile,
+    betainc,
+    compare_configs,
+    difference_variance,
+    format_mean_std,
+    mcnemar_exact,
+    mcnemar_interval,
+    mean_std,
+    power,
+    recommended_seeds,
+    t_pvalue,
+    t_quantile,
+    wilson_interval,
 )
 
 ALPHA = 0.05

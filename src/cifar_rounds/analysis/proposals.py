@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifar_rounds.core.params import write_yaml
 from cifar_rounds.analysis.replicates import Replicate, Round, number
 from cifar_rounds.analysis.rounds import PRESETS_DIR
+from cifar_rounds.core.params import write_yaml
 
 MEMORISED = 0.99  # train accuracy from which the train-test gap is memorisation, not underfitting
 BATCH_HEADROOM = 4.0  # B_simple this many times the batch: a larger batch costs little per sample
@@ -40,27 +40,38 @@ def more_regularisation(r: Round) -> Proposal | None:
     limit, wd = r.first.params.report.max_train_test_gap, r.first.params.train.weight_decay
     if train_acc < MEMORISED or gap < limit:
         return None
-    return Proposal("regularisation", f"train accuracy {train_acc:.2%} with a train-test gap of {gap:.2%} "
-                    f"(criterion < {limit:.2%}): the training set is memorised",
-                    "more regularisation: raise the weight decay", {"train.weight_decay": wd * 2},
-                    {"train.weight_decay": {"type": "float", "low": wd, "high": wd * 8, "log": True}})
+    return Proposal(
+        "regularisation",
+        f"train accuracy {train_acc:.2%} with a train-test gap of {gap:.2%} "
+        f"(criterion < {limit:.2%}): the training set is memorised",
+        "more regularisation: raise the weight decay",
+        {"train.weight_decay": wd * 2},
+        {"train.weight_decay": {"type": "float", "low": wd, "high": wd * 8, "log": True}},
+    )
 
 
 def stopped_before_last_milestone(r: Round) -> Proposal | None:
     tp = r.first.params.train
     last = max(tp.lr_milestones, default=0)
     # metrics.json holds the stop: before num_epochs, early stopping ended the run
-    early = [rep for rep in r.replicates if rep.metrics["stopped_epoch"] < tp.num_epochs and rep.metrics["stopped_epoch"] <= last]
+    early = [
+        rep
+        for rep in r.replicates
+        if rep.metrics["stopped_epoch"] < tp.num_epochs and rep.metrics["stopped_epoch"] <= last
+    ]
     if not early:
         return None
     gaps = [b - a for a, b in zip([0, *tp.lr_milestones], tp.lr_milestones)]
     patience = max(gaps) + 5
     stops = ", ".join(str(rep.metrics["stopped_epoch"]) for rep in early)
-    return Proposal("patience", f"early stopping ended {len(early)} of {len(r.replicates)} runs (epochs {stops}) "
-                    f"before the last learning-rate milestone ({last}); patience {tp.patience}",
-                    f"let the decays happen: patience {patience} (longest stretch between milestones + 5)",
-                    {"train.patience": patience},
-                    {"train.patience": {"type": "int", "low": tp.patience, "high": patience + max(gaps)}})
+    return Proposal(
+        "patience",
+        f"early stopping ended {len(early)} of {len(r.replicates)} runs (epochs {stops}) "
+        f"before the last learning-rate milestone ({last}); patience {tp.patience}",
+        f"let the decays happen: patience {patience} (longest stretch between milestones + 5)",
+        {"train.patience": patience},
+        {"train.patience": {"type": "int", "low": tp.patience, "high": patience + max(gaps)}},
+    )
 
 
 def last_noise_scale(rep: Replicate) -> float:
@@ -74,28 +85,43 @@ def batch_below_noise_scale(r: Round) -> Proposal | None:
     if not (math.isfinite(b_simple) and b_simple >= BATCH_HEADROOM * tp.batch_size):
         return None
     batch = tp.batch_size * 2
-    return Proposal("batch", f"measured B_simple {b_simple:.0f} is {b_simple / tp.batch_size:.1f}x the batch size "
-                    f"{tp.batch_size}: below the critical batch, a larger batch loses little per sample",
-                    f"batch {batch} with the learning rate scaled linearly", 
-                    {"train.batch_size": batch, "train.learning_rate": tp.learning_rate * 2},
-                    {"train.batch_size": {"type": "categorical", "choices": [tp.batch_size, batch, batch * 2]},
-                     "train.learning_rate": {"type": "float", "low": tp.learning_rate, "high": tp.learning_rate * 4,
-                                             "log": True}})
+    return Proposal(
+        "batch",
+        f"measured B_simple {b_simple:.0f} is {b_simple / tp.batch_size:.1f}x the batch size "
+        f"{tp.batch_size}: below the critical batch, a larger batch loses little per sample",
+        f"batch {batch} with the learning rate scaled linearly",
+        {"train.batch_size": batch, "train.learning_rate": tp.learning_rate * 2},
+        {
+            "train.batch_size": {"type": "categorical", "choices": [tp.batch_size, batch, batch * 2]},
+            "train.learning_rate": {
+                "type": "float",
+                "low": tp.learning_rate,
+                "high": tp.learning_rate * 4,
+                "log": True,
+            },
+        },
+    )
 
 
 def lr_at_its_edge(r: Round) -> Proposal | None:
     tp = r.first.params.train
-    rows = [(int(row["epoch"]), number(row, "lambda_max"), number(row, "stability_bound"))
-            for rep in r.replicates for row in rep.history]
+    rows = [
+        (int(row["epoch"]), number(row, "lambda_max"), number(row, "stability_bound"))
+        for rep in r.replicates
+        for row in rep.history
+    ]
     near = [(e, lam, bound) for e, lam, bound in rows if math.isfinite(lam) and bound > 0 and lam >= EDGE * bound]
     if not near:
         return None
     e, lam, bound = max(near, key=lambda x: x[1] / x[2])
-    return Proposal("learning-rate", f"lambda_max {lam:.4g} at epoch {e} is {lam / bound:.0%} of the stability "
-                    f"bound {bound:.4g}: the learning rate is at its edge", "a lower learning rate",
-                    {"train.learning_rate": tp.learning_rate / 2},
-                    {"train.learning_rate": {"type": "float", "low": tp.learning_rate / 8, "high": tp.learning_rate,
-                                             "log": True}})
+    return Proposal(
+        "learning-rate",
+        f"lambda_max {lam:.4g} at epoch {e} is {lam / bound:.0%} of the stability "
+        f"bound {bound:.4g}: the learning rate is at its edge",
+        "a lower learning rate",
+        {"train.learning_rate": tp.learning_rate / 2},
+        {"train.learning_rate": {"type": "float", "low": tp.learning_rate / 8, "high": tp.learning_rate, "log": True}},
+    )
 
 
 RULES = (more_regularisation, stopped_before_last_milestone, batch_below_noise_scale, lr_at_its_edge)
@@ -113,8 +139,14 @@ def write_sweep_file(p: Proposal, r: Round, folder: Path) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{p.slug}.yaml"
     study = f"{r.name}-{p.slug}"
-    tree = {"study": study, "baseline": preset, "trials": 12, "enqueue": [preset], "space": p.space,
-            "objective": {"metric": "val_accuracy", "direction": "maximize"}}
+    tree = {
+        "study": study,
+        "baseline": preset,
+        "trials": 12,
+        "enqueue": [preset],
+        "space": p.space,
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+    }
     write_yaml(tree, path, f"Proposed after {r.name}: {p.action}.\nEvidence: {p.evidence}.")
     return path
 
@@ -123,13 +155,20 @@ def next_round_lines(r: Round, folder: Path) -> list[str]:
     """The report's "next round" section: each proposal, its evidence and the file that runs it."""
     found = proposals(r)
     if not found:
-        return ["", f"## Next round (after {r.name})", "",
-                "No proposal: no measurement crossed a line that calls for a change."]
+        return [
+            "",
+            f"## Next round (after {r.name})",
+            "",
+            "No proposal: no measurement crossed a line that calls for a change.",
+        ]
     lines = ["", f"## Next round (after {r.name})", ""]
     for p in found:
         values = " ".join(f"-S {k}={v:.4g}" if isinstance(v, float) else f"-S {k}={v}" for k, v in p.overrides.items())
         path = write_sweep_file(p, r, folder)
-        run = (f"`python -m cifar_rounds.search.sweep {path}`" if path else
-               f"`python -m cifar_rounds.analysis.rounds run PRESET {values}` (the round is not a preset)")
+        run = (
+            f"`python -m cifar_rounds.search.sweep {path}`"
+            if path
+            else f"`python -m cifar_rounds.analysis.rounds run PRESET {values}` (the round is not a preset)"
+        )
         lines += [f"- **{p.action}**. Evidence: {p.evidence}. Try: `{values}`; search: {run}."]
     return lines

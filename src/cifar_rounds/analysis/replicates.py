@@ -81,8 +81,13 @@ def parse_replicate(label: str, params: str, metrics: str, history: str, predict
         parsed = json.loads(metrics)
         rows = list(csv.DictReader(io.StringIO(history)))
         preds = [(r["actual"], r["predicted"]) for r in csv.DictReader(io.StringIO(predictions))]
-        return Replicate(label, params_from_text(params, Path(f"{label}:{PARAMS_FILE}")), parsed,
-                         [{k: number(r, k) for k in r} for r in rows], preds)
+        return Replicate(
+            label,
+            params_from_text(params, Path(f"{label}:{PARAMS_FILE}")),
+            parsed,
+            [{k: number(r, k) for k in r} for r in rows],
+            preds,
+        )
     except (json.JSONDecodeError, KeyError, ValueError, ParamsError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise StageError(f"{label}: its measurements cannot be read ({first})") from None
@@ -104,8 +109,9 @@ def dvc_replicate(root: Path, rev: str, paths: ArtifactPaths) -> Replicate | Non
         except (DvcException, FileNotFoundError):
             if path == str(PARAMS_FILE):
                 return None
-            raise StageError(f"{rev}: a revision without {path}; run the pipeline there first (dvc repro), "
-                             "or name a round that ran") from None
+            raise StageError(
+                f"{rev}: a revision without {path}; run the pipeline there first (dvc repro), or name a round that ran"
+            ) from None
     return parse_replicate(rev, *texts)
 
 
@@ -149,13 +155,19 @@ def mlflow_runs(params: Params, ref: str) -> list:
 
 def mlflow_replicate(params: Params, run, paths: ArtifactPaths) -> Replicate:
     client, _ = open_client(params)
-    files = [str(PARAMS_FILE), f"{EVALUATION_ARTIFACTS}/{Path(paths.metrics).name}", Path(paths.history).name,
-             f"{EVALUATION_ARTIFACTS}/{Path(paths.predictions).name}"]
+    files = [
+        str(PARAMS_FILE),
+        f"{EVALUATION_ARTIFACTS}/{Path(paths.metrics).name}",
+        Path(paths.history).name,
+        f"{EVALUATION_ARTIFACTS}/{Path(paths.predictions).name}",
+    ]
     try:
         texts = [Path(client.download_artifacts(run.info.run_id, f)).read_text() for f in files]
     except Exception:  # MlflowException, OSError: the run never got that far
-        raise StageError(f"MLflow run {run.info.run_name!r} ({run.info.run_id}, {run.info.status}) has no "
-                         "evaluation; it did not finish the pipeline") from None
+        raise StageError(
+            f"MLflow run {run.info.run_name!r} ({run.info.run_id}, {run.info.status}) has no "
+            "evaluation; it did not finish the pipeline"
+        ) from None
     return parse_replicate(run.info.run_name, *texts)
 
 

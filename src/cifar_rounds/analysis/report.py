@@ -20,21 +20,32 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_rounds.analysis.proposals import next_round_lines
+from cifar_rounds.analysis.replicates import ArtifactPaths, Replicate, Round, find_round, number
+from cifar_rounds.analysis.verdict import (
+    MeanStd,
+    Verdict,
+    compare_configs,
+    format_mean_std,
+    mean_std,
+    t_quantile,
+    wilson_interval,
+)
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
-from cifar_rounds.analysis.proposals import next_round_lines
 from cifar_rounds.core.params import ReportParams, load_params
 from cifar_rounds.tracking.registry import move_aliases
-from cifar_rounds.analysis.replicates import ArtifactPaths, Replicate, Round, find_round, number
 from cifar_rounds.tracking.run import Tracker, repo_root
-from cifar_rounds.analysis.verdict import MeanStd, Verdict, compare_configs, format_mean_std, mean_std, t_quantile, wilson_interval
 
 PERFORMANCE = (
-    ("Test accuracy", "test_accuracy", "{:.2%}"), ("Training accuracy", "train_accuracy", "{:.2%}"),
-    ("Validation accuracy", "val_accuracy", "{:.2%}"), ("Training loss", "train_loss", "{:.4f}"),
-    ("Validation loss", "val_loss", "{:.4f}"), ("Stopped at epoch", "stopped_epoch", "{:.0f}"),
+    ("Test accuracy", "test_accuracy", "{:.2%}"),
+    ("Training accuracy", "train_accuracy", "{:.2%}"),
+    ("Validation accuracy", "val_accuracy", "{:.2%}"),
+    ("Training loss", "train_loss", "{:.4f}"),
+    ("Validation loss", "val_loss", "{:.4f}"),
+    ("Stopped at epoch", "stopped_epoch", "{:.0f}"),
     ("Best epoch", "best_epoch", "{:.0f}"),
 )
 
@@ -49,8 +60,10 @@ def performance_lines(base: Round, cand: Round) -> list[str]:
     for title, key, fmt in PERFORMANCE:
         a, b = mean_std(values(base, key)).mean, mean_std(values(cand, key)).mean
         change = f"{b - a:+.2%}" if fmt.endswith("%}") else f"{b - a:+.4g}"
-        lines.append(f"- {title}: {format_mean_std(values(base, key), fmt)} -> "
-                     f"{format_mean_std(values(cand, key), fmt)} ({change} in the mean)")
+        lines.append(
+            f"- {title}: {format_mean_std(values(base, key), fmt)} -> "
+            f"{format_mean_std(values(cand, key), fmt)} ({change} in the mean)"
+        )
     return lines
 
 
@@ -63,14 +76,20 @@ def param_changes(base: Round, cand: Round) -> list[str]:
 
 def condition_lines(base: Round, cand: Round) -> list[str]:
     """How each round's training ran on its machine; a difference is a change params.yaml does not show."""
+
     def conditions(r: Round) -> dict[str, str]:
-        return {k: ", ".join(sorted({str(rep.metrics.get(k, "not recorded")) for rep in r.replicates})) for k in RUN_CONDITIONS}
+        return {
+            k: ", ".join(sorted({str(rep.metrics.get(k, "not recorded")) for rep in r.replicates}))
+            for k in RUN_CONDITIONS
+        }
 
     a, b = conditions(base), conditions(cand)
     lines = [f"- {k}: {a[k]}" + ("" if a[k] == b[k] else f" -> {b[k]} (changed)") for k in RUN_CONDITIONS]
     if a != b:
-        lines.append("- the rounds trained under different conditions: part of any difference between them "
-                     "may come from these rather than from the hyperparameters")
+        lines.append(
+            "- the rounds trained under different conditions: part of any difference between them "
+            "may come from these rather than from the hyperparameters"
+        )
     return lines
 
 
@@ -83,20 +102,28 @@ def per_seed(r: Round, key: str, pick) -> list[float]:
 def resource_lines(base: Round, cand: Round) -> list[str]:
     """Measured peak memory and training throughput of each round (a change of batch size changes both)."""
     measures = (
-        ("peak memory, MiB (per seed its largest epoch's; CUDA: allocated tensors, CPU: the process's peak RSS)",
-         "peak_memory_mb", max),
+        (
+            "peak memory, MiB (per seed its largest epoch's; CUDA: allocated tensors, CPU: the process's peak RSS)",
+            "peak_memory_mb",
+            max,
+        ),
         ("training throughput, images/s (per seed its median epoch's)", "images_per_s", statistics.median),
     )
-    return [f"- {title}: {format_mean_std(per_seed(base, key, pick), '{:.0f}')} -> "
-            f"{format_mean_std(per_seed(cand, key, pick), '{:.0f}')}" for title, key, pick in measures]
+    return [
+        f"- {title}: {format_mean_std(per_seed(base, key, pick), '{:.0f}')} -> "
+        f"{format_mean_std(per_seed(cand, key, pick), '{:.0f}')}"
+        for title, key, pick in measures
+    ]
 
 
 def same_test_set(base: Round, cand: Round) -> None:
     """Refuse to pair predictions unless every replicate saw the same test images (by content)."""
     digests = {rep.metrics.get("test_set_digest") for r in (base, cand) for rep in r.replicates}
     if len(digests) > 1 or None in digests:
-        raise StageError(f"{base.name} and {cand.name} were not evaluated on the same test images (test-set "
-                         "digests differ or are not recorded); evaluate both on one split before comparing")
+        raise StageError(
+            f"{base.name} and {cand.name} were not evaluated on the same test images (test-set "
+            "digests differ or are not recorded); evaluate both on one split before comparing"
+        )
 
 
 def round_verdict(base: Round, cand: Round, alpha: float) -> Verdict:
@@ -136,7 +163,8 @@ def spread(m: MeanStd, fmt: str) -> str:
     if m.n < 2:
         return fmt.format(m.mean)
     half = t_quantile(0.975, m.n - 1) * m.std / math.sqrt(m.n)
-    return f"{fmt.format(m.mean)} (95% interval over {m.n} seeds {fmt.format(m.mean - half)} to {fmt.format(m.mean + half)})"
+    low, high = fmt.format(m.mean - half), fmt.format(m.mean + half)
+    return f"{fmt.format(m.mean)} (95% interval over {m.n} seeds {low} to {high})"
 
 
 def criteria(r: Round) -> list[tuple[str, str, bool]]:
@@ -148,8 +176,11 @@ def criteria(r: Round) -> list[tuple[str, str, bool]]:
     return [
         (f"test accuracy > {rp.min_test_accuracy:.2%}", spread(test, "{:.2%}"), test.mean > rp.min_test_accuracy),
         (f"train-test gap < {rp.max_train_test_gap:.2%}", spread(gap, "{:.2%}"), gap.mean < rp.max_train_test_gap),
-        (f"stable validation loss: final at most {rp.max_val_loss_rise:.0%} above its minimum",
-         spread(rise, "{:+.1%}"), rise.mean <= rp.max_val_loss_rise),
+        (
+            f"stable validation loss: final at most {rp.max_val_loss_rise:.0%} above its minimum",
+            spread(rise, "{:+.1%}"),
+            rise.mean <= rp.max_val_loss_rise,
+        ),
     ]
 
 
@@ -158,15 +189,21 @@ def diagnostics(rep: Replicate) -> list[str]:
     notes = []
     last_milestone = max(tp.lr_milestones, default=0)
     if m["stopped_epoch"] < tp.num_epochs and m["stopped_epoch"] <= last_milestone:
-        notes.append(f"early stopping ended the run at epoch {m['stopped_epoch']}, before the last "
-                     f"learning-rate milestone ({last_milestone}): later decays never happened")
+        notes.append(
+            f"early stopping ended the run at epoch {m['stopped_epoch']}, before the last "
+            f"learning-rate milestone ({last_milestone}): later decays never happened"
+        )
     gaps = [b - a for a, b in zip([0, *tp.lr_milestones], tp.lr_milestones)]
     if gaps and tp.patience < max(gaps):
-        notes.append(f"patience ({tp.patience}) is shorter than the longest stretch between milestones "
-                     f"({max(gaps)} epochs): a plateau at constant learning rate can stop the run before the next decay")
+        notes.append(
+            f"patience ({tp.patience}) is shorter than the longest stretch between milestones "
+            f"({max(gaps)} epochs): a plateau at constant learning rate can stop the run before the next decay"
+        )
     epoch, loss = val_loss_minimum(rep)
     notes.append(f"learning rate at the stop: {rep.history[-1]['learning_rate']:.3g}")
-    notes.append(f"validation loss reached its minimum {loss:.4f} at epoch {epoch} (best checkpoint: epoch {m['best_epoch']})")
+    notes.append(
+        f"validation loss reached its minimum {loss:.4f} at epoch {epoch} (best checkpoint: epoch {m['best_epoch']})"
+    )
     return notes
 
 
@@ -193,12 +230,16 @@ def noise_line(rep: Replicate) -> list[str]:
         return []
     epoch, b_simple = int(rep.history[-1]["epoch"]), number(rep.history[-1], "noise_scale")
     if not (math.isfinite(b_simple) and b_simple > 0):
-        return [f"- gradient noise scale B_simple at epoch {epoch}: not measurable ({b_simple:.4g}: the |G|^2 "
-                "estimate is not positive, noise dominates the gradient)"]
+        return [
+            f"- gradient noise scale B_simple at epoch {epoch}: not measurable ({b_simple:.4g}: the |G|^2 "
+            "estimate is not positive, noise dominates the gradient)"
+        ]
     batch = rep.params.train.batch_size
     side = "below" if batch < b_simple else "above"
-    return [f"- gradient noise scale B_simple at epoch {epoch}: {b_simple:.4g}; the batch size {batch} is "
-            f"{max(batch, b_simple) / min(batch, b_simple):.3g}x {side} it (B_simple approximates the critical batch)"]
+    return [
+        f"- gradient noise scale B_simple at epoch {epoch}: {b_simple:.4g}; the batch size {batch} is "
+        f"{max(batch, b_simple) / min(batch, b_simple):.3g}x {side} it (B_simple approximates the critical batch)"
+    ]
 
 
 def noise_and_sharpness(rep: Replicate) -> list[str]:
@@ -206,18 +247,29 @@ def noise_and_sharpness(rep: Replicate) -> list[str]:
     lines = noise_line(rep)
     rows = [row for row in rep.history if math.isfinite(number(row, "lambda_max"))]
     if rows:
-        lines += ["", "| epoch | lambda_max | stability bound (SGD with momentum) | Tr(H) | Tr(H)/lambda_max |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| epoch | lambda_max | stability bound (SGD with momentum) | Tr(H) | Tr(H)/lambda_max |",
+            "|---|---|---|---|---|",
+        ]
         for row in rows:
             lam, tr = number(row, "lambda_max"), number(row, "hessian_trace")
-            lines.append(f"| {int(row['epoch'])} | {lam:.4g} | {number(row, 'stability_bound'):.4g} | {tr:.4g} | {tr / lam:.3g} |")
+            lines.append(
+                f"| {int(row['epoch'])} | {lam:.4g} | {number(row, 'stability_bound'):.4g} | "
+                f"{tr:.4g} | {tr / lam:.3g} |"
+            )
     return lines or ["- not measured (diagnostics off)"]
 
 
 def round_section(r: Round) -> list[str]:
     rep = r.first
-    out = ["", f"## {r.name}", f"Seeds: {len(r.replicates)} ({', '.join(x.label for x in r.replicates)})", "",
-           "Success criteria (mean over seeds, this round's own thresholds):"]
+    out = [
+        "",
+        f"## {r.name}",
+        f"Seeds: {len(r.replicates)} ({', '.join(x.label for x in r.replicates)})",
+        "",
+        "Success criteria (mean over seeds, this round's own thresholds):",
+    ]
     out += [f"- [{'x' if ok else ' '}] {name}: {value} ({'pass' if ok else 'FAIL'})" for name, value, ok in criteria(r)]
     out += ["", f"Overfitting indicators ({rep.label}):"] + [f"- {x}" for x in overfitting(rep)]
     out += ["", f"Per-class test accuracy ({rep.label}): " + "; ".join(per_class_lines(rep))]
@@ -227,8 +279,12 @@ def round_section(r: Round) -> list[str]:
 
 
 def render(base: Round, cand: Round, v: Verdict, aliases: list[str], figure: str, next_round: list[str]) -> str:
-    out = [f"# Round report: {base.name} -> {cand.name}", "", "## Performance (mean ± std over seeds)",
-           f"{base.name} -> {cand.name}:"]
+    out = [
+        f"# Round report: {base.name} -> {cand.name}",
+        "",
+        "## Performance (mean ± std over seeds)",
+        f"{base.name} -> {cand.name}:",
+    ]
     out += performance_lines(base, cand)
     out += ["", "## Hyperparameter changes", "", f"| parameter | {base.name} | {cand.name} |", "|---|---|---|"]
     out += param_changes(base, cand) or ["| (none) | | |"]
@@ -259,7 +315,9 @@ def plot_curves(rounds: list[Round], path: Path) -> None:
                 ax.fill_between(epochs, low, high, color=colour, alpha=0.15, lw=0)
         epochs, lr, _, _ = curve_band(r, "learning_rate")
         axes[2].step(epochs, lr, where="post", color=colour, label=r.name)  # constant within an epoch
-    for ax, title, ylabel in zip(axes, ("accuracy", "loss", "learning rate"), ("accuracy (fraction)", "cross-entropy loss", "learning rate")):
+    for ax, title, ylabel in zip(
+        axes, ("accuracy", "loss", "learning rate"), ("accuracy (fraction)", "cross-entropy loss", "learning rate")
+    ):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -281,10 +339,15 @@ def write_report(text: str, rounds: list[Round], out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("baseline", help="round: DVC experiment (or NAME-s0, NAME-s1, ...), git revision, MLflow "
-                        "round, run name or run id; or a comma-separated list of those")
+    parser.add_argument(
+        "baseline",
+        help="round: DVC experiment (or NAME-s0, NAME-s1, ...), git revision, MLflow "
+        "round, run name or run id; or a comma-separated list of those",
+    )
     parser.add_argument("candidate", help="round, as for baseline")
-    parser.add_argument("--out", type=Path, help="Markdown file (default: beside the history, round-BASELINE-vs-CANDIDATE.md)")
+    parser.add_argument(
+        "--out", type=Path, help="Markdown file (default: beside the history, round-BASELINE-vs-CANDIDATE.md)"
+    )
     args = parser.parse_args()
     params = load_params()
     root = repo_root()

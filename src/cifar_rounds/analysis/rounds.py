@@ -64,8 +64,12 @@ def round_values(preset: str, sets: list[str], epochs: int | None) -> dict[str, 
     values: dict[str, object] = {**load_preset(preset), "tracking.round": preset}
     if epochs is not None:
         base = with_overrides(load_params(), values).train
-        values.update({"train.num_epochs": epochs,
-                       "train.lr_milestones": scaled_milestones(base.lr_milestones, base.num_epochs, epochs)})
+        values.update(
+            {
+                "train.num_epochs": epochs,
+                "train.lr_milestones": scaled_milestones(base.lr_milestones, base.num_epochs, epochs),
+            }
+        )
     values.update(dict(parse_override(s) for s in sets))
     with_overrides(load_params(), values)  # refuse bad values before DVC touches anything
     return values
@@ -102,8 +106,10 @@ def run_preset(args: argparse.Namespace) -> None:
     for name, run_values in replicates(args.name or args.preset, values, args.seeds):
         run_experiment(name, run_values, mode)
     if args.queue:
-        print("queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); on a CPU, "
-              "give each its share of the cores: OMP_NUM_THREADS=1 dvc queue start -j 2 on 2 cores")
+        print(
+            "queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); on a CPU, "
+            "give each its share of the cores: OMP_NUM_THREADS=1 dvc queue start -j 2 on 2 cores"
+        )
 
 
 def show_preset(args: argparse.Namespace) -> None:
@@ -116,11 +122,24 @@ def main() -> None:
     run = sub.add_parser("run", help="run a preset as a named DVC experiment (or --seeds replicates)")
     run.set_defaults(handler=run_preset)
     run.add_argument("preset", help=f"a preset in {PRESETS_DIR}/: {', '.join(preset_names()) or 'none yet'}")
-    run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                     help=f"override on top of the preset, repeatable; e.g. {EXAMPLE}")
-    run.add_argument("--overrides", type=str.split, default=[], metavar="'KEY=VALUE ...'",
-                     help="more overrides in one whitespace-separated string (for MLproject)")
-    run.add_argument("--epochs", type=int, help="train this many epochs, with the milestones scaled to the same fractions")
+    run.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override on top of the preset, repeatable; e.g. {EXAMPLE}",
+    )
+    run.add_argument(
+        "--overrides",
+        type=str.split,
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="more overrides in one whitespace-separated string (for MLproject)",
+    )
+    run.add_argument(
+        "--epochs", type=int, help="train this many epochs, with the milestones scaled to the same fractions"
+    )
     run.add_argument("--seeds", type=int, help="run this many replicates (train.seed 0..N-1), named NAME-s0 ...")
     run.add_argument("-n", "--name", help="experiment name (default: the preset's)")
     run.add_argument("-f", "--force", action="store_true", help="replace an experiment of the same name")

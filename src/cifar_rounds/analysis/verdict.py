@@ -136,8 +136,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, 100_000):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for aa in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + aa * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + aa / c
@@ -225,7 +227,9 @@ def _replicates(replicates: Sequence[ArrayLike], side: str) -> np.ndarray:
     if any(r.ndim != 1 for r in rows):
         raise ValueError(f"{side}: each replicate must be a 1-D per-test-image correctness vector")
     if len({r.size for r in rows}) != 1:
-        raise ValueError(f"{side}: replicates cover different numbers of test images ({sorted({r.size for r in rows})})")
+        raise ValueError(
+            f"{side}: replicates cover different numbers of test images ({sorted({r.size for r in rows})})"
+        )
     if rows[0].size == 0:
         raise ValueError(f"{side}: no test images")
     y = np.stack(rows).astype(np.float64)
@@ -276,20 +280,29 @@ def _t_interval(difference: float, parts: VarianceParts, level: float) -> tuple[
 
 
 def covers_seeds_and_images(ka: int, kb: int, n: int) -> str:
-    return (f"The interval and p-value cover training randomness (the spread between the {ka} and {kb} seeds "
-            f"of the two rounds) and test-set sampling (the {n} test images, shared by every replicate, as a "
-            "sample of the image distribution); the train/validation split, which all replicates share, is not varied.")
+    return (
+        f"The interval and p-value cover training randomness (the spread between the {ka} and {kb} seeds "
+        f"of the two rounds) and test-set sampling (the {n} test images, shared by every replicate, as a "
+        "sample of the image distribution); the train/validation split, which all replicates share, is not varied."
+    )
 
 
 def _identical_note(y: np.ndarray, label: str) -> str:
     if np.all(y == y[0]):
-        return (f"The {y.shape[0]} replicates of {label} are identical: the seeds did not change the trained model, "
-                "so training randomness is not sampled for this round. ")
+        return (
+            f"The {y.shape[0]} replicates of {label} are identical: the seeds did not change the trained model, "
+            "so training randomness is not sampled for this round. "
+        )
     return ""
 
 
-def seeds_verdict(baseline: np.ndarray, candidate: np.ndarray, alpha: float = ALPHA, level: float = 0.95,
-                  target_gain: float = DEFAULT_TARGET_GAIN) -> Verdict:
+def seeds_verdict(
+    baseline: np.ndarray,
+    candidate: np.ndarray,
+    alpha: float = ALPHA,
+    level: float = 0.95,
+    target_gain: float = DEFAULT_TARGET_GAIN,
+) -> Verdict:
     """Configuration verdict from k >= 2 seeds per side (seeds x images 0/1 tables over the same images)."""
     (ka, n), kb = baseline.shape, candidate.shape[0]
     difference = float(candidate.mean() - baseline.mean())
@@ -300,10 +313,22 @@ def seeds_verdict(baseline: np.ndarray, candidate: np.ndarray, alpha: float = AL
     # two significant digits, because the count does not move with the third and the search is then reused
     seed_std = float(f"{pooled:.2g}") if pooled > 0 else DEFAULT_SEED_STD
     caveat = _identical_note(baseline, "the baseline") + _identical_note(candidate, "the candidate")
-    return Verdict(difference, low, high, level, p, alpha, p < alpha, ka, kb,
-                   "t test on per-seed accuracies, variance over seeds and test images (Welch-Satterthwaite)",
-                   covers_seeds_and_images(ka, kb, n), caveat.strip(),
-                   recommended_seeds(target_gain, seed_std, alpha), target_gain)
+    return Verdict(
+        difference,
+        low,
+        high,
+        level,
+        p,
+        alpha,
+        p < alpha,
+        ka,
+        kb,
+        "t test on per-seed accuracies, variance over seeds and test images (Welch-Satterthwaite)",
+        covers_seeds_and_images(ka, kb, n),
+        caveat.strip(),
+        recommended_seeds(target_gain, seed_std, alpha),
+        target_gain,
+    )
 
 
 # ---------------------------------------------------------------- one seed
@@ -344,14 +369,21 @@ def one_seed_caveat(seeds_baseline: int, seeds_candidate: int, target_gain: floa
     first = " (the first replicate of each round is compared)" if max(seeds_baseline, seeds_candidate) > 1 else ""
     needed = recommended_seeds(target_gain, DEFAULT_SEED_STD, alpha)
     run = f"run {needed} seeds per side" if needed else f"run more than {MAX_SEEDS} seeds per side"
-    return (f"With one seed on {sides}, this compares two trained models, not two configurations{first}: "
-            "a configuration effect is not established, because reseeding the same configuration alone moves "
-            f"test accuracy by about {100 * DEFAULT_SEED_STD:.2g} points. To detect a gain of "
-            f"{100 * target_gain:.2g} points with {TARGET_POWER:.0%} power at alpha {alpha:.2g}, {run}.")
+    return (
+        f"With one seed on {sides}, this compares two trained models, not two configurations{first}: "
+        "a configuration effect is not established, because reseeding the same configuration alone moves "
+        f"test accuracy by about {100 * DEFAULT_SEED_STD:.2g} points. To detect a gain of "
+        f"{100 * target_gain:.2g} points with {TARGET_POWER:.0%} power at alpha {alpha:.2g}, {run}."
+    )
 
 
-def mcnemar_verdict(baseline: np.ndarray, candidate: np.ndarray, alpha: float = ALPHA, level: float = 0.95,
-                    target_gain: float = DEFAULT_TARGET_GAIN) -> Verdict:
+def mcnemar_verdict(
+    baseline: np.ndarray,
+    candidate: np.ndarray,
+    alpha: float = ALPHA,
+    level: float = 0.95,
+    target_gain: float = DEFAULT_TARGET_GAIN,
+) -> Verdict:
     """Two-model verdict from the first replicate of each side: exact McNemar on the shared test images."""
     a, c_ = baseline[0].astype(bool), candidate[0].astype(bool)
     b, c = int(np.sum(a & ~c_)), int(np.sum(~a & c_))
@@ -359,15 +391,35 @@ def mcnemar_verdict(baseline: np.ndarray, candidate: np.ndarray, alpha: float = 
     p = mcnemar_exact(b, c)
     low, high = mcnemar_interval(b, c, n, level)
     ka, kb = baseline.shape[0], candidate.shape[0]
-    covers = (f"The p-value covers only which of the {n} shared test images each of two trained models gets right; "
-              "training randomness is not covered.")
-    return Verdict((c - b) / n, low, high, level, p, alpha, p < alpha, ka, kb, "exact McNemar test on two trained models",
-                   covers, one_seed_caveat(ka, kb, target_gain, alpha),
-                   recommended_seeds(target_gain, DEFAULT_SEED_STD, alpha), target_gain)
+    covers = (
+        f"The p-value covers only which of the {n} shared test images each of two trained models gets right; "
+        "training randomness is not covered."
+    )
+    return Verdict(
+        (c - b) / n,
+        low,
+        high,
+        level,
+        p,
+        alpha,
+        p < alpha,
+        ka,
+        kb,
+        "exact McNemar test on two trained models",
+        covers,
+        one_seed_caveat(ka, kb, target_gain, alpha),
+        recommended_seeds(target_gain, DEFAULT_SEED_STD, alpha),
+        target_gain,
+    )
 
 
-def compare_configs(baseline: Sequence[ArrayLike], candidate: Sequence[ArrayLike], alpha: float = ALPHA,
-                    level: float = 0.95, target_gain: float = DEFAULT_TARGET_GAIN) -> Verdict:
+def compare_configs(
+    baseline: Sequence[ArrayLike],
+    candidate: Sequence[ArrayLike],
+    alpha: float = ALPHA,
+    level: float = 0.95,
+    target_gain: float = DEFAULT_TARGET_GAIN,
+) -> Verdict:
     """Does the candidate round's configuration beat the baseline's? Replicates: per-seed 0/1 vectors, same images."""
     a, b = _replicates(baseline, "baseline"), _replicates(candidate, "candidate")
     if a.shape[1] != b.shape[1]:
@@ -440,8 +492,13 @@ def power(seeds_per_side: int, gain: float, seed_std: float = DEFAULT_SEED_STD, 
 
 
 @lru_cache(maxsize=1024)
-def recommended_seeds(gain: float, seed_std: float = DEFAULT_SEED_STD, alpha: float = ALPHA,
-                      target_power: float = TARGET_POWER, max_seeds: int = MAX_SEEDS) -> int | None:
+def recommended_seeds(
+    gain: float,
+    seed_std: float = DEFAULT_SEED_STD,
+    alpha: float = ALPHA,
+    target_power: float = TARGET_POWER,
+    max_seeds: int = MAX_SEEDS,
+) -> int | None:
     """Fewest seeds per side that detect `gain` (fraction) with `target_power`; None if more than max_seeds."""
     if gain <= 0 or power(max_seeds, gain, seed_std, alpha) < target_power:
         return None

@@ -24,5 +24,7 @@ def run_stage(main: Callable[[], object]) -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt as error:
         how = f" by {error}" if str(error) else ""
-        print(f"interrupted{how}: finished work (checkpoints, logged epochs) is kept; rerun to continue", file=sys.stderr)
+        print(
+            f"interrupted{how}: finished work (checkpoints, logged epochs) is kept; rerun to continue", file=sys.stderr
+        )
         raise SystemExit(INTERRUPTED_EXIT) from None

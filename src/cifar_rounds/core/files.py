@@ -24,7 +24,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise StageError(f"{path.parent}: cannot write here ({error.strerror}); check the folder's permissions") from None
+        raise StageError(
+            f"{path.parent}: cannot write here ({error.strerror}); check the folder's permissions"
+        ) from None
     os.close(fd)
     tmp = Path(name)
     try:

@@ -35,9 +35,7 @@ class DataParams(Section):
         min_length=1,
         description="Where the CIFAR-10 python archive comes from: http(s):// or file:// URL, or a local path.",
     )
-    md5: str = Field(
-        pattern=r"^[0-9a-f]{32}$", description="MD5 hex digest the archive must have."
-    )
+    md5: str = Field(pattern=r"^[0-9a-f]{32}$", description="MD5 hex digest the archive must have.")
     val_size: int = Field(
         ge=10,
         lt=CIFAR10_TRAIN_SIZE,
@@ -56,7 +54,8 @@ class ModelParams(Section):
 
 class TrainParams(Section):
     seed: int = Field(
-        ge=0, le=MAX_SEED,
+        ge=0,
+        le=MAX_SEED,
         description="Seed of this replicate: weight init, batch order, augmentation draws, diagnostic probes.",
     )
     learning_rate: float = Field(gt=0, le=10, description="Initial SGD learning rate.")
@@ -65,26 +64,28 @@ class TrainParams(Section):
     weight_decay: float = Field(ge=0, lt=1, description="L2 weight decay coefficient (SGD's).")
     batch_size: int = Field(ge=1, description="Global mini-batch size, images per optimizer step.")
     num_epochs: int = Field(ge=1, description="Maximum number of epochs.")
-    lr_milestones: list[int] = Field(description="Epochs after which the learning rate is multiplied by lr_gamma."
-    )
+    lr_milestones: list[int] = Field(description="Epochs after which the learning rate is multiplied by lr_gamma.")
     lr_gamma: float = Field(gt=0, le=1, description="Learning-rate decay factor at each milestone.")
     patience: int = Field(ge=1, description="Epochs without improvement of `monitor` before stopping.")
-    min_delta: float = Field(ge=0, allow_inf_nan=False, description="Least change of `monitor` that counts as an improvement (its unit)."
+    min_delta: float = Field(
+        ge=0, allow_inf_nan=False, description="Least change of `monitor` that counts as an improvement (its unit)."
     )
-    monitor: Literal["val_loss", "val_accuracy"] = Field(description="Validation metric for early stopping and the best checkpoint."
+    monitor: Literal["val_loss", "val_accuracy"] = Field(
+        description="Validation metric for early stopping and the best checkpoint."
     )
     random_crop: bool = Field(description="Random 32x32 crop from the image zero-padded by 4 pixels.")
     horizontal_flip: bool = Field(description="Random horizontal flip with probability 0.5.")
     eval_batch_size: int = Field(ge=1, description="Batch size for validation and test, images.")
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when available, else CPU.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(description="auto: bf16 autocast where the hardware has bf16 units (CUDA from Ampere on, CPUs with "
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        description="auto: bf16 autocast where the hardware has bf16 units (CUDA from Ampere on, CPUs with "
         "AVX512-BF16 or AMX; about 2x faster than fp32), fp32 elsewhere (bf16 is emulated there, hence slower).",
     )
     compile: bool = Field(description="Compile the model with torch.compile.")
-    sync_batchnorm: bool = Field(description="Under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)."
+    sync_batchnorm: bool = Field(
+        description="Under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)."
     )
-    deterministic: bool = Field(description="Deterministic kernels (bit-for-bit reruns), no cudnn autotuning."
-    )
+    deterministic: bool = Field(description="Deterministic kernels (bit-for-bit reruns), no cudnn autotuning.")
 
     @field_validator("lr_milestones")
     @classmethod
@@ -101,14 +102,14 @@ class TrackingParams(Section):
     experiment_name: str = Field(min_length=1, description="MLflow experiment.")
     round: str = Field(
         min_length=1,
-        description="The round this run belongs to (`rounds run` sets the preset's name); the report groups replicates by it.",
+        description="The round this run belongs to (`rounds run` sets the preset's name); "
+        "the report groups replicates by it.",
     )
-    run_name: str = Field(min_length=1, description="MLflow run name outside `dvc exp run` (which names it)."
+    run_name: str = Field(min_length=1, description="MLflow run name outside `dvc exp run` (which names it).")
+    tracking_uri: str | None = Field(
+        description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the repo root.",
     )
-    tracking_uri: str | None = Field(description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the repo root.",
-    )
-    grad_norm_interval: int = Field(ge=1, description="Log the per-step gradient norm every this many optimizer steps."
-    )
+    grad_norm_interval: int = Field(ge=1, description="Log the per-step gradient norm every this many optimizer steps.")
     log_model: bool = Field(description="Log the best model as an MLflow LoggedModel and register it as a version.")
     registered_model: str = Field(
         pattern=r"^[A-Za-z0-9][\w.-]*$",
@@ -116,12 +117,14 @@ class TrackingParams(Section):
         "that each training run's best model becomes one version of; the round report moves its aliases.",
     )
     system_metrics_interval_s: float = Field(
-        ge=0, allow_inf_nan=False,
+        ge=0,
+        allow_inf_nan=False,
         description="While training, sample MLflow's system metrics (CPU, memory, disk, network; GPUs where "
         "nvidia-ml-py is installed) every this many seconds, seconds; 0: off.",
     )
     store_patience_s: float = Field(
-        gt=0, allow_inf_nan=False,
+        gt=0,
+        allow_inf_nan=False,
         description="How long one write waits, with backoff, for a busy store (a locked sqlite file, a server "
         "not answering) before the stage stops with its checkpoint kept, seconds.",
     )
@@ -134,7 +137,8 @@ class DiagnosticsParams(Section):
     noise_interval: int = Field(ge=1, description="Measure the half-batch gradient every this many steps.")
     noise_ema: float = Field(ge=0, lt=1, description="EMA decay of the |G|^2 and tr(Sigma) estimates, per measurement.")
     sharpness: bool = Field(description="Measure the Hessian's top eigenvalue and trace at `sharpness_epochs`.")
-    sharpness_epochs: list[int] = Field(description="Epochs to measure sharpness after; empty: each lr milestone and the last epoch."
+    sharpness_epochs: list[int] = Field(
+        description="Epochs to measure sharpness after; empty: each lr milestone and the last epoch."
     )
     sharpness_samples: int = Field(ge=1, description="Fixed, seeded subset of training images for the Hessian.")
     power_iterations: int = Field(ge=1, description="Most power-iteration steps for the top eigenvalue.")
@@ -164,11 +168,17 @@ class ReportParams(Section):
     """Success criteria of a round (the seed's), checked by `python -m cifar_rounds.analysis.report`."""
 
     min_test_accuracy: float = Field(ge=0, le=1, description="Test accuracy must exceed this (fraction).")
-    max_train_test_gap: float = Field(ge=0, le=1, description="Train minus test accuracy must stay below this (fraction)."
+    max_train_test_gap: float = Field(
+        ge=0, le=1, description="Train minus test accuracy must stay below this (fraction)."
     )
-    max_val_loss_rise: float = Field(ge=0, description="Stable validation loss: at the stop at most this fraction above its minimum."
+    max_val_loss_rise: float = Field(
+        ge=0, description="Stable validation loss: at the stop at most this fraction above its minimum."
     )
-    significance: float = Field(gt=0, lt=1, description="Significance level: a change in test accuracy counts as real below this p-value (the configuration verdict over seeds, or McNemar with one seed)."
+    significance: float = Field(
+        gt=0,
+        lt=1,
+        description="Significance level: a change in test accuracy counts as real below this p-value "
+        "(the configuration verdict over seeds, or McNemar with one seed).",
     )
 
 
@@ -281,8 +291,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -313,7 +322,9 @@ def write_yaml(tree: dict, path: Path, header: str = "") -> None:
 def main() -> None:
     """`python -m cifar_rounds.core.params [FILE]`: validate a params file, exit non-zero if bad."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("path", nargs="?", type=Path, default=PARAMS_FILE, help="params file to check (default: params.yaml)")
+    parser.add_argument(
+        "path", nargs="?", type=Path, default=PARAMS_FILE, help="params file to check (default: params.yaml)"
+    )
     args = parser.parse_args()
     try:
         load_params(args.path)

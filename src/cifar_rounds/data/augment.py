@@ -104,7 +104,9 @@ class TrainBatches:
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size
 
-    def epoch(self, generator: torch.Generator, shard: slice = slice(None)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(
+        self, generator: torch.Generator, shard: slice = slice(None)
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         draws = draw_epoch(len(self.labels), generator, self.crop, self.flip)
         device = self.packed.device
         order, dy, dx, flip = (t.to(device, non_blocking=True) for t in vars(draws).values())
@@ -117,7 +119,9 @@ class TrainBatches:
             yield normalize(colour_channels(pixels.float()), self.affine), self.labels[idx]
 
 
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     affine = standardisation(images.device)
     for i in range(0, len(labels), batch_size):
         yield normalize(images[i : i + batch_size], affine), labels[i : i + batch_size]

@@ -46,4 +46,6 @@ class Split:
             raise StageError(f"{path}: not found; run the split stage first (dvc repro split)") from None
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise StageError(f"{path}: not a readable split ({first}); rerun the split stage (dvc repro -f split)") from None
+            raise StageError(
+                f"{path}: not a readable split ({first}); rerun the split stage (dvc repro -f split)"
+            ) from None

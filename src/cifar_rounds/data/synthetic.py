@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_rounds.data.cifar import BATCHES_DIR, META_FILE, NUM_CLASSES, TEST_FILE, TRAIN_FILES, write_batch
 from cifar_rounds.core.files import file_md5
+from cifar_rounds.data.cifar import BATCHES_DIR, META_FILE, NUM_CLASSES, TEST_FILE, TRAIN_FILES, write_batch
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.params import with_overrides
-from cifar_rounds.analysis.rounds import load_preset
 
 if TYPE_CHECKING:
     from cifar_rounds.search.sweep import Driver
@@ -44,7 +44,11 @@ def ranked(d: Driver, trials: list) -> list:
     order = {"COMPLETE": 0, "PRUNED": 1}
 
     def key(t):
-        value = t.value if t.value is not None else (t.intermediate_values[epochs_trained(t)] if t.intermediate_values else None)
+        value = (
+            t.value
+            if t.value is not None
+            else (t.intermediate_values[epochs_trained(t)] if t.intermediate_values else None)
+        )
         return order.get(t.state.name, 2), sign * value if value is not None else math.inf
 
     return sorted(trials, key=key)
@@ -52,22 +56,31 @@ def ranked(d: Driver, trials: list) -> list:
 
 def trial_table(d: Driver, trials: list) -> list[str]:
     names = list(d.sweep.space)
-    lines = [f"| rank | trial | state | {d.sweep.objective.metric} | epochs | " + " | ".join(names) + " |",
-             "|" + "---|" * (5 + len(names))]
+    lines = [
+        f"| rank | trial | state | {d.sweep.objective.metric} | epochs | " + " | ".join(names) + " |",
+        "|" + "---|" * (5 + len(names)),
+    ]
     for i, t in enumerate(ranked(d, trials), 1):
         values = decoded(d, t)
         value = f"{t.value:.4f}" if t.value is not None else "–"
         origin = f" ({t.user_attrs['preset']})" if "preset" in t.user_attrs else ""
-        lines.append(f"| {i} | {t.number}{origin} | {t.state.name} | {value} | {epochs_trained(t)} | "
-                     + " | ".join(str(values.get(n, "–")) for n in names) + " |")
+        lines.append(
+            f"| {i} | {t.number}{origin} | {t.state.name} | {value} | {epochs_trained(t)} | "
+            + " | ".join(str(values.get(n, "–")) for n in names)
+            + " |"
+        )
     return lines
 
 
 def best_against_baseline(d: Driver, best) -> list[str]:
     base = {**load_preset(d.sweep.baseline), **d.sweep.fixed}
     changed = {k: v for k, v in decoded(d, best).items() if base.get(k) != v}
-    lines = [f"Best: trial {best.number} ({d.trial_name(best.number)}), {d.sweep.objective.metric} {best.value:.4f}.", "",
-             f"| parameter | {d.sweep.baseline} | trial {best.number} |", "|---|---|---|"]
+    lines = [
+        f"Best: trial {best.number} ({d.trial_name(best.number)}), {d.sweep.objective.metric} {best.value:.4f}.",
+        "",
+        f"| parameter | {d.sweep.baseline} | trial {best.number} |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {base.get(k, '–')} | {v} |" for k, v in changed.items()] or ["| (none) | | |"]
     return lines
 
@@ -78,7 +91,8 @@ def importance_lines(d: Driver) -> list[str]:
 
     try:
         importances = optuna.importance.get_param_importances(
-            d.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            d.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
     except (RuntimeError, ValueError) as error:  # too few complete trials, or a single distinct value
         return [f"Not computable yet ({str(error).splitlines()[0]})."]
     return ["| parameter | importance (fANOVA) |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in importances.items()]
@@ -88,20 +102,44 @@ def pruning_lines(d: Driver, trials: list) -> list[str]:
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     trained = sum(epochs_trained(t) for t in trials)
     saved = sum(planned_epochs(d, t) - epochs_trained(t) for t in pruned)
-    return [f"{len(pruned)} of {len(trials)} trials pruned; {trained} epochs trained, {saved} saved by pruning "
-            f"({saved / max(trained + saved, 1):.0%} of the epochs the trials would have trained)."]
+    return [
+        f"{len(pruned)} of {len(trials)} trials pruned; {trained} epochs trained, {saved} saved by pruning "
+        f"({saved / max(trained + saved, 1):.0%} of the epochs the trials would have trained)."
+    ]
 
 
 def render(d: Driver) -> str:
-    trials = [t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")]
+    trials = [
+        t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+    ]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    lines = [f"# Sweep {d.sweep.study}", "",
-             f"{len(trials)} trials, objective {d.sweep.objective.metric} ({d.sweep.objective.direction}), "
-             f"sampler {d.sweep.sampler.kind}, pruner {d.sweep.pruner.kind}; MLflow parent run {d.parent_run_id}.", "",
-             "## Trials", "", *trial_table(d, trials), "", "## Best trial against the baseline", ""]
+    lines = [
+        f"# Sweep {d.sweep.study}",
+        "",
+        f"{len(trials)} trials, objective {d.sweep.objective.metric} ({d.sweep.objective.direction}), "
+        f"sampler {d.sweep.sampler.kind}, pruner {d.sweep.pruner.kind}; MLflow parent run {d.parent_run_id}.",
+        "",
+        "## Trials",
+        "",
+        *trial_table(d, trials),
+        "",
+        "## Best trial against the baseline",
+        "",
+    ]
     lines += best_against_baseline(d, d.study.best_trial) if complete else ["No trial has completed."]
-    lines += ["", "## Parameter importances", "", *importance_lines(d), "", "## Pruning", "", *pruning_lines(d, trials),
-              "", f"![optimisation history](sweep-{d.sweep.study}.png)", ""]
+    lines += [
+        "",
+        "## Parameter importances",
+        "",
+        *importance_lines(d),
+        "",
+        "## Pruning",
+        "",
+        *pruning_lines(d, trials),
+        "",
+        f"![optimisation history](sweep-{d.sweep.study}.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -111,8 +149,11 @@ def plot_history(d: Driver, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     done = [t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
-        points = [(t.number, t.value if t.value is not None else t.intermediate_values[epochs_trained(t)])
-                  for t in done if t.state.name == state and (t.value is not None or t.intermediate_values)]
+        points = [
+            (t.number, t.value if t.value is not None else t.intermediate_values[epochs_trained(t)])
+            for t in done
+            if t.state.name == state and (t.value is not None or t.intermediate_values)
+        ]
         if points:
             ax.scatter(*zip(*points), marker=marker, label=state.lower())
     best, run = [], None

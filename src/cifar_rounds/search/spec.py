@@ -86,7 +86,8 @@ Dimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type"
 
 class Objective(Part):
     metric: Literal["val_accuracy", "val_loss"] = Field(
-        "val_accuracy", description="Validation metric a trial is judged by, at its best epoch; never a test metric.")
+        "val_accuracy", description="Validation metric a trial is judged by, at its best epoch; never a test metric."
+    )
     direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether larger or smaller is better.")
 
     @model_validator(mode="after")
@@ -126,7 +127,9 @@ class GridSampler(Part):
     def build(self, space: dict[str, Dimension], offset: int = 0):
         import optuna  # the grid's order is fixed by the seed; points already tried are skipped by Optuna
 
-        return optuna.samplers.GridSampler({k: [json.dumps(c) for c in d.choices] for k, d in space.items()}, seed=self.seed)
+        return optuna.samplers.GridSampler(
+            {k: [json.dumps(c) for c in d.choices] for k, d in space.items()}, seed=self.seed
+        )
 
 
 class NoPruner(Part):
@@ -157,7 +160,9 @@ class HalvingPruner(Part):
     def build(self):
         import optuna
 
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_epochs, reduction_factor=self.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=self.min_epochs, reduction_factor=self.reduction_factor
+        )
 
 
 Sampler = Annotated[TpeSampler | RandomSampler | GridSampler, Field(discriminator="kind")]
@@ -169,8 +174,10 @@ class Sweep(Part):
     baseline: str = Field(description="Preset (rounds/NAME.yaml) the best trial is compared with.")
     trials: int = Field(ge=1, description="Trials to finish (complete, pruned or failed), the enqueued ones included.")
     storage: str | None = Field(None, description="Optuna storage URL; null: sqlite optuna.db at the repository root.")
-    enqueue: list[str] = Field(default_factory=list, description="Presets tried first, in this order (their values "
-                               "of the searched parameters).")
+    enqueue: list[str] = Field(
+        default_factory=list,
+        description="Presets tried first, in this order (their values of the searched parameters).",
+    )
     fixed: dict[str, Any] = Field(default_factory=dict, description="params.yaml values every trial gets.")
     space: dict[str, Dimension] = Field(min_length=1, description="The parameters searched, by dotted name.")
     objective: Objective = Field(default_factory=Objective)
@@ -199,7 +206,7 @@ def load_sweep(path: Path, base: Params) -> Sweep:
         sweep = Sweep.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not str(p) in ("float", "int", "categorical"))
+        where = ".".join(str(p) for p in first["loc"] if str(p) not in ("float", "int", "categorical"))
         message = first["msg"].removeprefix("Value error, ")
         raise ParamsError(f"{path}: {where + ': ' if where else ''}{message}") from None
     check_space(sweep, base, path)
@@ -232,5 +239,7 @@ def check_enqueued(sweep: Sweep, presets: dict[str, dict[str, object]], path: Pa
     for name, values in presets.items():
         for key, dimension in sweep.space.items():
             if key in values and not dimension.contains(values[key]):
-                raise ParamsError(f"{path}: enqueue: preset {name} has {key} = {values[key]!r}, outside "
-                                  f"space.{key} {dimension.ends()}; widen the space or drop the preset")
+                raise ParamsError(
+                    f"{path}: enqueue: preset {name} has {key} = {values[key]!r}, outside "
+                    f"space.{key} {dimension.ends()}; widen the space or drop the preset"
+                )

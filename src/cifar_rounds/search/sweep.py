@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2`: search round N+1 with Optuna through DVC's queue.
+"""`python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2`: search round N+1 through DVC's queue.
 
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or
 any database URL, which lets drivers on several machines share one study). The
@@ -23,12 +23,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cifar_rounds.analysis.rounds import PRESETS_DIR, exp_run_command, load_preset
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import Params, ParamsError, load_params, unflatten, with_overrides, write_yaml
-from cifar_rounds.analysis.rounds import PRESETS_DIR, exp_run_command, load_preset
 from cifar_rounds.search.spec import Sweep, check_enqueued, load_sweep
-from cifar_rounds.search.trial import (OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, STATE_TAG, SWEEP_TAG, TRIAL_TAG,
-                                 conclude, study_storage)
+from cifar_rounds.search.trial import (
+    OBJECTIVE_ATTR,
+    PARENT_RUN_ATTR,
+    PRUNER_ATTR,
+    STATE_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    conclude,
+    study_storage,
+)
 from cifar_rounds.tracking.run import END_REASON_TAG, open_client, repo_root
 
 DIGEST_ATTR = "space_digest"
@@ -81,8 +89,14 @@ class Driver:
         """Everything the experiment runs with: the baseline preset, the fixed values, the trial's and its identity."""
         values = {**load_preset(self.sweep.baseline), **self.sweep.fixed}
         values.update({name: dim.suggest(trial, name) for name, dim in self.sweep.space.items()})
-        values.update({"tracking.round": self.trial_name(trial.number), "sweep.study": self.sweep.study,
-                       "sweep.trial": trial.number, "sweep.storage": self.sweep.storage})
+        values.update(
+            {
+                "tracking.round": self.trial_name(trial.number),
+                "sweep.study": self.sweep.study,
+                "sweep.trial": trial.number,
+                "sweep.storage": self.sweep.storage,
+            }
+        )
         return values
 
 
@@ -95,14 +109,21 @@ def open_study(sweep: Sweep, url: str):
         storage = optuna.storages.get_storage(url)
     except Exception as error:
         raise StageError(f"sweep storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
-    study = optuna.create_study(storage=storage, study_name=sweep.study, direction=sweep.objective.direction,
-                                pruner=sweep.pruner.build(), load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=sweep.study,
+        direction=sweep.objective.direction,
+        pruner=sweep.pruner.build(),
+        load_if_exists=True,
+    )
     # seeded by the trials so far: a driver started again must not replay the first driver's proposals
     study.sampler = sweep.sampler.build(sweep.space, len(study.trials))
     known = study.user_attrs.get(DIGEST_ATTR)
     if known is not None and known != sweep.digest():
-        raise StageError(f"study {sweep.study!r} in {url} was created from another search space "
-                         f"(space digest {known}, this file's {sweep.digest()}); choose another `study:` name")
+        raise StageError(
+            f"study {sweep.study!r} in {url} was created from another search space "
+            f"(space digest {known}, this file's {sweep.digest()}); choose another `study:` name"
+        )
     return study, storage, known is None
 
 
@@ -128,8 +149,11 @@ def new_driver(sweep: Sweep, base: Params) -> Driver:
         study.set_user_attr(PRUNER_ATTR, sweep.pruner.model_dump())
         for preset in sweep.enqueue:  # what is known already is tried first
             values = load_preset(preset)
-            study.enqueue_trial({k: encoded(sweep, k, values[k]) for k in sweep.space if k in values},
-                                user_attrs={"preset": preset}, skip_if_exists=True)
+            study.enqueue_trial(
+                {k: encoded(sweep, k, values[k]) for k in sweep.space if k in values},
+                user_attrs={"preset": preset},
+                skip_if_exists=True,
+            )
         study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
     print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
     return Driver(sweep, base, study, storage, client, parent)
@@ -165,8 +189,9 @@ def saved_experiments(root: Path) -> set[str]:
     Their refs are refs/exps/<baseline[:2]>/<baseline[2:]>/<name>; DVC's own refs (the queue's stash,
     the executors') have other shapes.
     """
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root, capture_output=True, text=True
+    ).stdout
     parts = [ref.split("/") for ref in out.split()]
     return {p[4] for p in parts if len(p) == 5 and len(p[2]) == 2}
 
@@ -182,7 +207,9 @@ def settle(d: Driver) -> list[int]:
     """
     import optuna
 
-    running = [t for t in d.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and d.ours(t)]
+    running = [
+        t for t in d.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and d.ours(t)
+    ]
     states = queue_states({d.trial_name(t.number) for t in running})
     ended = [t for t in running if states.get(d.trial_name(t.number)) not in ("Queued", "Running")]
     saved = saved_experiments(repo_root()) if ended else set()
@@ -202,8 +229,10 @@ def settle(d: Driver) -> list[int]:
             attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
             d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
             d.mark_retried(t.number)
-        print(f"sweep: trial {t.number} ({name}) {'was lost' if state is None else state.lower()}"
-              f"; marked FAIL{', retrying it' if retry else ''}")
+        print(
+            f"sweep: trial {t.number} ({name}) {'was lost' if state is None else state.lower()}"
+            f"; marked FAIL{', retrying it' if retry else ''}"
+        )
         d.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         end_trial_runs(d, t.number)
     return alive
@@ -211,8 +240,10 @@ def settle(d: Driver) -> list[int]:
 
 def end_trial_runs(d: Driver, number: int) -> None:
     """Mark a failed trial's MLflow runs FAIL; end those still RUNNING as KILLED, saying why."""
-    runs = d.client.search_runs([d.client.get_run(d.parent_run_id).info.experiment_id],
-                                f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}'")
+    runs = d.client.search_runs(
+        [d.client.get_run(d.parent_run_id).info.experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}'",
+    )
     for r in runs:
         d.client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
         if r.info.status == "RUNNING":
@@ -236,7 +267,9 @@ def queue_next(d: Driver) -> bool:
         print(f"sweep: trial {trial.number} has invalid values ({error}); marked FAIL")
         d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return True
-    result = subprocess.run(exp_run_command(d.trial_name(trial.number), values, ["--queue"]), capture_output=True, text=True)
+    result = subprocess.run(
+        exp_run_command(d.trial_name(trial.number), values, ["--queue"]), capture_output=True, text=True
+    )
     if result.returncode != 0:
         d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise StageError(f"dvc exp run --queue failed for {d.trial_name(trial.number)}: {result.stderr.strip()[-300:]}")
@@ -263,8 +296,14 @@ def start_workers(workers: int) -> None:
     log = repo_root() / WORKERS_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], stdin=subprocess.DEVNULL,
-                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=worker_env(workers))
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=worker_env(workers),
+        )
 
 
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
@@ -293,10 +332,15 @@ def promote(d: Driver, name: str, folder: Path = PRESETS_DIR) -> Path:
     values.update({k: json.loads(v) if d.sweep.space[k].type == "categorical" else v for k, v in best.params.items()})
     with_overrides(d.base, values)
     path = folder / f"{name}.yaml"
-    header = (f"Round {name}: the best trial of sweep {d.sweep.study!r} (trial {best.number}, "
-              f"{d.sweep.objective.metric} {best.value:.4f}), promoted from its baseline {d.sweep.baseline}.")
+    header = (
+        f"Round {name}: the best trial of sweep {d.sweep.study!r} (trial {best.number}, "
+        f"{d.sweep.objective.metric} {best.value:.4f}), promoted from its baseline {d.sweep.baseline}."
+    )
     write_yaml(unflatten(values), path, header)
-    print(f"sweep: promoted trial {best.number} to {path}; next: python -m cifar_rounds.analysis.rounds run {name} --seeds 5")
+    print(
+        f"sweep: promoted trial {best.number} to {path}; next: python -m "
+        f"cifar_rounds.analysis.rounds run {name} --seeds 5"
+    )
     return path
 
 

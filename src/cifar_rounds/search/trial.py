@@ -25,7 +25,8 @@ SWEEP_TAG, TRIAL_TAG, STATE_TAG = "sweep", "sweep.trial", "sweep.trial_state"
 
 
 def study_storage(url: str | None, root: Path) -> str:
-    """The storage URL: the given one, or sqlite optuna.db at the repository root; relative sqlite paths from the root."""
+    """The storage URL: the given one, or sqlite optuna.db at the repository root; relative "
+    "sqlite paths from the root."""
     prefix = "sqlite:///"
     if url is None:
         return f"{prefix}{root / STUDY_FILE}"
@@ -55,8 +56,11 @@ class StudyTrial:
 
     def tags(self) -> dict[str, str]:
         parent = self.study.user_attrs.get(PARENT_RUN_ATTR)
-        return {SWEEP_TAG: self.study.study_name, TRIAL_TAG: str(self.number),
-                **({"mlflow.parentRunId": parent} if parent else {})}
+        return {
+            SWEEP_TAG: self.study.study_name,
+            TRIAL_TAG: str(self.number),
+            **({"mlflow.parentRunId": parent} if parent else {}),
+        }
 
     def report(self, epoch: int, record: dict) -> bool:
         """Report the epoch's objective; True when the pruner says stop."""
@@ -94,9 +98,9 @@ def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
     if sp.study is None:
         return NoTrial()
     import optuna
+    from pydantic import TypeAdapter
 
     from cifar_rounds.search.spec import Objective, Pruner
-    from pydantic import TypeAdapter
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = study_storage(sp.storage, repo_root())
@@ -113,7 +117,9 @@ def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
     study = optuna.Study(study_name=sp.study, storage=storage, pruner=pruner)
     frozen = storage.get_trial(trial_id)
     if frozen.state != optuna.trial.TrialState.RUNNING:
-        print(f"sweep: trial {sp.trial} of {sp.study!r} is already {frozen.state.name}; training without reporting to it")
+        print(
+            f"sweep: trial {sp.trial} of {sp.study!r} is already {frozen.state.name}; training without reporting to it"
+        )
         return NoTrial()
     objective = Objective.model_validate(attrs[OBJECTIVE_ATTR])
     return StudyTrial(study, optuna.trial.Trial(study, trial_id), sp.trial, objective.metric)

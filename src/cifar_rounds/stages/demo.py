@@ -67,7 +67,9 @@ def init_project(source: Path, target: Path, params: Params) -> None:
     if not (target / ".dvc").exists():
         dvc("init", "-q", cwd=target)
         dvc("config", "core.analytics", "false", cwd=target)
-    (target / ".gitignore").write_text("/mlflow.db\n/optuna.db\n/.*.lock\n/mlartifacts/\ndvc_plots/\n/" + ARCHIVE + "\n")
+    (target / ".gitignore").write_text(
+        "/mlflow.db\n/optuna.db\n/.*.lock\n/mlartifacts/\ndvc_plots/\n/" + ARCHIVE + "\n"
+    )
 
 
 def commit_all(target: Path, message: str) -> None:

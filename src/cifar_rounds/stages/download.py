@@ -16,10 +16,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from cifar_rounds.data.cifar import BATCHES_DIR
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import file_md5
 from cifar_rounds.core.params import load_params
+from cifar_rounds.data.cifar import BATCHES_DIR
 
 
 def local_path(url: str) -> Path | None:
@@ -57,9 +57,7 @@ def fetch(url: str, workdir: Path) -> Path:
 def verify_md5(path: Path, expected: str) -> None:
     actual = file_md5(path)
     if actual != expected:
-        raise StageError(
-            f"data.md5: {path.name} has MD5 {actual}, expected {expected} (truncated or wrong file?)"
-        )
+        raise StageError(f"data.md5: {path.name} has MD5 {actual}, expected {expected} (truncated or wrong file?)")
 
 
 def check_member(member: tarfile.TarInfo) -> None:

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_rounds.training.checkpoint import load_weights
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.training.engine import predict, scores
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import read_json, write_json
-from cifar_rounds.training.model import build_model
 from cifar_rounds.core.names import BEST_CHECKPOINT, EVALUATION_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.augment import eval_batches
-from cifar_rounds.training.runtime import amp_dtype, configure_cpu, memory_format, select_device
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.tracking.run import Tracker
+from cifar_rounds.training.checkpoint import load_weights
+from cifar_rounds.training.engine import predict, scores
+from cifar_rounds.training.model import build_model
+from cifar_rounds.training.runtime import amp_dtype, configure_cpu, memory_format, select_device
 
 
 def test_set_digest(images: np.ndarray, labels: np.ndarray) -> str:
@@ -36,8 +36,14 @@ def test_set_digest(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-          dtype: torch.dtype | None) -> tuple[dict[str, float], np.ndarray]:
+def score(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[dict[str, float], np.ndarray]:
     """{loss, accuracy} of a set, and its predictions."""
     x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     losses, preds = predict(model, eval_batches(x, y, batch_size), device, dtype)
@@ -72,8 +78,15 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path, title: s
     ax.set_ylabel("actual")
     ax.set_title(title)
     for (i, j), count in np.ndenumerate(confusion):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > confusion.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > confusion.max() / 2 else "black",
+        )
     fig.colorbar(image, ax=ax)
     save_figure(fig, path)
 
@@ -99,8 +112,11 @@ def main() -> None:
     load_weights(args.models / BEST_CHECKPOINT, model, params.model.width)
 
     bs = params.train.eval_batch_size
-    sets = {"test": (split.test_images, split.test_labels), "val": (split.val_images, split.val_labels),
-            "train": (split.train_images, split.train_labels)}
+    sets = {
+        "test": (split.test_images, split.test_labels),
+        "val": (split.val_images, split.val_labels),
+        "train": (split.train_images, split.train_labels),
+    }
     results = {name: score(model, *arrays, bs, device, dtype) for name, arrays in sets.items()}
     test_preds = results["test"][1]
     confusion = confusion_matrix(split.test_labels, test_preds, len(names))
@@ -133,7 +149,8 @@ def log_evaluation(tracker: Tracker, metrics: dict, args: argparse.Namespace) ->
     # train_/val_ already name the per-epoch series; the best model's values get their own names
     flat = {
         f"final_{k}" if k.startswith(("train_", "val_")) else k: v
-        for k, v in metrics.items() if isinstance(v, (int, float))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
     }
     flat.update({f"test_accuracy/{n}": v for n, v in metrics["per_class_accuracy"].items() if v is not None})
     # the run's metrics, and with a logged model also that model's (the Models page shows them)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_rounds.data.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.data.dataset import Split
 from cifar_rounds.core.params import load_params
+from cifar_rounds.data.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names
+from cifar_rounds.data.dataset import Split
 
 
 def stratified_val_indices(labels: np.ndarray, val_size: int, seed: int) -> np.ndarray:
@@ -39,8 +39,13 @@ def make_split(batches_dir: Path, val_size: int, seed: int) -> Split:
     val = stratified_val_indices(labels, val_size, seed)
     train = np.setdiff1d(np.arange(len(labels)), val)
     return Split(
-        images[train], labels[train], images[val], labels[val],
-        test_images, test_labels, read_label_names(batches_dir),
+        images[train],
+        labels[train],
+        images[val],
+        labels[val],
+        test_images,
+        test_labels,
+        read_label_names(batches_dir),
     )
 
 

@@ -17,24 +17,33 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from cifar_rounds.training.checkpoint import Outputs, Progress, best_weights, find_resume, restore, run_identity, training_state
 from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.files import file_md5
+from cifar_rounds.core.names import TRAINER_LOCK
+from cifar_rounds.core.params import Params, load_params
+from cifar_rounds.data.dataset import Split
+from cifar_rounds.search.trial import STATE_TAG, NoTrial, open_trial
+from cifar_rounds.tracking.run import dataset_inputs, repo_root, system_metrics, tracking_uri
+from cifar_rounds.training.checkpoint import (
+    Outputs,
+    Progress,
+    best_weights,
+    find_resume,
+    restore,
+    run_identity,
+    training_state,
+)
 from cifar_rounds.training.diagnostics import NoiseScale
 from cifar_rounds.training.distributed import World, close_world, from_main_rank, gather, init_world
 from cifar_rounds.training.engine import EarlyStopping
-from cifar_rounds.core.files import file_md5
-from cifar_rounds.training.trainer import build_trainer, diagnose, run_epoch, sharpness_due
-from cifar_rounds.core.names import TRAINER_LOCK
-from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.training.runtime import configure_cpu, run_conditions, select_device
 from cifar_rounds.training.sink import NullSink, RunSink
-from cifar_rounds.tracking.run import dataset_inputs, repo_root, system_metrics, tracking_uri
-from cifar_rounds.search.trial import STATE_TAG, NoTrial, open_trial
-from cifar_rounds.data.dataset import Split
+from cifar_rounds.training.trainer import build_trainer, diagnose, run_epoch, sharpness_due
 
 
-def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: torch.device,
-        world: World = World()) -> dict:
+def fit(
+    params: Params, split: Split, split_digest: str, out: Outputs, device: torch.device, world: World = World()
+) -> dict:
     """Train to the end or early stop, checkpointing every epoch; returns the summary.
 
     Under torchrun every rank runs this; rank 0's sink writes files and logs.
@@ -42,13 +51,23 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
     tp, identity = params.train, run_identity(params, split_digest)
     t = build_trainer(params, split, device, world)
     resume = find_resume(out.last, identity)
-    progress = restore(resume.state, t.nets.net, t.optim.optimizer, t.optim.scheduler, t.data.generator) if resume.state else Progress()
-    stopper = EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
+    progress = (
+        restore(resume.state, t.nets.net, t.optim.optimizer, t.optim.scheduler, t.data.generator)
+        if resume.state
+        else Progress()
+    )
+    stopper = (
+        EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
+    )
     # the averages continue; the decay is today's diagnostics.noise_ema (a change is recorded by the sink)
     noise = NoiseScale(**{**progress.noise, "decay": params.diagnostics.noise_ema})
     progress.conditions = progress.conditions or run_conditions(tp.precision, params.model.width, device)
     datasets = dataset_inputs(params.data.url, split_digest, split.sizes)
-    sink = RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume, datasets) if world.is_main else NullSink()
+    sink = (
+        RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume, datasets)
+        if world.is_main
+        else NullSink()
+    )
     trial = open_trial(params.sweep) if world.is_main and not progress.finalized else NoTrial()  # rank 0 reports
     sink.tag(trial.tags())
     sink.tag(rank_nodes(world))
@@ -61,16 +80,27 @@ def fit(params: Params, split: Split, split_digest: str, out: Outputs, device: t
             # a pruned trial stops as an early stop does; rank 0 decides for every rank
             progress.pruned = bool(from_main_rank(trial.report(epoch, record), world))
             progress.finished = stopper.should_stop or progress.pruned or epoch == tp.num_epochs
-            record.update(diagnose(t, params, samples, noise, record["learning_rate"], sharpness_due(epoch, progress.finished, params)))
+            record.update(
+                diagnose(
+                    t, params, samples, noise, record["learning_rate"], sharpness_due(epoch, progress.finished, params)
+                )
+            )
             progress.epoch, progress.stopper, progress.noise = epoch, asdict(stopper), asdict(noise)
             progress.history.append(record)
-            progress.last_grad_norm_steps = step_series(result.step_grad_norms, epoch, params.tracking.grad_norm_interval)
-            state = training_state(t.nets.net, t.optim.optimizer, t.optim.scheduler, t.data.generator, progress, identity)
+            progress.last_grad_norm_steps = step_series(
+                result.step_grad_norms, epoch, params.tracking.grad_norm_interval
+            )
+            state = training_state(
+                t.nets.net, t.optim.optimizer, t.optim.scheduler, t.data.generator, progress, identity
+            )
             best = best_weights(t.nets.net.state_dict(), epoch, params.model.width) if improved else None
             sink.epoch(progress, record, state, best)
         summary = {
-            "best_epoch": stopper.best_epoch, "stopped_epoch": progress.epoch,
-            "early_stopped": stopper.should_stop, "pruned": progress.pruned, "mlflow_run_id": progress.run_id,
+            "best_epoch": stopper.best_epoch,
+            "stopped_epoch": progress.epoch,
+            "early_stopped": stopper.should_stop,
+            "pruned": progress.pruned,
+            "mlflow_run_id": progress.run_id,
             **progress.conditions,
         }
         trial_state = trial.finish(progress.history, progress.pruned)
@@ -99,8 +129,9 @@ def node_system_metrics(params: Params, world: World, run_id: str | None) -> Abs
         # another machine's local file: opening it here would create an empty store
         print(f"train: {world.node_name} does not see the store {uri}; its system metrics are not sampled")
         return nullcontext()
-    return system_metrics(uri, run_id, params.tracking.system_metrics_interval_s,
-                          world.node_name if world.size > 1 else None)
+    return system_metrics(
+        uri, run_id, params.tracking.system_metrics_interval_s, world.node_name if world.size > 1 else None
+    )
 
 
 def step_series(step_norms: list[float], epoch: int, interval: int) -> dict[int, float]:
@@ -116,8 +147,9 @@ def one_trainer(models: Path) -> FileLock:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise StageError(f"{models}: another training process is writing here; wait for it or use another "
-                         "--models folder") from None
+        raise StageError(
+            f"{models}: another training process is writing here; wait for it or use another --models folder"
+        ) from None
     return lock
 
 

@@ -16,10 +16,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.core.params import Params
 from cifar_rounds.analysis.replicates import Replicate, Round
-from cifar_rounds.tracking.run import open_client, patiently, run_version
 from cifar_rounds.analysis.verdict import Verdict
+from cifar_rounds.core.params import Params
+from cifar_rounds.tracking.run import open_client, patiently, run_version
 
 CHAMPION = "champion"
 Side = Literal["none", "baseline", "candidate", "other"]  # where the current champion comes from
@@ -54,17 +54,31 @@ def champion_decision(side: Side, passes: bool, v: Verdict, base: str, cand: str
     if side == "none":
         return True, f"there was no champion, and {cand} passes its success criteria"
     if side == "candidate":
-        return True, f"the champion already comes from {cand}, which passes its success criteria; it follows the round's best seed"
+        return (
+            True,
+            f"the champion already comes from {cand}, which passes its success criteria; it "
+            "follows the round's best seed",
+        )
     if side == "other":
-        return False, (f"the champion comes from neither {base} nor {cand}, so this report's verdict does not "
-                       f"compare {cand} with it; report the champion's round against {cand}")
+        return False, (
+            f"the champion comes from neither {base} nor {cand}, so this report's verdict does not "
+            f"compare {cand} with it; report the champion's round against {cand}"
+        )
     if min(v.seeds_baseline, v.seeds_candidate) < 2:
-        return False, ("with one seed on a side the verdict compares two trained models, not configurations; "
-                       "run both rounds with --seeds 2 or more")
+        return False, (
+            "with one seed on a side the verdict compares two trained models, not configurations; "
+            "run both rounds with --seeds 2 or more"
+        )
     if not (v.real and v.difference > 0):
-        return False, (f"the configuration verdict does not say {cand} beats {base}, the champion's round "
-                       f"(difference {v.difference:+.2%}, p = {v.p_value:.4g}, alpha = {v.alpha:g})")
-    return True, f"{cand} passes its success criteria and its configuration beats {base}, the champion's round (p = {v.p_value:.4g})"
+        return False, (
+            f"the configuration verdict does not say {cand} beats {base}, the champion's round "
+            f"(difference {v.difference:+.2%}, p = {v.p_value:.4g}, alpha = {v.alpha:g})"
+        )
+    return (
+        True,
+        f"{cand} passes its success criteria and its configuration beats {base}, the champion's "
+        f"round (p = {v.p_value:.4g})",
+    )
 
 
 def alias_version(client: MlflowClient, name: str, alias: str, patience_s: float) -> ModelVersion | None:
@@ -88,15 +102,21 @@ def move_aliases(params: Params, base: Round, cand: Round, passes: bool, v: Verd
         rep = best_replicate(r)
         version = run_version(client, name, rep.metrics["mlflow_run_id"], patience)
         if version is None:
-            lines.append(f"- {r.name}: its best seed {rep.label} registered no version of {name} "
-                         "(tracking.log_model off, or trained before registration): @"
-                         f"{round_alias(r.name)} not moved")
+            lines.append(
+                f"- {r.name}: its best seed {rep.label} registered no version of {name} "
+                "(tracking.log_model off, or trained before registration): @"
+                f"{round_alias(r.name)} not moved"
+            )
             continue
         best[r.name] = version
         alias = round_alias(r.name)
-        patiently(lambda: client.set_registered_model_alias(name, alias, version.version), f"setting @{alias}", patience)
-        lines.append(f"- @{alias} -> {name} version {version.version} ({rep.label}, test accuracy "
-                     f"{rep.metrics['test_accuracy']:.2%})")
+        patiently(
+            lambda: client.set_registered_model_alias(name, alias, version.version), f"setting @{alias}", patience
+        )
+        lines.append(
+            f"- @{alias} -> {name} version {version.version} ({rep.label}, test accuracy "
+            f"{rep.metrics['test_accuracy']:.2%})"
+        )
     champion = alias_version(client, name, CHAMPION, patience)
     move, why = champion_decision(champion_side(champion, base, cand), passes, v, base.name, cand.name)
     if move and cand.name not in best:

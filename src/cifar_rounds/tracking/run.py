@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from filelock import FileLock
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModel, LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModel,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -94,7 +104,8 @@ def transient(error: Exception) -> bool:
     """A store error that waiting can cure: a locked sqlite file, an unreachable or overloaded server."""
     text = str(error)
     return getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE" or any(
-        s in text for s in ("database is locked", "Max retries exceeded", "Connection refused", "503"))
+        s in text for s in ("database is locked", "Max retries exceeded", "Connection refused", "503")
+    )
 
 
 def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
@@ -108,11 +119,16 @@ def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
             if not transient(error):
                 raise StageError(f"tracking: {what} failed ({first})") from None
             if time.monotonic() + delay > deadline:
-                raise StageError(f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s "
-                                 f"({first}); the last checkpoint is safe: rerun to resume") from None
+                raise StageError(
+                    f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s "
+                    f"({first}); the last checkpoint is safe: rerun to resume"
+                ) from None
             if delay == 0.5:
-                print(f"tracking: the MLflow store is busy ({first}); retrying for up to "
-                      f"{patience_s:.0f} s (tracking.store_patience_s)", flush=True)
+                print(
+                    f"tracking: the MLflow store is busy ({first}); retrying for up to "
+                    f"{patience_s:.0f} s (tracking.store_patience_s)",
+                    flush=True,
+                )
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -125,8 +141,10 @@ def check_reachable(uri: str, source: str) -> None:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).close()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise StageError(f"{source}: the MLflow server {uri} is not reachable ({reason}); "
-                         "start it, or unset the URI to use the local store") from None
+        raise StageError(
+            f"{source}: the MLflow server {uri} is not reachable ({reason}); "
+            "start it, or unset the URI to use the local store"
+        ) from None
 
 
 def rebase_moved_store(db: Path, root: Path, patience_s: float) -> None:
@@ -156,8 +174,11 @@ def patient_sqlite(db: Path, patience_s: float) -> Iterator[sqlite3.Connection]:
         if "locked" not in str(error):
             raise
         con.close()
-        print(f"tracking: the MLflow store is busy ({error}); retrying for up to {patience_s:.0f} s "
-              "(tracking.store_patience_s)", flush=True)
+        print(
+            f"tracking: the MLflow store is busy ({error}); retrying for up to {patience_s:.0f} s "
+            "(tracking.store_patience_s)",
+            flush=True,
+        )
         con = sqlite3.connect(db, timeout=patience_s)
     try:
         with con:
@@ -170,8 +191,10 @@ def _replace_prefix(con: sqlite3.Connection, tables: set[str], old: str, new: st
     columns = {"experiments": "artifact_location", "runs": "artifact_uri", "logged_models": "artifact_location"}
     for table, column in columns.items():
         if table in tables:
-            con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR {column} LIKE ?",
-                        (new, len(old) + 1, old, old + "/%"))
+            con.execute(
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR {column} LIKE ?",
+                (new, len(old) + 1, old, old + "/%"),
+            )
 
 
 def experiment_id(client: MlflowClient, name: str, root: Path, local_store: bool) -> str:
@@ -201,19 +224,27 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
             if default_store and (root / STORE_FILE).exists():
                 rebase_moved_store(root / STORE_FILE, root, params.tracking.store_patience_s)
             client = MlflowClient(uri)
-            return client, patiently(lambda: experiment_id(client, params.tracking.experiment_name, root, local),
-                                     f"opening experiment {params.tracking.experiment_name!r}",
-                                     params.tracking.store_patience_s)
+            return client, patiently(
+                lambda: experiment_id(client, params.tracking.experiment_name, root, local),
+                f"opening experiment {params.tracking.experiment_name!r}",
+                params.tracking.store_patience_s,
+            )
         except sqlite3.OperationalError as error:
             if "locked" not in str(error):
-                raise StageError(f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({error}); "
-                                 "move it away to start a new store") from None
-            raise StageError(f"tracking: the MLflow store stayed unavailable for {params.tracking.store_patience_s:.0f} s "
-                             "(database is locked); the last checkpoint is safe: rerun to resume") from None
+                raise StageError(
+                    f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({error}); "
+                    "move it away to start a new store"
+                ) from None
+            raise StageError(
+                f"tracking: the MLflow store stayed unavailable for {params.tracking.store_patience_s:.0f} s "
+                "(database is locked); the last checkpoint is safe: rerun to resume"
+            ) from None
         except (sqlite3.DatabaseError, MlflowException) as error:
             first = str(error).strip().splitlines()[0][:160]
-            raise StageError(f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
-                             "move it away to start a new store") from None
+            raise StageError(
+                f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
+                "move it away to start a new store"
+            ) from None
 
 
 @contextmanager
@@ -251,8 +282,11 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 def run_version(client: MlflowClient, registered_model: str, run_id: str, patience_s: float) -> ModelVersion | None:
     """The version of `registered_model` that run `run_id` registered, or None."""
-    found = patiently(lambda: client.search_model_versions(f"name = '{registered_model}' AND run_id = '{run_id}'"),
-                      "reading the registry", patience_s)
+    found = patiently(
+        lambda: client.search_model_versions(f"name = '{registered_model}' AND run_id = '{run_id}'"),
+        "reading the registry",
+        patience_s,
+    )
     return found[0] if found else None
 
 
@@ -264,9 +298,16 @@ def dataset_inputs(url: str, digest: str, sizes: dict[str, int]) -> list[Dataset
     """
     source_type, source = ("http", {"url": url}) if url.startswith(("http://", "https://")) else ("local", {"uri": url})
     return [
-        DatasetInput(Dataset(f"cifar10-{part}", digest, source_type, json.dumps(source),
-                             profile=json.dumps({"num_rows": sizes[part]})),
-                     [InputTag("mlflow.data.context", context)])
+        DatasetInput(
+            Dataset(
+                f"cifar10-{part}",
+                digest,
+                source_type,
+                json.dumps(source),
+                profile=json.dumps({"num_rows": sizes[part]}),
+            ),
+            [InputTag("mlflow.data.context", context)],
+        )
         for part, context in DATASET_CONTEXTS.items()
     ]
 
@@ -324,12 +365,17 @@ class Tracker:
         old = _find_run(client, resume_run_id, patience)
         if old is not None and old.info.experiment_id == exp_id:
             tracker = cls(client, old.info.run_id, patience)
-            tracker._call("resuming the run", lambda: client.update_run(old.info.run_id, status="RUNNING", name=run_name(params)))
+            tracker._call(
+                "resuming the run", lambda: client.update_run(old.info.run_id, status="RUNNING", name=run_name(params))
+            )
             return tracker
         tracker = cls(client, cls._new_run(client, exp_id, params, conditions), patience)
         if old is not None:
-            tracker.supersede(old.info.run_id, f"continued as run {tracker.run_id} in experiment "
-                                               f"{params.tracking.experiment_name!r} (tracking params changed)")
+            tracker.supersede(
+                old.info.run_id,
+                f"continued as run {tracker.run_id} in experiment "
+                f"{params.tracking.experiment_name!r} (tracking params changed)",
+            )
         return tracker
 
     @staticmethod
@@ -338,13 +384,25 @@ class Tracker:
         # under `mlflow run`, the run it opened is this run
         run_id = os.environ.get("MLFLOW_RUN_ID")
         if run_id:
-            patiently(lambda: client.update_run(run_id, status="RUNNING", name=run_name(params)), "resuming the run", patience)
-            patiently(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]), "tagging the run", patience)
+            patiently(
+                lambda: client.update_run(run_id, status="RUNNING", name=run_name(params)), "resuming the run", patience
+            )
+            patiently(
+                lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
+                "tagging the run",
+                patience,
+            )
         else:
-            run_id = patiently(lambda: client.create_run(exp_id, run_name=run_name(params), tags=tags).info.run_id,
-                               "creating the run", patience)
-        patiently(lambda: client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.flat().items()]),
-                  "logging params", patience)
+            run_id = patiently(
+                lambda: client.create_run(exp_id, run_name=run_name(params), tags=tags).info.run_id,
+                "creating the run",
+                patience,
+            )
+        patiently(
+            lambda: client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.flat().items()]),
+            "logging params",
+            patience,
+        )
         return run_id
 
     @classmethod
@@ -361,10 +419,17 @@ class Tracker:
         self._call("closing the superseded run", lambda: self.client.set_terminated(run_id, "KILLED"))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("tagging the run", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+        self._call(
+            "tagging the run", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        )
 
-    def log_metrics(self, metrics: dict[str, float], step: int, series: dict[str, dict[int, float]] | None = None,
-                    model_id: str | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: dict[str, float],
+        step: int,
+        series: dict[str, dict[int, float]] | None = None,
+        model_id: str | None = None,
+    ) -> None:
         """Metrics at one step, plus whole series (key -> {step: value}), in one batch where MLflow allows.
 
         One batch is one transaction in MLflow's stores, so an epoch is logged entirely or not at all.
@@ -378,7 +443,9 @@ class Tracker:
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key` (0 if none): where a resumed run picks up logging."""
-        history = patiently(lambda: self.client.get_metric_history(self.run_id, key), "reading the run", self.patience_s)
+        history = patiently(
+            lambda: self.client.get_metric_history(self.run_id, key), "reading the run", self.patience_s
+        )
         return max((m.step for m in history), default=0)
 
     def log_inputs(self, datasets: list[DatasetInput]) -> None:
@@ -393,7 +460,9 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             renamed = Path(tmp) / name
             shutil.copyfile(path, renamed)
-            self._call("logging an artifact", lambda: self.client.log_artifact(self.run_id, str(renamed), artifact_path))
+            self._call(
+                "logging an artifact", lambda: self.client.log_artifact(self.run_id, str(renamed), artifact_path)
+            )
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor, registered_model: str) -> None:
         """The best model as this run's LoggedModel and one version of `registered_model`, tagged like the run.
@@ -407,8 +476,10 @@ class Tracker:
             models = self._run_models()
             for m in models:
                 if m.status == LoggedModelStatus.PENDING:  # a kill interrupted its upload: it stays incomplete
-                    self._call("closing an interrupted model", lambda: self.client.finalize_logged_model(
-                        m.model_id, LoggedModelStatus.FAILED))
+                    self._call(
+                        "closing an interrupted model",
+                        lambda: self.client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED),
+                    )
             ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
             model_id = ready[0] if ready else self._log_logged_model(model, example)
             self._register(model_id, registered_model)
@@ -420,22 +491,43 @@ class Tracker:
         run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
         # created here, not by log_model: it would put a model it creates in the process's active
         # experiment (MLflow's default one here), not in the run's
-        model_id = self._call("creating the logged model", lambda: self.client.create_logged_model(
-            run.info.experiment_id, name=LOGGED_MODEL, source_run_id=self.run_id, params=run.data.params)).model_id
+        model_id = self._call(
+            "creating the logged model",
+            lambda: self.client.create_logged_model(
+                run.info.experiment_id, name=LOGGED_MODEL, source_run_id=self.run_id, params=run.data.params
+            ),
+        ).model_id
         x = example.numpy()
         signature = infer_signature(x, model(example).detach().numpy())
         # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
-        self._call("logging the model", lambda: mlflow.pytorch.log_model(
-            model, name=LOGGED_MODEL, serialization_format="pt2", input_example=x, signature=signature,
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(), run_id=self.run_id, model_id=model_id))
+        self._call(
+            "logging the model",
+            lambda: mlflow.pytorch.log_model(
+                model,
+                name=LOGGED_MODEL,
+                serialization_format="pt2",
+                input_example=x,
+                signature=signature,
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                run_id=self.run_id,
+                model_id=model_id,
+            ),
+        )
         return model_id
 
     def _register(self, model_id: str, name: str) -> None:
         tags = self._call("reading the run", lambda: self.client.get_run(self.run_id)).data.tags
         self._call("creating the registered model", lambda: ensure_registered_model(self.client, name))
-        self._call("registering the model", lambda: self.client.create_model_version(
-            name, f"models:/{model_id}", run_id=self.run_id, tags={k: tags.get(k, "") for k in VERSION_TAGS},
-            model_id=model_id))
+        self._call(
+            "registering the model",
+            lambda: self.client.create_model_version(
+                name,
+                f"models:/{model_id}",
+                run_id=self.run_id,
+                tags={k: tags.get(k, "") for k in VERSION_TAGS},
+                model_id=model_id,
+            ),
+        )
 
     def version(self, registered_model: str) -> ModelVersion | None:
         """This run's version of `registered_model`, or None."""
@@ -443,8 +535,15 @@ class Tracker:
 
     def _run_models(self) -> list[LoggedModel]:
         run = self._call("reading the run", lambda: self.client.get_run(self.run_id))
-        return list(self._call("reading the run's models", lambda: self.client.search_logged_models(
-            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{LOGGED_MODEL}'")))
+        return list(
+            self._call(
+                "reading the run's models",
+                lambda: self.client.search_logged_models(
+                    [run.info.experiment_id],
+                    filter_string=f"source_run_id = '{self.run_id}' AND name = '{LOGGED_MODEL}'",
+                ),
+            )
+        )
 
     def logged_model_id(self) -> str | None:
         """The id of this run's READY LoggedModel (its best model), or None when it has none."""
@@ -465,6 +564,7 @@ class NullTracker:
     def log_metrics(self, metrics, step, series=None) -> None: ...
     def last_step(self, key: str) -> int:
         return 0
+
     def log_inputs(self, datasets) -> None: ...
     def log_artifact(self, path, artifact_path=None, name=None) -> None: ...
     def log_model(self, model, example, registered_model) -> None: ...
@@ -484,8 +584,9 @@ def system_metrics(uri: str, run_id: str | None, interval_s: float, node: str | 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
-                                   tracking_uri=uri)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=True, node_id=node, tracking_uri=uri
+    )
     monitor.start()
     try:
         yield
@@ -517,7 +618,9 @@ def terminated_on_exit(tracker: Tracker | NullTracker) -> Iterator[None]:
         else:
             raise KeyboardInterrupt(f"signal {signum}")
 
-    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
+    handled = [signal.SIGTERM] + (
+        [signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else []
+    )
     previous = {signum: signal.signal(signum, interrupt) for signum in handled}
     try:
         yield

@@ -99,8 +99,9 @@ def find_resume(path: Path, identity: str) -> Resume:
     return Resume(state)
 
 
-def training_state(net: nn.Module, optimizer, scheduler, generator: torch.Generator, progress: Progress,
-                   identity: str) -> dict:
+def training_state(
+    net: nn.Module, optimizer, scheduler, generator: torch.Generator, progress: Progress, identity: str
+) -> dict:
     return {
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -133,8 +134,10 @@ def load_weights(path: Path, model: nn.Module, width: int) -> None:
     """Load `best.pt`-style weights into `model`, refusing a checkpoint of another width by name."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("width", width) != width:
-        raise StageError(f"{path}: made at model.width {checkpoint['width']}, but params.yaml says {width}; "
-                         "retrain (dvc repro) or set model.width back")
+        raise StageError(
+            f"{path}: made at model.width {checkpoint['width']}, but params.yaml says {width}; "
+            "retrain (dvc repro) or set model.width back"
+        )
     try:
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:

@@ -183,20 +183,35 @@ def hutchinson_trace(hessian: HessianOperator, samples: int, generator: torch.Ge
     return total / samples
 
 
-def top_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], iterations: int,
-                   generator: torch.Generator, *, tolerance: float) -> float:
+def top_eigenvalue(
+    loss_fn: Callable[[], torch.Tensor],
+    params: list[torch.Tensor],
+    iterations: int,
+    generator: torch.Generator,
+    *,
+    tolerance: float,
+) -> float:
     """Largest Hessian eigenvalue (by magnitude) of loss_fn() by power iteration (see power_iteration)."""
     return power_iteration(HessianOperator(loss_fn(), params), iterations, tolerance, generator)
 
 
-def hessian_trace(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], samples: int,
-                  generator: torch.Generator) -> float:
+def hessian_trace(
+    loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], samples: int, generator: torch.Generator
+) -> float:
     """Hutchinson's estimate of the trace of loss_fn()'s Hessian (see hutchinson_trace)."""
     return hutchinson_trace(HessianOperator(loss_fn(), params), samples, generator)
 
 
-def sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, iterations: int, probes: int,
-              seed: int, *, tolerance: float) -> dict[str, float]:
+def sharpness(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    iterations: int,
+    probes: int,
+    seed: int,
+    *,
+    tolerance: float,
+) -> dict[str, float]:
     """Top eigenvalue and trace of the Hessian of the mean cross-entropy on (images, labels), eval mode.
 
     One forward pass and one gradient graph serve every product: at most `iterations` power-iteration

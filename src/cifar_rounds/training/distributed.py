@@ -45,8 +45,9 @@ def init_world(use_cuda: bool) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
-                  int(os.environ.get("GROUP_RANK", "0")))
+    world = World(
+        int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("GROUP_RANK", "0"))
+    )
     if use_cuda:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")

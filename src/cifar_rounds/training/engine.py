@@ -129,7 +129,9 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example losses and predicted classes (host tensors), in eval mode."""
@@ -149,8 +151,11 @@ def scores(losses: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> d
 
 
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
-    device: torch.device, amp_dtype: torch.dtype | None,
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    labels: torch.Tensor,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
 ) -> dict[str, float]:
     """{loss, accuracy} of `model` on `batches`, whose labels are `labels`."""
     return scores(*predict(model, batches, device, amp_dtype), labels)

@@ -21,9 +21,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:  # projection shortcut (option B)
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -35,7 +33,9 @@ class ResNet18(nn.Module):
     """`memory_format`: a layout the network computes in, its input brought into it (a no-op when it is);
     None computes in whatever layout the input has."""
 
-    def __init__(self, num_classes: int = 10, width: int = 64, memory_format: torch.memory_format | None = None) -> None:
+    def __init__(
+        self, num_classes: int = 10, width: int = 64, memory_format: torch.memory_format | None = None
+    ) -> None:
         super().__init__()
         self.memory_format = memory_format
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)

@@ -96,12 +96,17 @@ def denormals_flushed() -> bool:
 def run_conditions(precision: str, width: int, device: torch.device) -> dict[str, str]:
     """RUN_CONDITIONS here: the device, the precision `train.precision` became, the CPU's arithmetic, the layout."""
     cpu = device.type == "cpu"
-    return dict(zip(RUN_CONDITIONS, (
-        torch.cuda.get_device_name(device) if not cpu else "cpu",
-        "bf16" if amp_dtype(precision, device) else "fp32",
-        ("flushed" if denormals_flushed() else "kept") if cpu else "n/a",
-        "channels_last" if memory_format(width, device) == torch.channels_last else "nchw (oneDNN AVX2 fault)",
-    )))
+    return dict(
+        zip(
+            RUN_CONDITIONS,
+            (
+                torch.cuda.get_device_name(device) if not cpu else "cpu",
+                "bf16" if amp_dtype(precision, device) else "fp32",
+                ("flushed" if denormals_flushed() else "kept") if cpu else "n/a",
+                "channels_last" if memory_format(width, device) == torch.channels_last else "nchw (oneDNN AVX2 fault)",
+            ),
+        )
+    )
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -18,18 +18,30 @@ from pathlib import Path
 import torch
 from mlflow.entities import DatasetInput
 
-from cifar_rounds.training.checkpoint import Outputs, Progress, Resume, best_weights, load_checkpoint, save_atomic
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.files import atomic_path, write_json
-from cifar_rounds.training.model import build_model
 from cifar_rounds.core.names import CHECKPOINT_ARTIFACTS, PARAMS_ARTIFACTS
 from cifar_rounds.core.params import PARAMS_FILE, Params
 from cifar_rounds.tracking.run import NullTracker, Tracker, terminated_on_exit
+from cifar_rounds.training.checkpoint import Outputs, Progress, Resume, best_weights, load_checkpoint, save_atomic
+from cifar_rounds.training.model import build_model
 
 HISTORY_FIELDS = (
-    "epoch", "learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "train_val_accuracy_gap", "grad_norm_mean", "epoch_time_s", "images_per_s", "peak_memory_mb",
-    "noise_scale", "lambda_max", "hessian_trace", "stability_bound",  # diagnostics; blank when off or not due
+    "epoch",
+    "learning_rate",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "train_val_accuracy_gap",
+    "grad_norm_mean",
+    "epoch_time_s",
+    "images_per_s",
+    "peak_memory_mb",
+    "noise_scale",
+    "lambda_max",
+    "hessian_trace",
+    "stability_bound",  # diagnostics; blank when off or not due
 )
 RESUMABLE_SECTIONS = ("diagnostics", "tracking", "sweep")  # may change between a kill and a resume: recorded
 
@@ -90,18 +102,30 @@ class RunSink:
         return self.tracker.run_id
 
     @classmethod
-    def open(cls, params: Params, out: Outputs, num_classes: int, conditions: dict[str, str], progress: Progress,
-             resume: Resume, datasets: list[DatasetInput]) -> RunSink:
+    def open(
+        cls,
+        params: Params,
+        out: Outputs,
+        num_classes: int,
+        conditions: dict[str, str],
+        progress: Progress,
+        resume: Resume,
+        datasets: list[DatasetInput],
+    ) -> RunSink:
         """Start or continue the MLflow run; record what changed since the checkpoint; log what it lacks."""
         if progress.finalized:  # nothing left to log: rebuild files without touching the store
             print(f"train: {out.last} holds a finished run; rebuilding its outputs without training")
             return cls(NullTracker(), params, out, num_classes)
         tracker = Tracker.start(params, conditions, progress.run_id)
         sink = cls(tracker, params, out, num_classes)
-        tracker.supersede(resume.superseded_run, f"superseded: new data, model or train params; fresh run {tracker.run_id}")
+        tracker.supersede(
+            resume.superseded_run, f"superseded: new data, model or train params; fresh run {tracker.run_id}"
+        )
         if progress.epoch:
-            print(f"train: resuming from {out.last} after epoch {progress.epoch}"
-                  + (" (training finished; completing its final logging)" if progress.finished else ""))
+            print(
+                f"train: resuming from {out.last} after epoch {progress.epoch}"
+                + (" (training finished; completing its final logging)" if progress.finished else "")
+            )
             sink._record_changed_settings(progress)
         tracker.log_artifact(PARAMS_FILE)  # the round's exact params, for reports built from MLflow alone
         tracker.log_inputs(datasets)
@@ -176,15 +200,19 @@ class RunSink:
             tracker = self.tracker if isinstance(self.tracker, Tracker) else Tracker.attach(self.params, run_id)
             path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_ARTIFACTS}/{best_artifact_name(best_epoch)}")
         except Exception:  # not logged, store gone: the weights are lost either way
-            raise StageError(f"{self.out.best} is missing and epoch {best_epoch}'s weights are neither in "
-                             f"{self.out.last} nor in MLflow; delete {self.out.last} to retrain") from None
+            raise StageError(
+                f"{self.out.best} is missing and epoch {best_epoch}'s weights are neither in "
+                f"{self.out.last} nor in MLflow; delete {self.out.last} to retrain"
+            ) from None
         save_atomic(load_checkpoint(Path(path)), self.out.best)
         print(f"train: rebuilt {self.out.best} from the run's logged copy")
 
     def _log_final(self, summary: dict, state: dict) -> None:
         """Checkpoints (named by epoch), the history, and the best model as a LoggedModel and registered version."""
         t = self.tracker
-        t.log_metrics({"best_epoch": summary["best_epoch"], "stopped_epoch": summary["stopped_epoch"]}, summary["stopped_epoch"])
+        t.log_metrics(
+            {"best_epoch": summary["best_epoch"], "stopped_epoch": summary["stopped_epoch"]}, summary["stopped_epoch"]
+        )
         t.log_artifact(self.out.best, CHECKPOINT_ARTIFACTS, best_artifact_name(summary["best_epoch"]))
         t.log_artifact(self.out.last, CHECKPOINT_ARTIFACTS, f"last-epoch-{summary['stopped_epoch']:03d}.pt")
         t.log_artifact(self.out.history)
@@ -195,4 +223,3 @@ class RunSink:
             best.load_state_dict(load_checkpoint(self.out.best)["model"])
             # batch 2: torch.export specialises a batch dimension of size 1
             t.log_model(best.eval(), torch.zeros(2, 3, 32, 32), self.params.tracking.registered_model)
-

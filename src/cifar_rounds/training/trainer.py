@@ -17,14 +17,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.params import Params, TrainParams
+from cifar_rounds.data.augment import TrainBatches, eval_batches, normalize
+from cifar_rounds.data.dataset import Split
 from cifar_rounds.training.diagnostics import NoiseScale, SmallBatchProbe, sharpness, stability_bound
 from cifar_rounds.training.distributed import World, from_main_rank, gather
 from cifar_rounds.training.engine import EpochResult, evaluate, train_one_epoch
 from cifar_rounds.training.model import build_model
-from cifar_rounds.core.params import Params, TrainParams
-from cifar_rounds.data.augment import TrainBatches, eval_batches, normalize
-from cifar_rounds.training.runtime import amp_dtype, configure_determinism, memory_format, peak_memory_mb, reset_peak_memory
-from cifar_rounds.data.dataset import Split
+from cifar_rounds.training.runtime import (
+    amp_dtype,
+    configure_determinism,
+    memory_format,
+    peak_memory_mb,
+    reset_peak_memory,
+)
 
 
 @dataclass
@@ -72,8 +78,11 @@ class Trainer:
 
 def build_optimizer(model: nn.Module, tp: TrainParams) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=tp.learning_rate, momentum=tp.momentum,
-        nesterov=tp.nesterov, weight_decay=tp.weight_decay,
+        model.parameters(),
+        lr=tp.learning_rate,
+        momentum=tp.momentum,
+        nesterov=tp.nesterov,
+        weight_decay=tp.weight_decay,
     )
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, tp.lr_milestones, tp.lr_gamma)
 
@@ -93,19 +102,25 @@ def wrap_for_world(net: nn.Module, tp: TrainParams, device: torch.device, world:
 def build_trainer(params: Params, split: Split, device: torch.device, world: World) -> Trainer:
     tp, dp = params.train, params.diagnostics
     if tp.batch_size % world.size:
-        raise StageError(f"train.batch_size: {tp.batch_size} (the global batch) must divide by the {world.size} processes")
+        raise StageError(
+            f"train.batch_size: {tp.batch_size} (the global batch) must divide by the {world.size} processes"
+        )
     configure_determinism(tp.deterministic)
     torch.manual_seed(tp.seed)  # weight initialisation
     width = params.model.width
     net = build_model(width, len(split.label_names), device, memory_format(width, device))
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    batches = TrainBatches(to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip)
+    batches = TrainBatches(
+        to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip
+    )
     if len(batches) == 0:
         raise StageError(f"train.batch_size: {tp.batch_size} exceeds the {len(split.train_labels)} training images")
     return Trainer(
         nets=Networks(net, wrap_for_world(net, tp, device, world)),  # SyncBatchNorm shares `net`'s parameters
         optim=Optimization(*build_optimizer(net, tp)),
-        data=Data(batches, (to_dev(split.val_images), to_dev(split.val_labels)), torch.Generator().manual_seed(tp.seed)),
+        data=Data(
+            batches, (to_dev(split.val_images), to_dev(split.val_labels)), torch.Generator().manual_seed(tp.seed)
+        ),
         place=Placement(device, amp_dtype(tp.precision, device), world),
         probes=Probes(
             SmallBatchProbe(net, dp.noise_interval) if dp.noise_scale else None,
@@ -130,13 +145,19 @@ def progress_bar(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def epoch_record(epoch: int, lr: float, result: EpochResult, val: dict, seconds: float, images: int,
-                 peak_mb: float) -> dict:
+def epoch_record(
+    epoch: int, lr: float, result: EpochResult, val: dict, seconds: float, images: int, peak_mb: float
+) -> dict:
     m = result.metrics
     return {
-        "epoch": epoch, "learning_rate": lr, **m, **{f"val_{k}": v for k, v in val.items()},
+        "epoch": epoch,
+        "learning_rate": lr,
+        **m,
+        **{f"val_{k}": v for k, v in val.items()},
         "train_val_accuracy_gap": m["train_accuracy"] - val["accuracy"],
-        "epoch_time_s": seconds, "images_per_s": images / seconds, "peak_memory_mb": peak_mb,
+        "epoch_time_s": seconds,
+        "images_per_s": images / seconds,
+        "peak_memory_mb": peak_mb,
     }
 
 
@@ -149,7 +170,9 @@ def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResul
     stream = progress_bar(batches.epoch(t.data.generator, place.world.shard), len(batches), f"epoch {epoch}")
     result = train_one_epoch(t.nets.model, optimizer, stream, len(batches), place.device, place.dtype, t.probes.noise)
     seconds = time.perf_counter() - start
-    samples = t.probes.noise.results(torch.tensor(result.step_grad_norms).square(), tp.batch_size) if t.probes.noise else []
+    samples = (
+        t.probes.noise.results(torch.tensor(result.step_grad_norms).square(), tp.batch_size) if t.probes.noise else []
+    )
     result, samples = reduce_over_ranks(result, samples, place.world)
     if result.first_bad_step is not None:
         raise StageError(
@@ -196,8 +219,16 @@ def diagnose(t: Trainer, params: Params, samples: list, noise: NoiseScale, lr: f
         out.update(noise_scale=noise.b_simple, noise_g_sq=noise.g_sq, noise_trace_sigma=noise.trace_sigma)
     if t.probes.sharpness_set is not None and due:
         dp, tp = params.diagnostics, params.train
-        out.update(sharpness(t.nets.net, *t.probes.sharpness_set, dp.power_iterations, dp.hutchinson_samples,
-                             tp.seed, tolerance=dp.power_tolerance))
+        out.update(
+            sharpness(
+                t.nets.net,
+                *t.probes.sharpness_set,
+                dp.power_iterations,
+                dp.hutchinson_samples,
+                tp.seed,
+                tolerance=dp.power_tolerance,
+            )
+        )
         # SGD sees the loss curvature plus weight decay: the bound on the loss Hessian's lambda_max
         out["stability_bound"] = stability_bound(lr, tp.momentum, tp.nesterov) - tp.weight_decay
     return out
