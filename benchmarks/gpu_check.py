@@ -706,8 +706,8 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def part_projection(run: Run) -> dict:
-    """A round of 250 epochs on 45,000 images from part 3's epochs (time between epoch logs), "
-    "and from part 5's rates."""
+    """A round of 250 epochs on 45,000 images, from part 3's epochs (time between epoch logs)
+    and from part 5's rates."""
     pipe = run.results("pipeline")
     if not pipe.get("history"):
         raise PartFailed("part 3 measured no epochs")

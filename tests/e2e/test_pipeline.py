@@ -19,7 +19,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.core.params import load_params
-from cifar_rounds.tracking.run import process_store
+from cifar_rounds.tracking.store import process_store
 from cifar_rounds.training.checkpoint import load_weights
 from cifar_rounds.training.model import build_model
 from cifar_rounds.training.runtime import amp_dtype
@@ -216,9 +216,28 @@ def test_noise_scale_every_epoch_and_sharpness_at_milestones_and_the_end(project
 
 
 def test_second_repro_runs_nothing(project):
+    before = len(runs(project))
     out = run(["dvc", "repro"], project).stdout
     assert "Running stage" not in out
-    assert len(runs(project)) == 1
+    assert len(runs(project)) == before
+
+
+def test_code_that_decides_no_output_leaves_the_pipeline_clean_and_an_upgrade_keeps_its_rounds(project):
+    run(["dvc", "repro"], project)  # up to date, whatever ran before
+    up_to_date = "Data and pipelines are up to date."
+    run([sys.executable, "-m", "compileall", "-q", "src"], project)  # bytecode beside every module
+    assert up_to_date in run(["dvc", "status"], project).stdout
+    tracking = project / "src/cifar_rounds/tracking/run.py"
+    tracking.write_text(tracking.read_text() + "\n# a log line changed\n")
+    assert up_to_date in run(["dvc", "status"], project).stdout
+    engine = project / "src/cifar_rounds/training/engine.py"
+    engine.write_text(engine.read_text() + "\n# an upgrade that computes the same\n")
+    status = run(["dvc", "status"], project).stdout
+    assert "src/cifar_rounds/training" in status and "train:" in status and "evaluate:" in status
+    # README, "Upgrading": after checking that the change computes the same, keep the trained round
+    run(["dvc", "commit", "-f"], project)
+    assert up_to_date in run(["dvc", "status"], project).stdout
+    assert "Running stage" not in run(["dvc", "repro"], project).stdout
 
 
 def test_bad_params_stop_before_any_work_and_keep_outputs(project):

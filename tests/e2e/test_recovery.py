@@ -51,7 +51,7 @@ def train(project, tag: str, check: bool = True, **extra_env: str) -> subprocess
 KILLER = """
 import os, signal, sys
 from cifar_rounds.stages import train
-from cifar_rounds.tracking import run as tracking
+from cifar_rounds.tracking import registry, run as tracking
 from cifar_rounds.training import sink
 from cifar_rounds.core.errors import run_stage
 owner, name = {owner}, "{name}"
@@ -145,7 +145,7 @@ def test_kills_while_the_model_is_logged_or_registered_leave_one_model_and_one_v
     try:
         # the LoggedModel exists (PENDING), its files do not
         killed_train(project, "m1", "__import__('mlflow.pytorch').pytorch", "save_model", before="True")
-        killed_train(project, "m1", "tracking.Tracker", "_register", before="True")  # logged, not registered
+        killed_train(project, "m1", "registry", "register", before="True")  # logged, not registered
         killed_train(project, "m1", "tracking.Tracker", "log_model", after="True")  # registered, not finalized
         train(project, "m1")
     finally:

@@ -2,12 +2,13 @@
 
 import pytest
 
+from cifar_rounds.analysis.champion import champion_decision
 from cifar_rounds.analysis.replicates import Replicate, Round
 from cifar_rounds.analysis.report import condition_lines, noise_line, per_class_lines, resource_lines
 from cifar_rounds.analysis.rounds import load_preset, scaled_milestones
 from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.tracking.registry import champion_decision, round_alias
+from cifar_rounds.tracking.registry import round_alias
 
 from helpers import REPO, SEED_CHANGES, repo_params
 

@@ -104,7 +104,7 @@ def test_the_cli_refuses_in_one_line_and_creates_nothing(tmp_path):
 
 def test_a_study_name_used_by_another_space_is_refused(tmp_path, monkeypatch):
     from cifar_rounds.core.errors import StageError
-    from cifar_rounds.search.sweep import open_study
+    from cifar_rounds.search.study import open_study
 
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path}/optuna.db"
@@ -134,6 +134,7 @@ def test_a_run_without_a_sweep_imports_no_optuna():
 def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for_good(tmp_path, monkeypatch):
     """The queue's word is not the last: a saved experiment is a result, a briefly missing entry is not lost."""
     from cifar_rounds.search import sweep as driver
+    from cifar_rounds.search.study import new_driver
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -141,7 +142,7 @@ def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for
         (tmp_path / name).symlink_to(REPO / name)
     run(["git", "init", "-q"], tmp_path)
     run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], tmp_path)
-    d = driver.new_driver(load_sweep(sweep_file(tmp_path), repo_params()), repo_params())
+    d = new_driver(load_sweep(sweep_file(tmp_path), repo_params()), repo_params())
     trials = [d.study.ask() for _ in range(3)]
     for t in trials:
         t.set_user_attr("queue", d.queue)
@@ -182,14 +183,14 @@ def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_co
         trial = open_trial(SweepParams(study="s", trial=number, storage=url))
         assert isinstance(trial, StudyTrial)
         assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
-        assert trial.finish([], pruned=False) == "COMPLETE"
+        assert trial.finish(pruned=False) == "COMPLETE"
         assert study.trials[number].state.name == "RUNNING"  # until the driver sees the experiment succeed
         assert conclude(study, number) == "COMPLETE"
     number = study.ask().number
     trial = open_trial(SweepParams(study="s", trial=number, storage=url))
     assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up: never pruned
     assert trial.report(2, {"val_accuracy": 0.1}) is True  # far below the median at epoch 2
-    assert trial.finish([], pruned=True) == "PRUNED" and conclude(study, number) == "PRUNED"
+    assert trial.finish(pruned=True) == "PRUNED" and conclude(study, number) == "PRUNED"
     silent = study.ask().number  # reported nothing (it died before its first epoch ended)
     assert conclude(study, silent) == "FAIL"
     states = [(t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=url).trials]

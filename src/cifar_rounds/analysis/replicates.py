@@ -24,7 +24,7 @@ import numpy as np
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.names import EVALUATION_ARTIFACTS
 from cifar_rounds.core.params import PARAMS_FILE, Params, ParamsError, params_from_text
-from cifar_rounds.tracking.run import open_client
+from cifar_rounds.tracking.store import open_client
 
 
 @dataclass(frozen=True)

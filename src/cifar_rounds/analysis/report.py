@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_rounds.analysis.champion import move_aliases
 from cifar_rounds.analysis.proposals import next_round_lines
 from cifar_rounds.analysis.replicates import ArtifactPaths, Replicate, Round, find_round, number
 from cifar_rounds.analysis.verdict import (
@@ -36,8 +37,8 @@ from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import ReportParams, load_params
-from cifar_rounds.tracking.registry import move_aliases
-from cifar_rounds.tracking.run import Tracker, repo_root
+from cifar_rounds.tracking.run import Tracker
+from cifar_rounds.tracking.store import repo_root
 
 PERFORMANCE = (
     ("Test accuracy", "test_accuracy", "{:.2%}"),

@@ -7,7 +7,8 @@ TRAINER_LOCK = ".train.lock"  # suffix of `.<models folder><suffix>`, held by th
 # MLflow artifact folders of a run
 CHECKPOINT_ARTIFACTS = "checkpoints"
 EVALUATION_ARTIFACTS = "evaluation"
-REPORT_ARTIFACTS = "report"
+REPORT_ARTIFACTS = "report"  # the round report
+SWEEP_REPORT_ARTIFACTS = "sweep_report"  # the sweep report, on the sweep's parent run
 PARAMS_ARTIFACTS = "params"  # params.yaml as it was at each (re)start of a run
 
 LOGGED_MODEL = "model"  # the name of each run's MLflow LoggedModel (its best model)

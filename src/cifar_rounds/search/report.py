@@ -5,26 +5,19 @@ Written to `reports/sweep-STUDY.md` and `.png`, and logged to the sweep's parent
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
+from cifar_rounds.core.names import SWEEP_REPORT_ARTIFACTS
 from cifar_rounds.core.params import with_overrides
 
 if TYPE_CHECKING:
-    from cifar_rounds.search.sweep import Driver
+    from cifar_rounds.search.study import Driver
 
 REPORTS_DIR = Path("reports")
-REPORT_ARTIFACTS = "sweep_report"
-
-
-def decoded(d, trial) -> dict[str, object]:
-    """The trial's searched values as params.yaml holds them."""
-    return {k: json.loads(v) if d.sweep.space[k].type == "categorical" else v for k, v in trial.params.items()}
 
 
 def epochs_trained(trial) -> int:
@@ -34,7 +27,7 @@ def epochs_trained(trial) -> int:
 
 def planned_epochs(d: Driver, trial) -> int:
     """Epochs the trial would have trained without pruning: its train.num_epochs."""
-    values = {**load_preset(d.sweep.baseline), **d.sweep.fixed, **decoded(d, trial)}
+    values = {**d.trial_base(), **d.sweep.decoded(trial.params)}
     return with_overrides(d.base, values).train.num_epochs
 
 
@@ -61,7 +54,7 @@ def trial_table(d: Driver, trials: list) -> list[str]:
         "|" + "---|" * (5 + len(names)),
     ]
     for i, t in enumerate(ranked(d, trials), 1):
-        values = decoded(d, t)
+        values = d.sweep.decoded(t.params)
         value = f"{t.value:.4f}" if t.value is not None else "–"
         origin = f" ({t.user_attrs['preset']})" if "preset" in t.user_attrs else ""
         lines.append(
@@ -73,8 +66,8 @@ def trial_table(d: Driver, trials: list) -> list[str]:
 
 
 def best_against_baseline(d: Driver, best) -> list[str]:
-    base = {**load_preset(d.sweep.baseline), **d.sweep.fixed}
-    changed = {k: v for k, v in decoded(d, best).items() if base.get(k) != v}
+    base = d.trial_base()
+    changed = {k: v for k, v in d.sweep.decoded(best.params).items() if base.get(k) != v}
     lines = [
         f"Best: trial {best.number} ({d.trial_name(best.number)}), {d.sweep.objective.metric} {best.value:.4f}.",
         "",
@@ -178,11 +171,12 @@ def write_sweep_report(d: Driver, folder: Path = REPORTS_DIR) -> Path:
     with atomic_path(out) as tmp:
         tmp.write_text(render(d))
     for path in (out, out.with_suffix(".png")):
-        d.client.log_artifact(d.parent_run_id, str(path), REPORT_ARTIFACTS)
+        d.store("logging the report", lambda: d.client.log_artifact(d.parent_run_id, str(path), SWEEP_REPORT_ARTIFACTS))
     c = {s: sum(t.state.name == s for t in d.study.get_trials(deepcopy=False)) for s in ("COMPLETE", "PRUNED", "FAIL")}
     for state, n in c.items():
-        d.client.log_metric(d.parent_run_id, f"trials_{state.lower()}", n)
+        d.store("logging the counts", lambda: d.client.log_metric(d.parent_run_id, f"trials_{state.lower()}", n))
     if c["COMPLETE"]:
-        d.client.log_metric(d.parent_run_id, f"best_{d.sweep.objective.metric}", d.study.best_value)
+        best = f"best_{d.sweep.objective.metric}"
+        d.store("logging the best value", lambda: d.client.log_metric(d.parent_run_id, best, d.study.best_value))
     print(f"sweep: report {out}")
     return out

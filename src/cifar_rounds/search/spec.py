@@ -65,14 +65,17 @@ class IntRange(Range):
         return isinstance(value, int) and super().contains(value)
 
 
+def stored_choice(value: object) -> str:
+    """A categorical value as the study stores it: Optuna keeps only scalars, so a list (lr_milestones) is JSON."""
+    return json.dumps(value)
+
+
 class Choice(Part):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1, description="The values to choose from (numbers, strings, lists).")
 
     def suggest(self, trial, name: str) -> Any:
-        # Optuna stores only scalars: a list value (lr_milestones) travels as its JSON text
-        picked = trial.suggest_categorical(name, [json.dumps(c) for c in self.choices])
-        return json.loads(picked)
+        return json.loads(trial.suggest_categorical(name, [stored_choice(c) for c in self.choices]))
 
     def ends(self) -> list[Any]:
         return list(self.choices)
@@ -128,7 +131,7 @@ class GridSampler(Part):
         import optuna  # the grid's order is fixed by the seed; points already tried are skipped by Optuna
 
         return optuna.samplers.GridSampler(
-            {k: [json.dumps(c) for c in d.choices] for k, d in space.items()}, seed=self.seed
+            {k: [stored_choice(c) for c in d.choices] for k, d in space.items()}, seed=self.seed
         )
 
 
@@ -192,6 +195,14 @@ class Sweep(Part):
         if overlap:
             raise ValueError(f"{overlap[0]} is both fixed and searched")
         return self
+
+    def encoded(self, key: str, value: object) -> object:
+        """A value of a searched parameter as the study stores it."""
+        return stored_choice(value) if isinstance(self.space[key], Choice) else value
+
+    def decoded(self, stored: dict[str, object]) -> dict[str, object]:
+        """A trial's stored values as params.yaml holds them."""
+        return {k: json.loads(v) if isinstance(self.space[k], Choice) else v for k, v in stored.items()}
 
     def digest(self) -> str:
         """What makes two sweep files the same study: the space, the fixed values and the objective."""

@@ -14,154 +14,32 @@ retried with the same values, and their MLflow runs are ended KILLED.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_rounds.analysis.rounds import PRESETS_DIR, exp_run_command, load_preset
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.core.params import Params, ParamsError, load_params, unflatten, with_overrides, write_yaml
-from cifar_rounds.search.spec import Sweep, check_enqueued, load_sweep
+from cifar_rounds.core.params import ParamsError, load_params, unflatten, with_overrides, write_yaml
+from cifar_rounds.search.report import write_sweep_report
+from cifar_rounds.search.spec import check_enqueued, load_sweep
+from cifar_rounds.search.study import QUEUE_ATTR, Driver, counts, new_driver
 from cifar_rounds.search.trial import (
-    OBJECTIVE_ATTR,
-    PARENT_RUN_ATTR,
-    PRUNER_ATTR,
     STATE_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
     conclude,
-    study_storage,
 )
-from cifar_rounds.tracking.run import END_REASON_TAG, open_client, repo_root
+from cifar_rounds.tracking.run import END_REASON_TAG
+from cifar_rounds.tracking.store import repo_root
 
-DIGEST_ATTR = "space_digest"
-QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
-RETRIED_ATTR = "retried"  # a FAIL trial whose values were queued again: not counted against the budget
 POLL_S = 5.0
 # DVC moves a finished experiment between its queue's lists: for a moment the queue knows it under no
 # state, before or after its experiment is saved. Only an entry missing this long (and unsaved) is lost.
 LOST_AFTER_S = 30.0
 WORKERS_LOG = Path(".dvc/tmp/sweep-workers.log")  # what `dvc queue start` and its workers print, from the repo root
-
-
-@dataclass
-class Driver:
-    """One sweep's study, base params and MLflow parent run."""
-
-    sweep: Sweep
-    base: Params
-    study: object  # optuna.Study
-    storage: object  # its optuna storage
-    client: object  # MlflowClient
-    parent_run_id: str
-    queue: str = field(default_factory=lambda: f"{socket.gethostname()}:{repo_root()}")
-    missing: dict[int, float] = field(default_factory=dict)  # trial -> when its queue entry was first found missing
-    inherited: set[int] = field(default_factory=set)  # trials left RUNNING by an earlier driver
-
-    def lost(self, number: int) -> bool:
-        """Whether the trial's queue entry has now been missing for LOST_AFTER_S."""
-        return time.monotonic() - self.missing.setdefault(number, time.monotonic()) >= LOST_AFTER_S
-
-    def trial_id(self, number: int) -> int:
-        study_id = self.storage.get_study_id_from_name(self.sweep.study)
-        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-
-    def still_running(self, number: int) -> bool:
-        """Read again: the train stage may have told the study since the list was read."""
-        return self.storage.get_trial(self.trial_id(number)).state.name == "RUNNING"
-
-    def mark_retried(self, number: int) -> None:
-        self.storage.set_trial_user_attr(self.trial_id(number), RETRIED_ATTR, True)
-
-    def ours(self, trial) -> bool:
-        """Whether this driver's queue runs the trial (other machines may share the study)."""
-        return trial.user_attrs.get(QUEUE_ATTR, self.queue) == self.queue
-
-    def trial_name(self, number: int) -> str:
-        return f"{self.sweep.study}-t{number:03d}"
-
-    def trial_values(self, trial) -> dict[str, object]:
-        """Everything the experiment runs with: the baseline preset, the fixed values, the trial's and its identity."""
-        values = {**load_preset(self.sweep.baseline), **self.sweep.fixed}
-        values.update({name: dim.suggest(trial, name) for name, dim in self.sweep.space.items()})
-        values.update(
-            {
-                "tracking.round": self.trial_name(trial.number),
-                "sweep.study": self.sweep.study,
-                "sweep.trial": trial.number,
-                "sweep.storage": self.sweep.storage,
-            }
-        )
-        return values
-
-
-def open_study(sweep: Sweep, url: str):
-    """Create or continue the study; a study of the same name with another space is refused."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage = optuna.storages.get_storage(url)
-    except Exception as error:
-        raise StageError(f"sweep storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
-    study = optuna.create_study(
-        storage=storage,
-        study_name=sweep.study,
-        direction=sweep.objective.direction,
-        pruner=sweep.pruner.build(),
-        load_if_exists=True,
-    )
-    # seeded by the trials so far: a driver started again must not replay the first driver's proposals
-    study.sampler = sweep.sampler.build(sweep.space, len(study.trials))
-    known = study.user_attrs.get(DIGEST_ATTR)
-    if known is not None and known != sweep.digest():
-        raise StageError(
-            f"study {sweep.study!r} in {url} was created from another search space "
-            f"(space digest {known}, this file's {sweep.digest()}); choose another `study:` name"
-        )
-    return study, storage, known is None
-
-
-def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
-    """The sweep's MLflow run, which the trials' runs are grouped under; created once per study."""
-    client, exp_id = open_client(base)
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    if run_id is None:
-        run_id = client.create_run(exp_id, run_name=sweep.study, tags={SWEEP_TAG: sweep.study}).info.run_id
-        client.log_dict(run_id, sweep.model_dump(), "sweep.json")
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
-    else:
-        client.update_run(run_id, status="RUNNING")
-    return client, run_id
-
-
-def new_driver(sweep: Sweep, base: Params) -> Driver:
-    url = study_storage(sweep.storage, repo_root())
-    study, storage, created = open_study(sweep, url)
-    client, parent = start_parent_run(sweep, base, study)
-    if created:
-        study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
-        study.set_user_attr(PRUNER_ATTR, sweep.pruner.model_dump())
-        for preset in sweep.enqueue:  # what is known already is tried first
-            values = load_preset(preset)
-            study.enqueue_trial(
-                {k: encoded(sweep, k, values[k]) for k in sweep.space if k in values},
-                user_attrs={"preset": preset},
-                skip_if_exists=True,
-            )
-        study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
-    print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
-    return Driver(sweep, base, study, storage, client, parent)
-
-
-def encoded(sweep: Sweep, key: str, value: object) -> object:
-    """A value as the study stores it (categorical values as JSON text)."""
-    return json.dumps(value) if sweep.space[key].type == "categorical" else value
 
 
 def queue_states(names: set[str]) -> dict[str, str]:
@@ -173,14 +51,6 @@ def queue_states(names: set[str]) -> dict[str, str]:
         if len(words) >= 3 and words[1] in names:
             states[words[1]] = words[-1]
     return states
-
-
-def counts(study) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        key = "RETRIED" if t.state.name == "FAIL" and t.user_attrs.get(RETRIED_ATTR) else t.state.name
-        out[key] = out.get(key, 0) + 1
-    return out
 
 
 def saved_experiments(root: Path) -> set[str]:
@@ -221,7 +91,7 @@ def settle(d: Driver) -> list[int]:
         if state == "Success" or name in saved:
             print(f"sweep: trial {t.number} ({name}) {conclude(d.study, t.number).lower()}")
             continue
-        if state is None and not d.lost(t.number):
+        if state is None and d.missing_for(t.number) < LOST_AFTER_S:
             alive.append(t.number)  # perhaps between the queue's lists: looked at again next time
             continue
         retry = t.number in d.inherited and "retry_of" not in t.user_attrs
@@ -240,15 +110,14 @@ def settle(d: Driver) -> list[int]:
 
 def end_trial_runs(d: Driver, number: int) -> None:
     """Mark a failed trial's MLflow runs FAIL; end those still RUNNING as KILLED, saying why."""
-    runs = d.client.search_runs(
-        [d.client.get_run(d.parent_run_id).info.experiment_id],
-        f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}'",
-    )
-    for r in runs:
-        d.client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
+    experiment = d.store("reading the sweep's run", lambda: d.client.get_run(d.parent_run_id).info.experiment_id)
+    found = f"tags.`{SWEEP_TAG}` = '{d.sweep.study}' and tags.`{TRIAL_TAG}` = '{number}'"
+    for r in d.store("finding the trial's runs", lambda: d.client.search_runs([experiment], found)):
+        d.store("tagging the trial's run", lambda: d.client.set_tag(r.info.run_id, STATE_TAG, "FAIL"))
         if r.info.status == "RUNNING":
-            d.client.set_tag(r.info.run_id, END_REASON_TAG, "the sweep lost this trial's experiment; trial marked FAIL")
-            d.client.set_terminated(r.info.run_id, "KILLED")
+            why = "the sweep lost this trial's experiment; trial marked FAIL"
+            d.store("ending the trial's run", lambda: d.client.set_tag(r.info.run_id, END_REASON_TAG, why))
+            d.store("ending the trial's run", lambda: d.client.set_terminated(r.info.run_id, "KILLED"))
 
 
 def queue_next(d: Driver) -> bool:
@@ -328,8 +197,7 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
 def promote(d: Driver, name: str, folder: Path = PRESETS_DIR) -> Path:
     """Write the best trial as the preset rounds/NAME.yaml: the baseline, the fixed values and the trial's."""
     best = d.study.best_trial  # raises ValueError without a complete trial
-    values = {**load_preset(d.sweep.baseline), **d.sweep.fixed}
-    values.update({k: json.loads(v) if d.sweep.space[k].type == "categorical" else v for k, v in best.params.items()})
+    values = {**d.trial_base(), **d.sweep.decoded(best.params)}
     with_overrides(d.base, values)
     path = folder / f"{name}.yaml"
     header = (
@@ -361,12 +229,10 @@ def main() -> None:
     d = new_driver(sweep, base)
     if not args.no_run:
         drive(d, args.workers)
-    from cifar_rounds.search.report import write_sweep_report
-
     write_sweep_report(d)
     if args.promote:
         promote(d, args.promote)
-    d.client.set_terminated(d.parent_run_id, "FINISHED")
+    d.store("ending the sweep's run", lambda: d.client.set_terminated(d.parent_run_id, "FINISHED"))
 
 
 if __name__ == "__main__":

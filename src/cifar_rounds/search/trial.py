@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import SweepParams
-from cifar_rounds.tracking.run import repo_root
+from cifar_rounds.tracking.store import repo_root, root_sqlite_url
 
 STUDY_FILE = "optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attributes the driver sets, the trials read
@@ -25,14 +25,8 @@ SWEEP_TAG, TRIAL_TAG, STATE_TAG = "sweep", "sweep.trial", "sweep.trial_state"
 
 
 def study_storage(url: str | None, root: Path) -> str:
-    """The storage URL: the given one, or sqlite optuna.db at the repository root; relative "
-    "sqlite paths from the root."""
-    prefix = "sqlite:///"
-    if url is None:
-        return f"{prefix}{root / STUDY_FILE}"
-    if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_absolute():
-        return f"{prefix}{root / url.removeprefix(prefix)}"
-    return url
+    """The storage URL: the given one, or sqlite optuna.db at the repository root (relative sqlite paths from it)."""
+    return f"sqlite:///{root / STUDY_FILE}" if url is None else root_sqlite_url(url, root)
 
 
 class NoTrial:
@@ -44,7 +38,7 @@ class NoTrial:
     def report(self, epoch: int, record: dict) -> bool:
         return False
 
-    def finish(self, history: list[dict], pruned: bool) -> str | None:
+    def finish(self, pruned: bool) -> str | None:
         return None
 
 
@@ -70,7 +64,7 @@ class StudyTrial:
         self.trial.report(value, epoch)
         return bool(self.trial.should_prune())
 
-    def finish(self, history: list[dict], pruned: bool) -> str:
+    def finish(self, pruned: bool) -> str:
         """Record how training ended; the driver tells the study once the whole experiment has succeeded."""
         self.trial.set_user_attr(PRUNED_ATTR, pruned)
         return "PRUNED" if pruned else "COMPLETE"

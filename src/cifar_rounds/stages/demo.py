@@ -19,7 +19,7 @@ from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.data.synthetic import write_archive
 
-PROJECT_FILES = ("dvc.yaml", "src", "MLproject", "conda.yaml", "rounds", "sweeps")
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", "src", "MLproject", "conda.yaml", "rounds", "sweeps")
 ARCHIVE = "cifar-10-synthetic.tar.gz"
 
 # Small enough for 2 CPU cores in about a minute, large enough that every stage runs for real.

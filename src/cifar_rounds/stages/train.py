@@ -23,7 +23,8 @@ from cifar_rounds.core.names import TRAINER_LOCK
 from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.search.trial import STATE_TAG, NoTrial, open_trial
-from cifar_rounds.tracking.run import dataset_inputs, repo_root, system_metrics, tracking_uri
+from cifar_rounds.tracking.run import dataset_inputs, system_metrics
+from cifar_rounds.tracking.store import repo_root, tracking_uri
 from cifar_rounds.training.checkpoint import (
     Outputs,
     Progress,
@@ -103,7 +104,7 @@ def fit(
             "mlflow_run_id": progress.run_id,
             **progress.conditions,
         }
-        trial_state = trial.finish(progress.history, progress.pruned)
+        trial_state = trial.finish(progress.pruned)
         if trial_state:
             sink.tag({STATE_TAG: trial_state})
         sink.finish(progress, state, summary)

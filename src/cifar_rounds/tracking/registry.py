@@ -1,84 +1,154 @@
-"""The registered model's aliases, which the round report moves and nothing else does.
+"""The registered model: each run's LoggedModel and version, and the aliases it is told to move.
 
-Every training run registers one version of `tracking.registered_model` (see `tracking`).
-The report points `@<round>` at each round's best version (its best seed by test
-accuracy) and moves `@champion` to the candidate's best version only when the
-candidate passes its success criteria and the configuration verdict says it beats
-the round the champion comes from; otherwise it says why the champion stayed.
+Every training run registers one version of `tracking.registered_model`. Which version an
+alias points at is decided elsewhere (`analysis.champion`); this module only reads and moves.
+Model logging is idempotent: after a kill part-way, the next call completes what is missing
+(a READY model is not logged again, a run never gets two versions).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.analysis.replicates import Replicate, Round
-from cifar_rounds.analysis.verdict import Verdict
-from cifar_rounds.core.params import Params
-from cifar_rounds.tracking.run import open_client, patiently, run_version
+from cifar_rounds.core.names import LOGGED_MODEL
+from cifar_rounds.tracking.store import patiently, process_store
+
+if TYPE_CHECKING:
+    import torch
 
 CHAMPION = "champion"
-Side = Literal["none", "baseline", "candidate", "other"]  # where the current champion comes from
+VERSION_TAGS = ("round", "seed", "dvc_exp_name", "git_commit")  # run tags each registered version carries
+Call = Callable[[str, Callable[[], Any]], Any]  # a store write, retried while the store is busy: call(what, fn)
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists (another worker may create it at the same moment)."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def run_version(client: MlflowClient, registered_model: str, run_id: str, patience_s: float) -> ModelVersion | None:
+    """The version of `registered_model` that run `run_id` registered, or None."""
+    found = patiently(
+        lambda: client.search_model_versions(f"name = '{registered_model}' AND run_id = '{run_id}'"),
+        "reading the registry",
+        patience_s,
+    )
+    return found[0] if found else None
+
+
+def log_and_register(
+    client: MlflowClient,
+    run_id: str,
+    call: Call,
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    registered_model: str,
+    patience_s: float,
+) -> None:
+    """The best model as this run's LoggedModel and one version of `registered_model`, tagged like the run.
+
+    `pt2` format: torch.export, no pickled code to trust. Idempotent: after a kill part-way, the next
+    call completes what is missing (a READY model is not logged again, a run never gets two versions).
+    """
+    if run_version(client, registered_model, run_id, patience_s) is not None:
+        return
+    with process_store(client.tracking_uri):
+        models = run_models(client, run_id, call)
+        for m in models:
+            if m.status == LoggedModelStatus.PENDING:  # a kill interrupted its upload: it stays incomplete
+                call(
+                    "closing an interrupted model",
+                    lambda: client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED),
+                )
+        ready = [m.model_id for m in models if m.status == LoggedModelStatus.READY]
+        model_id = ready[0] if ready else log_logged_model(client, run_id, call, model, example)
+        register(client, run_id, call, model_id, registered_model)
+
+
+def log_logged_model(
+    client: MlflowClient, run_id: str, call: Call, model: torch.nn.Module, example: torch.Tensor
+) -> str:
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    run = call("reading the run", lambda: client.get_run(run_id))
+    # created here, not by log_model: it would put a model it creates in the process's active
+    # experiment (MLflow's default one here), not in the run's
+    model_id = call(
+        "creating the logged model",
+        lambda: client.create_logged_model(
+            run.info.experiment_id, name=LOGGED_MODEL, source_run_id=run_id, params=run.data.params
+        ),
+    ).model_id
+    x = example.numpy()
+    signature = infer_signature(x, model(example).detach().numpy())
+    # requirements given, not inferred: inference imports the model in a subprocess (about 9 s)
+    call(
+        "logging the model",
+        lambda: mlflow.pytorch.log_model(
+            model,
+            name=LOGGED_MODEL,
+            serialization_format="pt2",
+            input_example=x,
+            signature=signature,
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            run_id=run_id,
+            model_id=model_id,
+        ),
+    )
+    return model_id
+
+
+def register(client: MlflowClient, run_id: str, call: Call, model_id: str, name: str) -> None:
+    """One version of `name` for the run's LoggedModel, tagged like the run."""
+    tags = call("reading the run", lambda: client.get_run(run_id)).data.tags
+    call("creating the registered model", lambda: ensure_registered_model(client, name))
+    call(
+        "registering the model",
+        lambda: client.create_model_version(
+            name,
+            f"models:/{model_id}",
+            run_id=run_id,
+            tags={k: tags.get(k, "") for k in VERSION_TAGS},
+            model_id=model_id,
+        ),
+    )
+
+
+def run_models(client: MlflowClient, run_id: str, call: Call) -> list[LoggedModel]:
+    """The run's LoggedModels of the best model, whatever their status."""
+    run = call("reading the run", lambda: client.get_run(run_id))
+    return list(
+        call(
+            "reading the run's models",
+            lambda: client.search_logged_models(
+                [run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{LOGGED_MODEL}'",
+            ),
+        )
+    )
+
+
+def ready_model_id(client: MlflowClient, run_id: str, call: Call) -> str | None:
+    """The id of this run's READY LoggedModel (its best model), or None when it has none."""
+    ready = [m.model_id for m in run_models(client, run_id, call) if m.status == LoggedModelStatus.READY]
+    return ready[0] if ready else None
 
 
 def round_alias(name: str) -> str:
     """The round's alias: its name, with each character MLflow refuses in an alias replaced by '-'."""
     return re.sub(r"[^\w-]", "-", name)
-
-
-def best_replicate(r: Round) -> Replicate:
-    """The round's best seed by test accuracy (the first of a tie)."""
-    return max(r.replicates, key=lambda rep: rep.metrics["test_accuracy"])
-
-
-def run_ids(r: Round) -> set[str]:
-    return {rep.metrics["mlflow_run_id"] for rep in r.replicates}
-
-
-def champion_side(champion: ModelVersion | None, base: Round, cand: Round) -> Side:
-    if champion is None:
-        return "none"
-    if champion.run_id in run_ids(cand):
-        return "candidate"
-    return "baseline" if champion.run_id in run_ids(base) else "other"
-
-
-def champion_decision(side: Side, passes: bool, v: Verdict, base: str, cand: str) -> tuple[bool, str]:
-    """(move @champion to the candidate's best version?, why), from measured facts only."""
-    if not passes:
-        return False, f"{cand} does not pass its success criteria"
-    if side == "none":
-        return True, f"there was no champion, and {cand} passes its success criteria"
-    if side == "candidate":
-        return (
-            True,
-            f"the champion already comes from {cand}, which passes its success criteria; it "
-            "follows the round's best seed",
-        )
-    if side == "other":
-        return False, (
-            f"the champion comes from neither {base} nor {cand}, so this report's verdict does not "
-            f"compare {cand} with it; report the champion's round against {cand}"
-        )
-    if min(v.seeds_baseline, v.seeds_candidate) < 2:
-        return False, (
-            "with one seed on a side the verdict compares two trained models, not configurations; "
-            "run both rounds with --seeds 2 or more"
-        )
-    if not (v.real and v.difference > 0):
-        return False, (
-            f"the configuration verdict does not say {cand} beats {base}, the champion's round "
-            f"(difference {v.difference:+.2%}, p = {v.p_value:.4g}, alpha = {v.alpha:g})"
-        )
-    return (
-        True,
-        f"{cand} passes its success criteria and its configuration beats {base}, the champion's "
-        f"round (p = {v.p_value:.4g})",
-    )
 
 
 def alias_version(client: MlflowClient, name: str, alias: str, patience_s: float) -> ModelVersion | None:
@@ -93,37 +163,6 @@ def alias_version(client: MlflowClient, name: str, alias: str, patience_s: float
     return patiently(get, f"reading alias @{alias} of {name}", patience_s)
 
 
-def move_aliases(params: Params, base: Round, cand: Round, passes: bool, v: Verdict) -> list[str]:
-    """Point `@<round>` at each round's best version and decide `@champion`; the report's lines saying so."""
-    client, _ = open_client(params)
-    name, patience = params.tracking.registered_model, params.tracking.store_patience_s
-    lines, best = [], {}
-    for r in (base, cand):
-        rep = best_replicate(r)
-        version = run_version(client, name, rep.metrics["mlflow_run_id"], patience)
-        if version is None:
-            lines.append(
-                f"- {r.name}: its best seed {rep.label} registered no version of {name} "
-                "(tracking.log_model off, or trained before registration): @"
-                f"{round_alias(r.name)} not moved"
-            )
-            continue
-        best[r.name] = version
-        alias = round_alias(r.name)
-        patiently(
-            lambda: client.set_registered_model_alias(name, alias, version.version), f"setting @{alias}", patience
-        )
-        lines.append(
-            f"- @{alias} -> {name} version {version.version} ({rep.label}, test accuracy "
-            f"{rep.metrics['test_accuracy']:.2%})"
-        )
-    champion = alias_version(client, name, CHAMPION, patience)
-    move, why = champion_decision(champion_side(champion, base, cand), passes, v, base.name, cand.name)
-    if move and cand.name not in best:
-        move, why = False, f"{cand.name} has no registered version"
-    if move:
-        target = best[cand.name].version
-        patiently(lambda: client.set_registered_model_alias(name, CHAMPION, target), "setting @champion", patience)
-        return lines + [f"- @{CHAMPION} -> version {target}: {why}"]
-    held = f"version {champion.version}" if champion else "no version"
-    return lines + [f"- @{CHAMPION} stays at {held}: {why}"]
+def set_alias(client: MlflowClient, name: str, alias: str, version: str, patience_s: float) -> None:
+    """Point `name@alias` at `version`."""
+    patiently(lambda: client.set_registered_model_alias(name, alias, version), f"setting @{alias}", patience_s)

@@ -1,0 +1,158 @@
+"""A sweep's study and its MLflow parent run: created once, continued by every driver that opens it.
+
+The study lives in Optuna's storage (sqlite optuna.db at the repository root, or any
+database URL, which lets drivers on several machines share one study). The trials' MLflow
+runs are grouped under the sweep's parent run, which holds the sweep file and the report.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cifar_rounds.analysis.rounds import load_preset
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.params import Params
+from cifar_rounds.search.spec import Sweep
+from cifar_rounds.search.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, study_storage
+from cifar_rounds.tracking.store import open_client, patiently, repo_root
+
+DIGEST_ATTR = "space_digest"
+QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
+RETRIED_ATTR = "retried"  # a FAIL trial whose values were queued again: not counted against the budget
+
+T = TypeVar("T")
+
+
+@dataclass
+class Driver:
+    """One sweep's study, base params and MLflow parent run."""
+
+    sweep: Sweep
+    base: Params
+    study: object  # optuna.Study
+    storage: object  # its optuna storage
+    client: object  # MlflowClient
+    parent_run_id: str
+    queue: str = field(default_factory=lambda: f"{socket.gethostname()}:{repo_root()}")
+    missing: dict[int, float] = field(default_factory=dict)  # trial -> when its queue entry was first found missing
+    inherited: set[int] = field(default_factory=set)  # trials left RUNNING by an earlier driver
+
+    def store(self, what: str, call: Callable[[], T]) -> T:
+        """A read or write of the tracking store, retried while it is busy, as every other writer's."""
+        return patiently(call, what, self.base.tracking.store_patience_s)
+
+    def missing_for(self, number: int) -> float:
+        """Seconds since the trial's queue entry was first found missing (0 now)."""
+        return time.monotonic() - self.missing.setdefault(number, time.monotonic())
+
+    def trial_id(self, number: int) -> int:
+        study_id = self.storage.get_study_id_from_name(self.sweep.study)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def still_running(self, number: int) -> bool:
+        """Read again: the train stage may have told the study since the list was read."""
+        return self.storage.get_trial(self.trial_id(number)).state.name == "RUNNING"
+
+    def mark_retried(self, number: int) -> None:
+        self.storage.set_trial_user_attr(self.trial_id(number), RETRIED_ATTR, True)
+
+    def ours(self, trial) -> bool:
+        """Whether this driver's queue runs the trial (other machines may share the study)."""
+        return trial.user_attrs.get(QUEUE_ATTR, self.queue) == self.queue
+
+    def trial_name(self, number: int) -> str:
+        return f"{self.sweep.study}-t{number:03d}"
+
+    def trial_base(self) -> dict[str, object]:
+        """What every trial starts from, by dotted name: the baseline preset, then the fixed values."""
+        return {**load_preset(self.sweep.baseline), **self.sweep.fixed}
+
+    def trial_values(self, trial) -> dict[str, object]:
+        """Everything the experiment runs with: the baseline preset, the fixed values, the trial's and its identity."""
+        values = self.trial_base()
+        values.update({name: dim.suggest(trial, name) for name, dim in self.sweep.space.items()})
+        values.update(
+            {
+                "tracking.round": self.trial_name(trial.number),
+                "sweep.study": self.sweep.study,
+                "sweep.trial": trial.number,
+                "sweep.storage": self.sweep.storage,
+            }
+        )
+        return values
+
+
+def open_study(sweep: Sweep, url: str):
+    """Create or continue the study; a study of the same name with another space is refused."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.get_storage(url)
+    except Exception as error:
+        raise StageError(f"sweep storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
+    study = optuna.create_study(
+        storage=storage,
+        study_name=sweep.study,
+        direction=sweep.objective.direction,
+        pruner=sweep.pruner.build(),
+        load_if_exists=True,
+    )
+    # seeded by the trials so far: a driver started again must not replay the first driver's proposals
+    study.sampler = sweep.sampler.build(sweep.space, len(study.trials))
+    known = study.user_attrs.get(DIGEST_ATTR)
+    if known is not None and known != sweep.digest():
+        raise StageError(
+            f"study {sweep.study!r} in {url} was created from another search space "
+            f"(space digest {known}, this file's {sweep.digest()}); choose another `study:` name"
+        )
+    return study, storage, known is None
+
+
+def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
+    """The sweep's MLflow run, which the trials' runs are grouped under; created once per study."""
+    client, exp_id = open_client(base)
+    patience = base.tracking.store_patience_s
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id is None:
+        run_id = patiently(
+            lambda: client.create_run(exp_id, run_name=sweep.study, tags={SWEEP_TAG: sweep.study}).info.run_id,
+            "creating the sweep's run",
+            patience,
+        )
+        patiently(lambda: client.log_dict(run_id, sweep.model_dump(), "sweep.json"), "logging the sweep file", patience)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    else:
+        patiently(lambda: client.update_run(run_id, status="RUNNING"), "resuming the sweep's run", patience)
+    return client, run_id
+
+
+def new_driver(sweep: Sweep, base: Params) -> Driver:
+    url = study_storage(sweep.storage, repo_root())
+    study, storage, created = open_study(sweep, url)
+    client, parent = start_parent_run(sweep, base, study)
+    if created:
+        study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
+        study.set_user_attr(PRUNER_ATTR, sweep.pruner.model_dump())
+        for preset in sweep.enqueue:  # what is known already is tried first
+            values = load_preset(preset)
+            study.enqueue_trial(
+                {k: sweep.encoded(k, values[k]) for k in sweep.space if k in values},
+                user_attrs={"preset": preset},
+                skip_if_exists=True,
+            )
+        study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
+    print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
+    return Driver(sweep, base, study, storage, client, parent)
+
+
+def counts(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = "RETRIED" if t.state.name == "FAIL" and t.user_attrs.get(RETRIED_ATTR) else t.state.name
+        out[key] = out.get(key, 0) + 1
+    return out

@@ -1,0 +1,244 @@
+"""The MLflow store: where it is, a client on it, patience while it is busy, and a moved repository's paths.
+
+The default store is sqlite `mlflow.db` with artifacts in `mlartifacts/`, both at the
+repository root. Queued DVC experiments run in temporary copies of the repository, so the
+root comes from DVC_ROOT, never from the working folder. A busy store (a locked sqlite file,
+a server that stops answering) is waited for, with backoff, for up to
+`tracking.store_patience_s` per write, with one line printed; past that the caller stops
+with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TypeVar
+
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.params import Params
+
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
+SQLITE = "sqlite:///"
+T = TypeVar("T")
+
+
+def root_sqlite_url(url: str, root: Path) -> str:
+    """A relative sqlite URL taken from the repository root (MLflow's store and Optuna's alike); others as given."""
+    if url.startswith(SQLITE) and not Path(url.removeprefix(SQLITE)).is_absolute():
+        return f"{SQLITE}{root / url.removeprefix(SQLITE)}"
+    return url
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    """params > $MLFLOW_TRACKING_URI > sqlite store at the repository root.
+
+    A relative sqlite path is taken from the repository root, not from the
+    working folder (a queued experiment's temporary copy).
+    """
+    uri = params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    return root_sqlite_url(uri, root) if uri else f"{SQLITE}{root / STORE_FILE}"
+
+
+def uri_source(params: Params) -> str:
+    """Where the tracking URI came from, for error messages."""
+    if params.tracking.tracking_uri:
+        return "tracking.tracking_uri"
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, or "unknown" outside a repository or without a git binary."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def transient(error: Exception) -> bool:
+    """A store error that waiting can cure: a locked sqlite file, an unreachable or overloaded server."""
+    text = str(error)
+    return getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE" or any(
+        s in text for s in ("database is locked", "Max retries exceeded", "Connection refused", "503")
+    )
+
+
+def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
+    """`call()`, retried with backoff while the store is busy, for up to `patience_s` seconds."""
+    deadline, delay = time.monotonic() + patience_s, 0.5
+    while True:
+        try:
+            return call()
+        except MlflowException as error:
+            first = str(error).strip().splitlines()[0][:160]
+            if not transient(error):
+                raise StageError(f"tracking: {what} failed ({first})") from None
+            if time.monotonic() + delay > deadline:
+                raise StageError(
+                    f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s "
+                    f"({first}); the last checkpoint is safe: rerun to resume"
+                ) from None
+            if delay == 0.5:
+                print(
+                    f"tracking: the MLflow store is busy ({first}); retrying for up to "
+                    f"{patience_s:.0f} s (tracking.store_patience_s)",
+                    flush=True,
+                )
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
+def check_reachable(uri: str, source: str) -> None:
+    """A tracking server answers its health check within seconds, or the run does not start."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).close()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise StageError(
+            f"{source}: the MLflow server {uri} is not reachable ({reason}); "
+            "start it, or unset the URI to use the local store"
+        ) from None
+
+
+def rebase_moved_store(db: Path, root: Path, patience_s: float) -> None:
+    """After the repository was moved or copied, point the local store's artifact paths into it.
+
+    Experiments and runs keep absolute artifact URIs; a copy would otherwise keep writing
+    into the original (or fail where it is gone). Only the default store at the root is rebased.
+    """
+    here = (root / ARTIFACTS_DIR).as_uri()
+    with patient_sqlite(db, patience_s) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return
+        for (old,) in con.execute("SELECT artifact_location FROM experiments").fetchall():
+            if old and old.endswith(f"/{ARTIFACTS_DIR}") and old != here and old.startswith("file://"):
+                _replace_prefix(con, tables, old, here)
+                print(f"tracking: the repository moved; artifact paths now under {root / ARTIFACTS_DIR}")
+
+
+@contextmanager
+def patient_sqlite(db: Path, patience_s: float) -> Iterator[sqlite3.Connection]:
+    """A connection that waits up to `patience_s` for another process's lock, saying so once."""
+    con = sqlite3.connect(db, timeout=0.5)
+    try:
+        con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        con.close()
+        print(
+            f"tracking: the MLflow store is busy ({error}); retrying for up to {patience_s:.0f} s "
+            "(tracking.store_patience_s)",
+            flush=True,
+        )
+        con = sqlite3.connect(db, timeout=patience_s)
+    try:
+        with con:
+            yield con
+    finally:
+        con.close()
+
+
+def _replace_prefix(con: sqlite3.Connection, tables: set[str], old: str, new: str) -> None:
+    columns = {"experiments": "artifact_location", "runs": "artifact_uri", "logged_models": "artifact_location"}
+    for table, column in columns.items():
+        if table in tables:
+            con.execute(
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR {column} LIKE ?",
+                (new, len(old) + 1, old, old + "/%"),
+            )
+
+
+def experiment_id(client: MlflowClient, name: str, root: Path, local_store: bool) -> str:
+    """Get or create the experiment; local stores keep artifacts at the root."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (root / ARTIFACTS_DIR).as_uri() if local_store else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another worker created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def open_client(params: Params) -> tuple[MlflowClient, str]:
+    """A client on the resolved store and the experiment id, creating both once under a lock."""
+    root = repo_root()
+    uri = tracking_uri(params, root)
+    check_reachable(uri, uri_source(params))
+    # MLflow logs each locked-store error with a full trace; `patiently` reports it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    local = uri.startswith("sqlite:")
+    default_store = uri == f"sqlite:///{root / STORE_FILE}"
+    # Two queue workers starting at once would both run the sqlite schema migration.
+    with FileLock(str(root / f".{STORE_FILE}.lock")) if local else nullcontext():
+        try:
+            if default_store and (root / STORE_FILE).exists():
+                rebase_moved_store(root / STORE_FILE, root, params.tracking.store_patience_s)
+            client = MlflowClient(uri)
+            return client, patiently(
+                lambda: experiment_id(client, params.tracking.experiment_name, root, local),
+                f"opening experiment {params.tracking.experiment_name!r}",
+                params.tracking.store_patience_s,
+            )
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error):
+                raise StageError(
+                    f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({error}); "
+                    "move it away to start a new store"
+                ) from None
+            raise StageError(
+                f"tracking: the MLflow store stayed unavailable for {params.tracking.store_patience_s:.0f} s "
+                "(database is locked); the last checkpoint is safe: rerun to resume"
+            ) from None
+        except (sqlite3.DatabaseError, MlflowException) as error:
+            first = str(error).strip().splitlines()[0][:160]
+            raise StageError(
+                f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
+                "move it away to start a new store"
+            ) from None
+
+
+@contextmanager
+def process_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for the block only.
+
+    Model logging, the sqlite registry and `models:/` URIs read those, not a client's URI, and
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI: the environment is put back after.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
