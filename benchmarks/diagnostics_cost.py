@@ -366,7 +366,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="*", default=[16, 64], help="ResNet-18 widths to time sharpness at")
     p.add_argument("--samples", type=int, default=512, help="images in the sharpness subset")
-    p.add_argument("--batch-size", type=int, default=96, help="training batch size (the seed's)")
+    p.add_argument("--batch-size", type=int, default=96, help="training batch size (the founding analysis's)")
     p.add_argument(
         "--train-steps", type=int, default=20, help="training steps timed per width, to extrapolate an epoch"
     )

@@ -55,7 +55,7 @@ def replicas(preset: str) -> list[str]:
 @pytest.mark.slow
 def test_dvc_compares_the_two_rounds(rounds_project):
     diff = json.loads(run(["dvc", "params", "diff", "round-1-s0", "round-2-s0", "--json"], rounds_project).stdout)
-    # --epochs 3 gives both rounds 3 epochs (and milestones [1, 2]): the other six of the seed's changes remain
+    # --epochs 3 gives both rounds 3 epochs (and milestones [1, 2]): the founding analysis's six other changes remain
     assert set(diff["params.yaml"]) == SEED_CHANGES - {"train.num_epochs"} | {"tracking.round"}
     assert diff["params.yaml"]["train.learning_rate"]["old"] == 0.01
     assert diff["params.yaml"]["train.learning_rate"]["new"] == 0.05

@@ -51,26 +51,26 @@ def more_regularisation(r: Round) -> Proposal | None:
 
 
 def stopped_before_last_milestone(r: Round) -> Proposal | None:
-    tp = r.first.params.train
-    last = max(tp.lr_milestones, default=0)
+    train = r.first.params.train
+    last = max(train.lr_milestones, default=0)
     # metrics.json holds the stop: before num_epochs, early stopping ended the run
     early = [
         rep
         for rep in r.replicates
-        if rep.metrics["stopped_epoch"] < tp.num_epochs and rep.metrics["stopped_epoch"] <= last
+        if rep.metrics["stopped_epoch"] < train.num_epochs and rep.metrics["stopped_epoch"] <= last
     ]
     if not early:
         return None
-    gaps = [b - a for a, b in zip([0, *tp.lr_milestones], tp.lr_milestones)]
+    gaps = [b - a for a, b in zip([0, *train.lr_milestones], train.lr_milestones)]
     patience = max(gaps) + 5
     stops = ", ".join(str(rep.metrics["stopped_epoch"]) for rep in early)
     return Proposal(
         "patience",
         f"early stopping ended {len(early)} of {len(r.replicates)} runs (epochs {stops}) "
-        f"before the last learning-rate milestone ({last}); patience {tp.patience}",
+        f"before the last learning-rate milestone ({last}); patience {train.patience}",
         f"let the decays happen: patience {patience} (longest stretch between milestones + 5)",
         {"train.patience": patience},
-        {"train.patience": {"type": "int", "low": tp.patience, "high": patience + max(gaps)}},
+        {"train.patience": {"type": "int", "low": train.patience, "high": patience + max(gaps)}},
     )
 
 
@@ -80,23 +80,23 @@ def last_noise_scale(rep: Replicate) -> float:
 
 
 def batch_below_noise_scale(r: Round) -> Proposal | None:
-    tp = r.first.params.train
+    train = r.first.params.train
     b_simple = mean(r, last_noise_scale)
-    if not (math.isfinite(b_simple) and b_simple >= BATCH_HEADROOM * tp.batch_size):
+    if not (math.isfinite(b_simple) and b_simple >= BATCH_HEADROOM * train.batch_size):
         return None
-    batch = tp.batch_size * 2
+    batch = train.batch_size * 2
     return Proposal(
         "batch",
-        f"measured B_simple {b_simple:.0f} is {b_simple / tp.batch_size:.1f}x the batch size "
-        f"{tp.batch_size}: below the critical batch, a larger batch loses little per sample",
+        f"measured B_simple {b_simple:.0f} is {b_simple / train.batch_size:.1f}x the batch size "
+        f"{train.batch_size}: below the critical batch, a larger batch loses little per sample",
         f"batch {batch} with the learning rate scaled linearly",
-        {"train.batch_size": batch, "train.learning_rate": tp.learning_rate * 2},
+        {"train.batch_size": batch, "train.learning_rate": train.learning_rate * 2},
         {
-            "train.batch_size": {"type": "categorical", "choices": [tp.batch_size, batch, batch * 2]},
+            "train.batch_size": {"type": "categorical", "choices": [train.batch_size, batch, batch * 2]},
             "train.learning_rate": {
                 "type": "float",
-                "low": tp.learning_rate,
-                "high": tp.learning_rate * 4,
+                "low": train.learning_rate,
+                "high": train.learning_rate * 4,
                 "log": True,
             },
         },
@@ -104,7 +104,7 @@ def batch_below_noise_scale(r: Round) -> Proposal | None:
 
 
 def lr_at_its_edge(r: Round) -> Proposal | None:
-    tp = r.first.params.train
+    train = r.first.params.train
     rows = [
         (int(row["epoch"]), number(row, "lambda_max"), number(row, "stability_bound"))
         for rep in r.replicates
@@ -119,8 +119,15 @@ def lr_at_its_edge(r: Round) -> Proposal | None:
         f"lambda_max {lam:.4g} at epoch {e} is {lam / bound:.0%} of the stability "
         f"bound {bound:.4g}: the learning rate is at its edge",
         "a lower learning rate",
-        {"train.learning_rate": tp.learning_rate / 2},
-        {"train.learning_rate": {"type": "float", "low": tp.learning_rate / 8, "high": tp.learning_rate, "log": True}},
+        {"train.learning_rate": train.learning_rate / 2},
+        {
+            "train.learning_rate": {
+                "type": "float",
+                "low": train.learning_rate / 8,
+                "high": train.learning_rate,
+                "log": True,
+            }
+        },
     )
 
 

@@ -186,18 +186,18 @@ def criteria(r: Round) -> list[tuple[str, str, bool]]:
 
 
 def diagnostics(rep: Replicate) -> list[str]:
-    tp, m = rep.params.train, rep.metrics
+    train, m = rep.params.train, rep.metrics
     notes = []
-    last_milestone = max(tp.lr_milestones, default=0)
-    if m["stopped_epoch"] < tp.num_epochs and m["stopped_epoch"] <= last_milestone:
+    last_milestone = max(train.lr_milestones, default=0)
+    if m["stopped_epoch"] < train.num_epochs and m["stopped_epoch"] <= last_milestone:
         notes.append(
             f"early stopping ended the run at epoch {m['stopped_epoch']}, before the last "
             f"learning-rate milestone ({last_milestone}): later decays never happened"
         )
-    gaps = [b - a for a, b in zip([0, *tp.lr_milestones], tp.lr_milestones)]
-    if gaps and tp.patience < max(gaps):
+    gaps = [b - a for a, b in zip([0, *train.lr_milestones], train.lr_milestones)]
+    if gaps and train.patience < max(gaps):
         notes.append(
-            f"patience ({tp.patience}) is shorter than the longest stretch between milestones "
+            f"patience ({train.patience}) is shorter than the longest stretch between milestones "
             f"({max(gaps)} epochs): a plateau at constant learning rate can stop the run before the next decay"
         )
     epoch, loss = val_loss_minimum(rep)
@@ -275,7 +275,7 @@ def round_section(r: Round) -> list[str]:
     out += ["", f"Overfitting indicators ({rep.label}):"] + [f"- {x}" for x in overfitting(rep)]
     out += ["", f"Per-class test accuracy ({rep.label}): " + "; ".join(per_class_lines(rep))]
     out += ["", f"Diagnostics ({rep.label}):"] + [f"- {x}" for x in diagnostics(rep)]
-    out += ["", f"Noise scale and sharpness ({rep.label}; Tr(H)/lambda_max is the seed's B* proxy):"]
+    out += ["", f"Noise scale and sharpness ({rep.label}; Tr(H)/lambda_max is the founding analysis's B* proxy):"]
     return out + noise_and_sharpness(rep)
 
 

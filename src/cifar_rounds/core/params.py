@@ -165,7 +165,7 @@ class SweepParams(Section):
 
 
 class ReportParams(Section):
-    """Success criteria of a round (the seed's), checked by `python -m cifar_rounds.analysis.report`."""
+    """Success criteria of a round (the founding analysis's), checked by `python -m cifar_rounds.analysis.report`."""
 
     min_test_accuracy: float = Field(ge=0, le=1, description="Test accuracy must exceed this (fraction).")
     max_train_test_gap: float = Field(

@@ -17,7 +17,7 @@ import torch
 
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
-from cifar_rounds.core.files import read_json, write_json
+from cifar_rounds.core.files import atomic_path, read_json, write_json
 from cifar_rounds.core.names import BEST_CHECKPOINT, EVALUATION_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.augment import eval_batches
@@ -62,8 +62,7 @@ def per_class_accuracy(confusion: np.ndarray, names: list[str]) -> dict[str, flo
 
 
 def write_predictions(path: Path, labels: np.ndarray, preds: np.ndarray, names: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "actual", "predicted"])
         writer.writerows((i, names[a], names[p]) for i, (a, p) in enumerate(zip(labels, preds)))

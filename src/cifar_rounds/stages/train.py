@@ -49,20 +49,18 @@ def fit(
 
     Under torchrun every rank runs this; rank 0's sink writes files and logs.
     """
-    tp, identity = params.train, run_identity(params, split_digest)
+    train, identity = params.train, run_identity(params, split_digest)
     t = build_trainer(params, split, device, world)
     resume = find_resume(out.last, identity)
-    progress = (
-        restore(resume.state, t.nets.net, t.optim.optimizer, t.optim.scheduler, t.data.generator)
-        if resume.state
-        else Progress()
-    )
+    progress = restore(resume.state, t.net, t.optimizer, t.scheduler, t.generator) if resume.state else Progress()
     stopper = (
-        EarlyStopping(**progress.stopper) if progress.stopper else EarlyStopping(tp.monitor, tp.patience, tp.min_delta)
+        EarlyStopping(**progress.stopper)
+        if progress.stopper
+        else EarlyStopping(train.monitor, train.patience, train.min_delta)
     )
     # the averages continue; the decay is today's diagnostics.noise_ema (a change is recorded by the sink)
     noise = NoiseScale(**{**progress.noise, "decay": params.diagnostics.noise_ema})
-    progress.conditions = progress.conditions or run_conditions(tp.precision, params.model.width, device)
+    progress.conditions = progress.conditions or run_conditions(train.precision, params.model.width, device)
     datasets = dataset_inputs(params.data.url, split_digest, split.sizes)
     sink = (
         RunSink.open(params, out, len(split.label_names), progress.conditions, progress, resume, datasets)
@@ -76,11 +74,11 @@ def fit(
     with sink.running(), node_system_metrics(params, world, from_main_rank(sink.run_id, world)):
         while not progress.finished:
             epoch = progress.epoch + 1
-            record, result, samples = run_epoch(t, epoch, tp)
-            improved = stopper.update(record[tp.monitor], epoch)
+            record, result, samples = run_epoch(t, epoch, train)
+            improved = stopper.update(record[train.monitor], epoch)
             # a pruned trial stops as an early stop does; rank 0 decides for every rank
             progress.pruned = bool(from_main_rank(trial.report(epoch, record), world))
-            progress.finished = stopper.should_stop or progress.pruned or epoch == tp.num_epochs
+            progress.finished = stopper.should_stop or progress.pruned or epoch == train.num_epochs
             record.update(
                 diagnose(
                     t, params, samples, noise, record["learning_rate"], sharpness_due(epoch, progress.finished, params)
@@ -91,10 +89,8 @@ def fit(
             progress.last_grad_norm_steps = step_series(
                 result.step_grad_norms, epoch, params.tracking.grad_norm_interval
             )
-            state = training_state(
-                t.nets.net, t.optim.optimizer, t.optim.scheduler, t.data.generator, progress, identity
-            )
-            best = best_weights(t.nets.net.state_dict(), epoch, params.model.width) if improved else None
+            state = training_state(t.net, t.optimizer, t.scheduler, t.generator, progress, identity)
+            best = best_weights(t.net.state_dict(), epoch, params.model.width) if improved else None
             sink.epoch(progress, record, state, best)
         summary = {
             "best_epoch": stopper.best_epoch,

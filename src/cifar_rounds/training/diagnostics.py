@@ -1,4 +1,4 @@
-"""What the seed only theorises, measured: gradient noise scale and loss-landscape sharpness.
+"""What the founding analysis only theorises, measured: gradient noise scale and loss-landscape sharpness.
 
 Gradient noise scale (McCandlish et al., 2018, "An Empirical Model of
 Large-Batch Training", appendix A): for a gradient estimate over B examples,

@@ -68,10 +68,6 @@ def gather(values: T, world: World) -> list[T]:
     return gathered
 
 
-def mean_over_ranks(values: list[float], world: World) -> list[float]:
-    return [sum(column) / world.size for column in zip(*gather(values, world))]
-
-
 def from_main_rank(obj: object, world: World) -> object:
     """Rank 0's value on every rank, so that every decision (early stopping, NaN) is the same everywhere."""
     if world.size == 1:

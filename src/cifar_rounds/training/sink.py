@@ -177,9 +177,9 @@ class RunSink:
         """Rebuild what is derived from the state, complete the final logging once, then the summary."""
         if self.bar is not None:
             self.bar.close()
-        tp = self.params.train
+        train = self.params.train
         if summary["early_stopped"]:
-            print(f"early stop: no {tp.monitor} improvement > {tp.min_delta} in {tp.patience} epochs")
+            print(f"early stop: no {train.monitor} improvement > {train.min_delta} in {train.patience} epochs")
         write_history(progress.history, self.out.history)
         self._ensure_best(state, summary["best_epoch"])
         if not progress.finalized:

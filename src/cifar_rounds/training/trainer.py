@@ -34,98 +34,82 @@ from cifar_rounds.training.runtime import (
 
 
 @dataclass
-class Networks:
-    net: nn.Module  # the module whose state is saved
-    model: nn.Module  # what trains: `net`, or its DDP and/or compiled form
-
-
-@dataclass
-class Optimization:
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-
-
-@dataclass
-class Data:
-    batches: TrainBatches  # global batches; this rank trains on its shard of each
-    val: tuple[torch.Tensor, torch.Tensor]
-    generator: torch.Generator  # batch order and augmentation draws
-
-
-@dataclass
-class Placement:
-    device: torch.device
-    dtype: torch.dtype | None  # autocast dtype; None: fp32
-    world: World
-
-
-@dataclass
-class Probes:
-    noise: SmallBatchProbe | None
-    sharpness_set: tuple[torch.Tensor, torch.Tensor] | None  # fixed training images for the Hessian
-
-
-@dataclass
 class Trainer:
     """Everything one epoch needs, built once."""
 
-    nets: Networks
-    optim: Optimization
-    data: Data
-    place: Placement
-    probes: Probes
+    net: nn.Module  # the module whose state is saved
+    model: nn.Module  # what trains: `net`, or its DDP and/or compiled form
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: TrainBatches  # global batches; this rank trains on its shard of each
+    val: tuple[torch.Tensor, torch.Tensor]
+    generator: torch.Generator  # batch order and augmentation draws
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: fp32
+    world: World
+    noise_probe: SmallBatchProbe | None
+    sharpness_set: tuple[torch.Tensor, torch.Tensor] | None  # fixed training images for the Hessian
 
 
-def build_optimizer(model: nn.Module, tp: TrainParams) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+def build_optimizer(
+    model: nn.Module, train: TrainParams
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
     optimizer = torch.optim.SGD(
         model.parameters(),
-        lr=tp.learning_rate,
-        momentum=tp.momentum,
-        nesterov=tp.nesterov,
-        weight_decay=tp.weight_decay,
+        lr=train.learning_rate,
+        momentum=train.momentum,
+        nesterov=train.nesterov,
+        weight_decay=train.weight_decay,
     )
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, tp.lr_milestones, tp.lr_gamma)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, train.lr_milestones, train.lr_gamma)
 
 
-def wrap_for_world(net: nn.Module, tp: TrainParams, device: torch.device, world: World) -> nn.Module:
+def wrap_for_world(net: nn.Module, train: TrainParams, device: torch.device, world: World) -> nn.Module:
     """DDP over the process group (with SyncBatchNorm if asked), then torch.compile if asked."""
-    if tp.sync_batchnorm and device.type != "cuda":
+    if train.sync_batchnorm and device.type != "cuda":
         raise StageError("train.sync_batchnorm: PyTorch's SyncBatchNorm runs on CUDA devices only")
     model = net
     if world.size > 1:
-        if tp.sync_batchnorm:
+        if train.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if tp.compile else model
+    return torch.compile(model) if train.compile else model
 
 
 def build_trainer(params: Params, split: Split, device: torch.device, world: World) -> Trainer:
-    tp, dp = params.train, params.diagnostics
-    if tp.batch_size % world.size:
+    train, diag = params.train, params.diagnostics
+    if train.batch_size % world.size:
         raise StageError(
-            f"train.batch_size: {tp.batch_size} (the global batch) must divide by the {world.size} processes"
+            f"train.batch_size: {train.batch_size} (the global batch) must divide by the {world.size} processes"
         )
-    configure_determinism(tp.deterministic)
-    torch.manual_seed(tp.seed)  # weight initialisation
+    configure_determinism(train.deterministic)
+    torch.manual_seed(train.seed)  # weight initialisation
     width = params.model.width
     net = build_model(width, len(split.label_names), device, memory_format(width, device))
     to_dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     batches = TrainBatches(
-        to_dev(split.train_images), to_dev(split.train_labels), tp.batch_size, tp.random_crop, tp.horizontal_flip
+        to_dev(split.train_images),
+        to_dev(split.train_labels),
+        train.batch_size,
+        train.random_crop,
+        train.horizontal_flip,
     )
     if len(batches) == 0:
-        raise StageError(f"train.batch_size: {tp.batch_size} exceeds the {len(split.train_labels)} training images")
+        raise StageError(f"train.batch_size: {train.batch_size} exceeds the {len(split.train_labels)} training images")
+    optimizer, scheduler = build_optimizer(net, train)
     return Trainer(
-        nets=Networks(net, wrap_for_world(net, tp, device, world)),  # SyncBatchNorm shares `net`'s parameters
-        optim=Optimization(*build_optimizer(net, tp)),
-        data=Data(
-            batches, (to_dev(split.val_images), to_dev(split.val_labels)), torch.Generator().manual_seed(tp.seed)
-        ),
-        place=Placement(device, amp_dtype(tp.precision, device), world),
-        probes=Probes(
-            SmallBatchProbe(net, dp.noise_interval) if dp.noise_scale else None,
-            sharpness_subset(split, dp.sharpness_samples, tp.seed, device) if dp.sharpness else None,
-        ),
+        net=net,
+        model=wrap_for_world(net, train, device, world),  # SyncBatchNorm shares `net`'s parameters
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=batches,
+        val=(to_dev(split.val_images), to_dev(split.val_labels)),
+        generator=torch.Generator().manual_seed(train.seed),
+        device=device,
+        dtype=amp_dtype(train.precision, device),
+        world=world,
+        noise_probe=SmallBatchProbe(net, diag.noise_interval) if diag.noise_scale else None,
+        sharpness_set=sharpness_subset(split, diag.sharpness_samples, train.seed, device) if diag.sharpness else None,
     )
 
 
@@ -161,30 +145,30 @@ def epoch_record(
     }
 
 
-def run_epoch(t: Trainer, epoch: int, tp: TrainParams) -> tuple[dict, EpochResult, list]:
+def run_epoch(t: Trainer, epoch: int, train: TrainParams) -> tuple[dict, EpochResult, list]:
     """Train one epoch, validate, step the schedule: the epoch's record, result and noise samples."""
-    optimizer, place, batches = t.optim.optimizer, t.place, t.data.batches
-    lr = optimizer.param_groups[0]["lr"]
-    reset_peak_memory(place.device)
+    batches = t.batches
+    lr = t.optimizer.param_groups[0]["lr"]
+    reset_peak_memory(t.device)
     start = time.perf_counter()
-    stream = progress_bar(batches.epoch(t.data.generator, place.world.shard), len(batches), f"epoch {epoch}")
-    result = train_one_epoch(t.nets.model, optimizer, stream, len(batches), place.device, place.dtype, t.probes.noise)
+    stream = progress_bar(batches.epoch(t.generator, t.world.shard), len(batches), f"epoch {epoch}")
+    result = train_one_epoch(t.model, t.optimizer, stream, len(batches), t.device, t.dtype, t.noise_probe)
     seconds = time.perf_counter() - start
     samples = (
-        t.probes.noise.results(torch.tensor(result.step_grad_norms).square(), tp.batch_size) if t.probes.noise else []
+        t.noise_probe.results(torch.tensor(result.step_grad_norms).square(), train.batch_size) if t.noise_probe else []
     )
-    result, samples = reduce_over_ranks(result, samples, place.world)
+    result, samples = reduce_over_ranks(result, samples, t.world)
     if result.first_bad_step is not None:
         raise StageError(
             f"loss became non-finite at epoch {epoch}, step {result.first_bad_step + 1} "
             f"(learning rate {lr:g}); the last good checkpoint is kept"
         )
-    val_x, val_y = t.data.val
+    val_x, val_y = t.val
     # the plain module: no DDP collectives (or recompilation) for evaluation
-    val = evaluate(t.nets.net, eval_batches(val_x, val_y, tp.eval_batch_size), val_y, place.device, place.dtype)
-    t.optim.scheduler.step()
-    record = epoch_record(epoch, lr, result, val, seconds, len(batches) * tp.batch_size, peak_memory_mb(place.device))
-    return from_main_rank(record, place.world), result, samples
+    val = evaluate(t.net, eval_batches(val_x, val_y, train.eval_batch_size), val_y, t.device, t.dtype)
+    t.scheduler.step()
+    record = epoch_record(epoch, lr, result, val, seconds, len(batches) * train.batch_size, peak_memory_mb(t.device))
+    return from_main_rank(record, t.world), result, samples
 
 
 def reduce_over_ranks(result: EpochResult, samples: list, world: World) -> tuple[EpochResult, list]:
@@ -215,20 +199,20 @@ def diagnose(t: Trainer, params: Params, samples: list, noise: NoiseScale, lr: f
     out = {}
     for sample in samples:
         noise.update(*sample)
-    if t.probes.noise is not None and noise.updates:
+    if t.noise_probe is not None and noise.updates:
         out.update(noise_scale=noise.b_simple, noise_g_sq=noise.g_sq, noise_trace_sigma=noise.trace_sigma)
-    if t.probes.sharpness_set is not None and due:
-        dp, tp = params.diagnostics, params.train
+    if t.sharpness_set is not None and due:
+        diag, train = params.diagnostics, params.train
         out.update(
             sharpness(
-                t.nets.net,
-                *t.probes.sharpness_set,
-                dp.power_iterations,
-                dp.hutchinson_samples,
-                tp.seed,
-                tolerance=dp.power_tolerance,
+                t.net,
+                *t.sharpness_set,
+                diag.power_iterations,
+                diag.hutchinson_samples,
+                train.seed,
+                tolerance=diag.power_tolerance,
             )
         )
         # SGD sees the loss curvature plus weight decay: the bound on the loss Hessian's lambda_max
-        out["stability_bound"] = stability_bound(lr, tp.momentum, tp.nesterov) - tp.weight_decay
+        out["stability_bound"] = stability_bound(lr, train.momentum, train.nesterov) - train.weight_decay
     return out
