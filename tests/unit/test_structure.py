@@ -124,11 +124,54 @@ def test_readme_rounds_table_is_the_preset_files(monkeypatch):
         assert {f"train.{h}": yaml.safe_load(v) for h, v in zip(header, row)} == preset, name
 
 
-def test_round_values_appear_once_in_the_source_tree():
-    """Round 2's values live in rounds/round-2.yaml (and params.yaml, the working copy), not in code."""
-    code = "\n".join(p.read_text() for p in PACKAGE.glob("**/*.py")) + (REPO / "MLproject").read_text()
-    for literal in ("0.0005", "[60, 120, 160]", "batch_size: 96", "0.05,"):
-        assert literal not in code, literal
+def preset_values_in(source: str, presets: dict[str, dict[str, object]]) -> list[str]:
+    """Where `source` (Python) spells a preset's value: a milestone list anywhere, or a number bound to the
+    parameter's name (keyword, assignment or dict key, however the number is written: 5e-4 is 0.0005)."""
+    keyed = {(k.split(".")[-1], v) for p in presets.values() for k, v in p.items() if not isinstance(v, list)}
+    lists = {tuple(v) for p in presets.values() for v in p.values() if isinstance(v, list)}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        pairs = []
+        if isinstance(node, ast.keyword) and node.arg:
+            pairs.append((node.arg, node.value))
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            pairs += [(t.id, node.value) for t in targets if isinstance(t, ast.Name) and node.value is not None]
+        elif isinstance(node, ast.Dict):
+            pairs += [(k.value, v) for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant)]
+        elif isinstance(node, ast.List | ast.Tuple):
+            try:
+                if tuple(ast.literal_eval(node)) in lists:
+                    found.append(f"line {node.lineno}: {ast.unparse(node)}")
+            except (ValueError, TypeError):  # not a literal, or one holding unhashable values
+                pass
+        for name, value in pairs:
+            try:
+                literal = ast.literal_eval(value)
+            except ValueError:
+                continue
+            if isinstance(name, str) and not isinstance(literal, list | dict | set):
+                if (name.split(".")[-1].lower(), literal) in keyed:
+                    found.append(f"line {node.lineno}: {name} = {ast.unparse(value)}")
+    return found
+
+
+def test_round_values_live_in_the_presets_not_in_code(monkeypatch):
+    """The rounds' values live in rounds/*.yaml (and params.yaml, the working copy), not in code, however spelt."""
+    monkeypatch.chdir(REPO)
+    presets = {name: load_preset(name) for name in preset_names()}
+    spelt = "f(weight_decay=5e-4, lr_milestones=(60, 120, 160))\nbatch_size = 96\nx = {'train.patience': 35}"
+    assert sorted(preset_values_in(spelt, presets)) == [
+        "line 1: (60, 120, 160)",
+        "line 1: weight_decay = 0.0005",
+        "line 2: batch_size = 96",
+        "line 3: train.patience = 35",
+    ]
+    for path in PACKAGE.glob("**/*.py"):
+        assert preset_values_in(path.read_text(), presets) == [], path
+    mlproject = yaml.safe_load((REPO / "MLproject").read_text())
+    defaults = [p.get("default") for e in mlproject["entry_points"].values() for p in e.get("parameters", {}).values()]
+    assert not [d for d in defaults if d in [v for p in presets.values() for v in p.values()]]
 
 
 def test_dvc_yaml_declares_the_best_checkpoint_as_a_model_artifact():
