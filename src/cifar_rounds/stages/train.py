@@ -37,13 +37,20 @@ from cifar_rounds.training.checkpoint import (
 from cifar_rounds.training.diagnostics import NoiseScale
 from cifar_rounds.training.distributed import World, close_world, from_main_rank, gather, init_world
 from cifar_rounds.training.engine import EarlyStopping
+from cifar_rounds.training.lease import Lease, share_cores, take_lease
 from cifar_rounds.training.runtime import configure_cpu, run_conditions, select_device
 from cifar_rounds.training.sink import NullSink, RunSink
 from cifar_rounds.training.trainer import build_trainer, diagnose, run_epoch, sharpness_due
 
 
 def fit(
-    params: Params, split: Split, split_digest: str, out: Outputs, device: torch.device, world: World = World()
+    params: Params,
+    split: Split,
+    split_digest: str,
+    out: Outputs,
+    device: torch.device,
+    world: World = World(),
+    lease: Lease | None = None,
 ) -> dict:
     """Train to the end or early stop, checkpointing every epoch; returns the summary.
 
@@ -70,9 +77,12 @@ def fit(
     trial = open_trial(params.sweep) if world.is_main and not progress.finalized else NoTrial()  # rank 0 reports
     sink.tag(trial.tags())
     sink.tag(rank_nodes(world))
+    placement = lease.conditions() if lease is not None else {}
+    sink.tag(placement)
     state = resume.state
     with sink.running(), node_system_metrics(params, world, from_main_rank(sink.run_id, world)):
         while not progress.finished:
+            share_cores(lease)  # trainings that started or ended since change this one's share
             epoch = progress.epoch + 1
             record, result, samples = run_epoch(t, epoch, train)
             improved = stopper.update(record[train.monitor], epoch)
@@ -99,6 +109,7 @@ def fit(
             "pruned": progress.pruned,
             "mlflow_run_id": progress.run_id,
             **progress.conditions,
+            **placement,
         }
         trial_state = trial.finish(progress.pruned)
         if trial_state:
@@ -158,14 +169,20 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True, help="JSON: best/stopped epoch, MLflow run id")
     args = parser.parse_args()
     params = load_params()
-    configure_cpu(select_device(params.train.device))  # before any parallel work
-    world = init_world(select_device(params.train.device).type == "cuda")
+    chosen = select_device(params.train.device)
+    lease = take_lease(chosen.type == "cuda", torch.cuda.device_count())  # before any work: it may wait
+    if lease is not None and lease.device == "cuda":
+        chosen = torch.device("cuda", lease.index)
+        torch.cuda.set_device(chosen)
+    configure_cpu(chosen)  # before any parallel work
+    share_cores(lease)
+    world = init_world(chosen.type == "cuda")
     lock = one_trainer(args.models) if world.is_main else None
     try:
-        device = select_device(params.train.device, world.local_rank)
+        device = chosen if lease is not None else select_device(params.train.device, world.local_rank)
         split = Split.load(args.split)
         out = Outputs(args.models, args.history, args.summary)
-        summary = fit(params, split, file_md5(args.split), out, device, world)
+        summary = fit(params, split, file_md5(args.split), out, device, world, lease)
     finally:
         close_world(world)
         if lock is not None:

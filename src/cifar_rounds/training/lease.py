@@ -1,0 +1,144 @@
+"""A machine's devices shared by the trainings that run on it at once: a GPU slot each, the CPU cores split.
+
+Queue and sweep workers (`dvc queue start -j N`, `sweep --workers N`) start trainings that know
+nothing of each other. Each training that is not pinned (CUDA_VISIBLE_DEVICES) and not under
+torchrun leases a slot: a lock file per device and slot in one folder that every process of the
+machine sees. The lock is the kernel's (flock): it dies with its process, so a kill frees the slot.
+Slots are taken one per GPU before any GPU gets a second, so K trainings on G GPUs spread out.
+A training on the CPU leases a CPU place instead, and at its start and at every epoch boundary
+sets torch's threads to its share of the cores: the cores divided by the CPU trainings holding a
+place. Several trainings with a thread per core each oversubscribe the cores and spin against
+each other (18x slower in total on 2 cores, benchmarks/RESULTS.md).
+
+Placement is not the model: the slots per GPU come from the environment (SLOTS_ENV), never from
+params.yaml, and the lease folder from LEASE_DIR_ENV (default: one per user in the temp folder).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cifar_rounds.core.errors import StageError
+
+SLOTS_ENV = "CIFAR_ROUNDS_SLOTS_PER_GPU"  # trainings one GPU runs at once (default 1)
+LEASE_DIR_ENV = "CIFAR_ROUNDS_LEASE_DIR"  # the machine's lease folder
+POLL_S = 2.0  # how often a training waiting for a GPU slot looks again, seconds
+
+
+@dataclass
+class Lease:
+    """A held place: a GPU's slot, or a place among the CPU trainings; held until the process ends."""
+
+    device: str  # "cuda" or "cpu"
+    index: int  # the GPU's index; for the CPU, the place's number
+    slot: int  # the GPU's slot (0 for the CPU)
+    slots: int  # slots per GPU (1 for the CPU)
+    folder: Path
+    handle: IO  # the locked file: closing it (or the process ending) frees the place
+
+    def conditions(self) -> dict[str, str]:
+        """The placement as run conditions (tags, summary, report): which device, shared how."""
+        if self.device == "cuda":
+            return {"device_index": str(self.index), "device_slots": f"slot {self.slot + 1} of {self.slots}"}
+        return {"device_index": "cpu", "device_slots": f"{cpu_holders(self.folder)} CPU training(s) at start"}
+
+    def release(self) -> None:
+        self.handle.close()
+
+
+def lease_folder() -> Path:
+    folder = Path(os.environ.get(LEASE_DIR_ENV) or Path(tempfile.gettempdir()) / f"cifar-rounds-leases-{os.getuid()}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StageError(f"{LEASE_DIR_ENV}: cannot use {folder} as the lease folder ({error.strerror})") from None
+    return folder
+
+
+def slots_per_gpu() -> int:
+    text = os.environ.get(SLOTS_ENV, "1")
+    if not text.isdigit() or int(text) < 1:
+        raise StageError(f"{SLOTS_ENV}: expected a whole number of trainings per GPU, at least 1 (got {text!r})")
+    return int(text)
+
+
+def _locked(path: Path) -> IO | None:
+    """The file, locked by this process; None when another process holds it."""
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def lease_gpu(devices: int, slots: int, folder: Path, say: Callable[[str], None] = print) -> Lease:
+    """The first free slot, taking slot 0 of every GPU before slot 1 of any; waits while all are held."""
+    waiting = False
+    while True:
+        for slot in range(slots):
+            for index in range(devices):
+                handle = _locked(folder / f"cuda{index}.slot{slot}.lock")
+                if handle is not None:
+                    return Lease("cuda", index, slot, slots, folder, handle)
+        if not waiting:
+            say(
+                f"train: all {devices} GPU(s) x {slots} slot(s) are held by other trainings; waiting for one "
+                f"(slots per GPU: {SLOTS_ENV})"
+            )
+            waiting = True
+        time.sleep(POLL_S)
+
+
+def lease_cpu(folder: Path) -> Lease:
+    """A place among the machine's CPU trainings (as many as there are)."""
+    index = 0
+    while (handle := _locked(folder / f"cpu{index}.lock")) is None:
+        index += 1
+    return Lease("cpu", index, 0, 1, folder, handle)
+
+
+def cpu_holders(folder: Path) -> int:
+    """CPU trainings holding a place now, this one included (a held lock cannot be taken again)."""
+    held = 0
+    for path in folder.glob("cpu*.lock"):
+        handle = _locked(path)
+        if handle is None:
+            held += 1
+        else:
+            handle.close()
+    return held
+
+
+def cpu_threads(folder: Path, cores: int) -> int:
+    """This training's share of the cores: the cores divided by the CPU trainings holding a place."""
+    return max(1, cores // max(1, cpu_holders(folder)))
+
+
+def needs_lease(env: dict[str, str]) -> bool:
+    """Not under torchrun (its ranks are placed by LOCAL_RANK) and not pinned to a GPU by the user."""
+    return "LOCAL_RANK" not in env and "CUDA_VISIBLE_DEVICES" not in env
+
+
+def take_lease(use_cuda: bool, gpus: int) -> Lease | None:
+    """This training's place on the machine, or None where it is placed already (pinned, or torchrun)."""
+    if not needs_lease(dict(os.environ)):
+        return None
+    folder = lease_folder()
+    return lease_gpu(gpus, slots_per_gpu(), folder) if use_cuda else lease_cpu(folder)
+
+
+def share_cores(lease: Lease | None) -> None:
+    """Set torch's threads to this CPU training's share of the cores; a thread count the user set is kept."""
+    import torch
+
+    if lease is not None and lease.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads(lease.folder, len(os.sched_getaffinity(0))))
