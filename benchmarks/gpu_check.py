@@ -15,7 +15,9 @@ within ten minutes; a part that fails is recorded and the next one runs all the 
    exactly once, and the resumed weights' distance from part 3's uninterrupted run is recorded;
 5. throughput: benchmarks/training_throughput.py at batch 96, 128 and 512, eager, compiled and
    compiled with CUDA graphs, against the conventional loop, in TFLOP/s against the bf16 peak;
-6. a full-width 250-epoch round projected from the measured epoch times (not run).
+6. a full-width 250-epoch round projected from the measured epoch times (not run);
+7. concurrency: 1, 2, 4 and 8 trainings at once on one GPU at batch 96 (benchmarks/gpu_sharing.py):
+   total images/s and each run's slowdown, and the slots per GPU that still pay.
 Results: gpu-check.txt (log and summary table) and gpu-check.json in --out, rewritten after every
 part. Exit status 1 if a part failed. Without CUDA: one line, exit 0, unless --dry-run, which runs
 parts 3 and 4 on the CPU at width 8 (parts 1, 5 and 6 in miniature), so that CI tests this script.
@@ -54,6 +56,7 @@ TEXT_FILE, JSON_FILE = "gpu-check.txt", "gpu-check.json"
 H200_BF16_DENSE_PEAK_TFLOPS = 1979 / 2
 FULL_TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 training images less round 2's data.val_size
 ROUND_EPOCHS, ROUND_BATCH = 250, 96  # round 2's train.num_epochs and train.batch_size
+CARRY_LIMIT_MIB = 64  # what may travel to the GPU machine in all: the working tree and the carried wheels
 ROUND_SHARPNESS_POINTS = 4  # round 2's sharpness measurements: three milestones and the last epoch
 # On every GPU image already, and large: never carried as wheels, never installed.
 PREINSTALLED = {
@@ -92,6 +95,7 @@ class Sizes:
     throughput: tuple[tuple[int, str], ...]  # (batch, mode), most wanted first
     throughput_args: tuple[str, ...]
     budgets: tuple[float | None, ...]  # seconds per part; None: what the time limit leaves
+    sharing_args: tuple[str, ...]  # benchmarks/gpu_sharing.py's arguments
     time_limit: float  # seconds for the whole run
 
 
@@ -130,8 +134,9 @@ GPU = Sizes(
         (128, "compiled+cudagraphs"),
     ),
     throughput_args=("--steps", "50", "--data-batches", "50"),
-    budgets=(45, 60, 180, 150, None, 5),
-    time_limit=570,  # part 5: at least 130 s
+    budgets=(45, 60, 180, 150, None, 5, 75),
+    sharing_args=("--device", "cuda", "--counts", "1,2,4,8", "--width", "64", "--batch-size", "96", "--steps", "40"),
+    time_limit=590,  # part 5: at least 75 s
 )
 # Width 8, not 4: at 4 the CPU runtime turns oneDNN off (its AVX2 fault), and epochs crawl.
 DRY = Sizes(
@@ -157,8 +162,9 @@ DRY = Sizes(
     },
     throughput=((96, "eager"),),
     throughput_args=("--steps", "2", "--data-batches", "2", "--width", "8", "--images", "512"),
-    budgets=(60, 0, 600, 600, None, 5),
-    time_limit=1500,
+    budgets=(60, 0, 600, 600, None, 5, 300),
+    sharing_args=("--device", "cpu", "--counts", "1,2", "--width", "8", "--batch-size", "32", "--steps", "2"),
+    time_limit=1800,
 )
 
 
@@ -745,6 +751,21 @@ def part_projection(run: Run) -> dict:
     return results
 
 
+def part_concurrency(run: Run) -> dict:
+    """Trainings sharing one device: what K at once gives in total, and what each run loses."""
+    out = command(run, [sys.executable, "benchmarks/gpu_sharing.py", *run.sizes.sharing_args], REPO, show=8)
+    rows = [
+        {"trainings": int(k), "total_img_s": float(total), "per_run_slowdown": float(slow)}
+        for k, total, slow in re.findall(
+            r"^concurrent (\d+): .*; total ([\d.]+) img/s; per-run slowdown ([\d.]+)x$", out, re.M
+        )
+    ]
+    best = re.search(r"still pay .*: (\d+)$", out, re.M)
+    if not rows or best is None:
+        raise PartFailed("benchmarks/gpu_sharing.py printed no rates")
+    return {"rows": rows, "slots_per_gpu_that_pay": int(best.group(1))}
+
+
 PARTS: tuple[tuple[str, str, Callable[[Run], dict]], ...] = (
     ("environment", "environment", part_environment),
     ("gpu_tests", "pytest -m gpu", part_gpu_tests),
@@ -752,6 +773,7 @@ PARTS: tuple[tuple[str, str, Callable[[Run], dict]], ...] = (
     ("resume", "resume: SIGKILL mid-epoch, restart", part_resume),
     ("throughput", "throughput: ours vs conventional, by batch and mode", part_throughput),
     ("projection", "projection: a 250-epoch full-width round (not run)", part_projection),
+    ("concurrency", "concurrency: 1, 2, 4, 8 trainings on one device", part_concurrency),
 )
 
 
@@ -851,6 +873,12 @@ def wheel_closure(roots: list[str], python_version: str) -> dict[str, str]:
     return seen
 
 
+def tracked_mib() -> float:
+    """The working tree's tracked files, MiB: they travel to the GPU machine with the wheels."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True).stdout.split("\0")
+    return sum((REPO / n).stat().st_size for n in names if n and (REPO / n).is_file()) / 2**20
+
+
 def fetch_wheels(target: Path, python_version: str) -> int:
     """Wheels, for a manylinux x86-64 CPython, of the versions installed here of what --wheels installs."""
     specs = [
@@ -894,6 +922,14 @@ def fetch_wheels(target: Path, python_version: str) -> int:
         specs.remove(no_wheel.group(1))
     wheels = list(target.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
+    room = CARRY_LIMIT_MIB - tracked_mib()
+    if size > room:
+        print(
+            f"gpu.sh --fetch-wheels: {len(wheels)} wheels take {size:.1f} MiB but only {room:.1f} MiB can travel "
+            f"to the GPU machine ({CARRY_LIMIT_MIB} MiB with the working tree); trim project_pins' closure",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"{len(wheels)} wheels, {size:.1f} MiB in {target} for Python {python_version}; "
         f"on the GPU machine: benchmarks/gpu.sh --wheels {target.name} (carry it)"
@@ -931,7 +967,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--parts",
-        default="1,2,3,4,5,6",
+        default="1,2,3,4,5,6,7",
         help="comma-separated part numbers to run, e.g. 3,4 (4 uses 3's run for its comparison)",
     )
     parser.add_argument(

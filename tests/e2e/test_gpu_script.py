@@ -41,10 +41,11 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     doc = json.loads((out / "gpu-check.json").read_text())
     parts = {p["name"]: p for p in doc["parts"]}
-    assert [p["number"] for p in doc["parts"]] == [1, 2, 3, 4, 5, 6] and doc["ok"]
+    assert [p["number"] for p in doc["parts"]] == [1, 2, 3, 4, 5, 6, 7] and doc["ok"]
     assert parts["gpu_tests"]["status"] == "skipped"
     assert all(
-        parts[n]["status"] == "passed" for n in ("environment", "pipeline", "resume", "throughput", "projection")
+        parts[n]["status"] == "passed"
+        for n in ("environment", "pipeline", "resume", "throughput", "projection", "concurrency")
     )
 
     pipeline = parts["pipeline"]["results"]
@@ -66,6 +67,9 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
     assert distance["max_abs_weight_diff"] == 0.0 and distance["bit_exact"]  # CPU, train.deterministic
 
     assert parts["projection"]["results"]["round_hours"] > 0
+    sharing = parts["concurrency"]["results"]
+    assert [r["trainings"] for r in sharing["rows"]] == [1, 2] and all(r["total_img_s"] > 0 for r in sharing["rows"])
+    assert sharing["rows"][0]["per_run_slowdown"] == 1.0 and sharing["slots_per_gpu_that_pay"] in (1, 2)
 
     text = (out / "gpu-check.txt").read_text()
     assert summary_statuses(text) == {
@@ -75,6 +79,7 @@ def test_dry_run_passes_the_pipeline_and_resume_parts_with_real_values(tmp_path)
         "4": "passed",
         "5": "passed",
         "6": "passed",
+        "7": "passed",
     }
     assert text.rstrip().endswith("no part failed")
 
