@@ -58,6 +58,7 @@ FULL_TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 training images less round 2's d
 ROUND_EPOCHS, ROUND_BATCH = 250, 96  # round 2's train.num_epochs and train.batch_size
 CARRY_LIMIT_MIB = 64  # what may travel to the GPU machine in all: the working tree and the carried wheels
 ROUND_SHARPNESS_POINTS = 4  # round 2's sharpness measurements: three milestones and the last epoch
+NOT_ON_GPU = {"psycopg2-binary"}  # the shared store's driver: no GPU part imports it
 # On every GPU image already, and large: never carried as wheels, never installed.
 PREINSTALLED = {
     "torch",
@@ -257,9 +258,9 @@ def canonical(name: str) -> str:
 
 
 def project_pins() -> list[str]:
-    """requirements.txt's pins (name==version) but those PREINSTALLED."""
+    """requirements.txt's pins (name==version) but those PREINSTALLED or NOT_ON_GPU."""
     pins = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
-    return [p for p in pins if p and canonical(p.split("==")[0]) not in PREINSTALLED]
+    return [p for p in pins if p and canonical(p.split("==")[0]) not in PREINSTALLED | NOT_ON_GPU]
 
 
 def missing(pins: list[str]) -> list[str]:

@@ -53,6 +53,7 @@ AT_TINY_SETTINGS = {
 }
 # As written these need what one test machine lacks: 8 GPUs, a team's server host, a shared remote, a clone URL.
 # The named test runs the same flow on 127.0.0.1, a local remote and a local clone.
+SHARED = "e2e/test_shared_store.py::test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rounds"
 ELSEWHERE = {
     "torchrun --standalone --nproc_per_node=8 -m cifar_rounds.stages.train --split data/split.npz --models models "
     "--history reports/history.csv --summary reports/train_summary.json": "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes",
@@ -63,6 +64,14 @@ ELSEWHERE = {
     'dvc repro && git add -A && git commit -m "round 2" && dvc push && git push': "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     "git clone ... && cd ... && scripts/setup.sh && .venv/bin/dvc pull": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
     ".venv/bin/dvc repro": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
+    "createdb optuna && createdb mlflow": SHARED,
+    "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri postgresql+psycopg2://team@db.internal/mlflow "
+    "--artifacts-destination /shared/mlartifacts": SHARED,
+    "export PGPASSWORD=...  MLFLOW_TRACKING_URI=http://127.0.0.1:5000": SHARED,
+    "python -m cifar_rounds.search.sweep sweeps/team.yaml --workers 8": SHARED,
+    "dvc exp push origin round-2-s0 && dvc exp pull origin round-2-s0": SHARED,
+    "torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=node0.internal:29500 -m cifar_rounds.stages.train "
+    "--split data/split.npz --models models --history reports/history.csv --summary reports/train_summary.json": "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes",
     # the suite itself, as CI runs it, and its fast subset
     "scripts/test.sh": "CI",
     'scripts/test.sh -m "not slow"': "CI",

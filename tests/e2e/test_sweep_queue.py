@@ -66,15 +66,32 @@ def _queue_lines(project: Path, state: str) -> list[str]:
 
 
 def _kill_a_running_trial(project: Path) -> str:
-    """SIGKILL one trial's running experiment (`dvc queue kill --force`); its name."""
-    while names := _queue_lines(project, "Running"):
-        for name in names:
-            if (
-                run([sys.executable, "-m", "dvc", "queue", "kill", "--force", name], project, check=False).returncode
-                == 0
-            ):
+    """SIGKILL one trial's running experiment (`dvc queue kill --force`); its name.
+
+    Queued trials are waited for: the driver is dead, the workers it started run them (started
+    again here, detached, if they left meanwhile).
+    """
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        running, queued = _queue_lines(project, "Running"), _queue_lines(project, "Queued")
+        for name in running:
+            kill = run([sys.executable, "-m", "dvc", "queue", "kill", "--force", name], project, check=False)
+            if kill.returncode == 0:
                 return name
-    raise AssertionError("the running trials ended before one could be killed")
+        if not running and not queued:
+            break
+        if queued and not running:
+            subprocess.run(
+                [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"],
+                cwd=project,
+                env=env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        time.sleep(2)
+    raise AssertionError("no trial was queued or running to be killed")
 
 
 def _wait_for_workers_to_exit(project: Path) -> None:
@@ -102,8 +119,12 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
         cmd, cwd=project, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 900
-    # the study first (read in-process), then DVC's queue: each `dvc queue status` costs the trials a second of CPU
-    while not (any(t.state.name == "COMPLETE" for t in _trials(project)) and _queue_lines(project, "Running")):
+    # a trial finished and one queued or running: the study first (read in-process), then DVC's queue,
+    # since each `dvc queue status` costs the trials a second of CPU
+    while not (
+        any(t.state.name == "COMPLETE" for t in _trials(project))
+        and (_queue_lines(project, "Running") or _queue_lines(project, "Queued"))
+    ):
         assert driver.poll() is None and time.time() < deadline
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver (DVC's queue workers have process groups of their own)
