@@ -53,66 +53,72 @@ def server_user() -> str | None:
     return PG_USER
 
 
-@contextmanager
-def postgresql() -> str:
-    """A PostgreSQL server on 127.0.0.1 (pgserver's binaries), stopped by its process group; its base URL."""
-    user = server_user()
-    folder = Path(tempfile.mkdtemp(prefix="cifar-rounds-pg-"))
-    # the binaries and the data in a folder the server's user owns (the checkout may not be readable to it)
-    package = Path(pgserver.__file__).parent
-    install = folder / "pgserver" / "pginstall"
-    shutil.copytree(package / "pginstall", install)
-    # the binaries find their libraries relative to themselves ($ORIGIN/../../../pgserver.libs)
-    shutil.copytree(package.parent / "pgserver.libs", folder / "pgserver.libs")
-    as_user = ["runuser", "-u", user, "--"] if user else []
-    if user:
-        shutil.chown(folder, user)
-        for path in folder.rglob("*"):
-            shutil.chown(path, user)
-    data, port = folder / "data", free_port()
-    subprocess.run(
-        [*as_user, install / "bin/initdb", "-D", data, "-U", "postgres", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    log = open(folder / "server.log", "w")
-    cmd = [*as_user, install / "bin/postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", folder]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while (
-            subprocess.run(
-                [install / "bin/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True
-            ).returncode
-            != 0
-        ):
-            assert proc.poll() is None and time.time() < deadline, (folder / "server.log").read_text()[-2000:]
-            time.sleep(0.5)
-        for db in ("optuna", "mlflow"):
-            subprocess.run(
-                [
-                    install / "bin/psql",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-U",
-                    "postgres",
-                    "-qc",
-                    f"CREATE DATABASE {db}",
-                ],
-                check=True,
-                capture_output=True,
-            )
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # fast shutdown of this server and its workers only
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+class Postgres:
+    """A PostgreSQL server on 127.0.0.1 from pgserver's binaries, in a folder its user owns; started and stopped
+    (by its own process group) by the test."""
+
+    def __init__(self, folder: Path) -> None:
+        user = server_user()
+        package = Path(pgserver.__file__).parent
+        self.folder, self.bin = folder, folder / "pgserver" / "pginstall" / "bin"
+        # copies the server's user can read (the checkout may not be); the binaries find their libraries
+        # relative to themselves ($ORIGIN/../../../pgserver.libs)
+        shutil.copytree(package / "pginstall", folder / "pgserver" / "pginstall")
+        shutil.copytree(package.parent / "pgserver.libs", folder / "pgserver.libs")
+        self.as_user = ["runuser", "-u", user, "--"] if user else []
+        if user:
+            for path in [folder, *folder.rglob("*")]:
+                shutil.chown(path, user)
+        self.port, self.proc = free_port(), None
+        initdb = [*self.as_user, self.bin / "initdb", "-D", folder / "data", "-U", "postgres", "--auth=trust"]
+        subprocess.run(initdb, check=True, capture_output=True)
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        log = open(self.folder / "server.log", "a")
+        data, port = self.folder / "data", str(self.port)
+        cmd = [*self.as_user, self.bin / "postgres", "-D", data, "-h", "127.0.0.1", "-p", port, "-k", self.folder]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         log.close()
+        deadline = time.time() + 60
+        ready = [self.bin / "pg_isready", "-h", "127.0.0.1", "-p", port]
+        while subprocess.run(ready, capture_output=True).returncode != 0:
+            assert self.proc.poll() is None and time.time() < deadline, self.log()
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown of this server and its workers only
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def create(self, database: str) -> None:
+        psql = [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+        subprocess.run([*psql, "-qc", f"CREATE DATABASE {database}"], check=True, capture_output=True)
+
+    def log(self) -> str:
+        return (self.folder / "server.log").read_text()[-2000:]
+
+
+@contextmanager
+def postgresql() -> Postgres:
+    folder = Path(tempfile.mkdtemp(prefix="cifar-rounds-pg-"))
+    server = None
+    try:
+        server = Postgres(folder)
+        server.start()
+        for database in ("optuna", "mlflow"):
+            server.create(database)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -153,14 +159,14 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
     md5 = write_archive(archive, train_size=360, test_size=100, seed=4)
     first = make_project(tmp_path / "first", (archive, md5), **SMALL)
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
-    run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
     run(["dvc", "remote", "add", "-d", "team", str(remote)], first)
-    with postgresql() as pg, tracking_server(f"{pg}/mlflow", tmp_path / "artifacts") as server:
+    with postgresql() as pg, tracking_server(pg.url("mlflow"), tmp_path / "artifacts") as server:
         sweep = {
             "study": "team",
             "baseline": "round-2",
             "trials": TRIALS,
-            "storage": f"{pg}/optuna",
+            "storage": pg.url("optuna"),
             "fixed": {"train.num_epochs": 2, "train.lr_milestones": [1], "train.patience": 2},
             "space": {"train.learning_rate": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
             "sampler": {"kind": "random", "seed": 1},
@@ -174,6 +180,7 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
         second = machine(origin, tmp_path / "second")
         shared = {"MLFLOW_TRACKING_URI": server}
         cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/team.yaml", "--workers", "1"]
+        started = time.time()
         drivers = [
             subprocess.Popen(
                 cmd,
@@ -193,8 +200,9 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
                 if d.poll() is None:
                     os.killpg(d.pid, signal.SIGKILL)
         assert [d.returncode for d in drivers] == [0, 0], "\n".join(o[-2000:] for o in outs)
+        print(f"two drivers, one worker each: the study's {TRIALS} trials in {time.time() - started:.0f} s")
 
-        study = optuna.load_study(study_name="team", storage=f"{pg}/optuna")
+        study = optuna.load_study(study_name="team", storage=pg.url("optuna"))
         counted = [t for t in study.trials if not t.user_attrs.get("retried")]
         assert len(counted) == TRIALS and all(t.state.name == "COMPLETE" for t in counted)  # the budget, across both
         machines = {t.user_attrs["queue"] for t in counted}

@@ -1,11 +1,16 @@
-"""The one place a stage's expected failures become a one-line error and an exit code."""
+"""The one place a stage's expected failures become a one-line error and an exit code.
+
+Plain Python only: every module may import it (the atomic-write helper too) without pulling in pydantic.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from cifar_rounds.core.params import ParamsError
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message is one line naming the field."""
 
 
 class StageError(RuntimeError):

@@ -17,13 +17,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from cifar_rounds.core.errors import ParamsError
+
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_TRAIN_SIZE = 50_000
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
-
-
-class ParamsError(ValueError):
-    """A params file that cannot be used; the message is one line naming the field."""
 
 
 class Section(BaseModel):
