@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -37,7 +38,7 @@ class Driver:
     storage: object  # its optuna storage
     client: object  # MlflowClient
     parent_run_id: str
-    queue: str = field(default_factory=lambda: f"{socket.gethostname()}:{repo_root()}")
+    queue: str  # the host and repository whose DVC queue this driver fills
     missing: dict[int, float] = field(default_factory=dict)  # trial -> when its queue entry was first found missing
     inherited: set[int] = field(default_factory=set)  # trials left RUNNING by an earlier driver
 
@@ -86,15 +87,28 @@ class Driver:
         return values
 
 
-def open_study(sweep: Sweep, url: str):
+def open_storage(url: str, attempts: int = 5):
+    """Optuna's storage at `url`. Drivers starting together on a new database race to create its tables:
+    the one that loses retries, and finds them made."""
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.get_storage(url)
+        except Exception as error:
+            first = str(error).splitlines()[0][:160]
+            if attempt + 1 < attempts and ("duplicate key" in first or "already exists" in first):
+                time.sleep(1.0 + attempt)
+                continue
+            raise StageError(f"sweep storage: cannot open {url} ({first})") from None
+
+
+def open_study(sweep: Sweep, url: str, driver: str = ""):
     """Create or continue the study; a study of the same name with another space is refused."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage = optuna.storages.get_storage(url)
-    except Exception as error:
-        raise StageError(f"sweep storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
+    storage = open_storage(url)
     study = optuna.create_study(
         storage=storage,
         study_name=sweep.study,
@@ -102,8 +116,9 @@ def open_study(sweep: Sweep, url: str):
         pruner=sweep.pruner.build(),
         load_if_exists=True,
     )
-    # seeded by the trials so far: a driver started again must not replay the first driver's proposals
-    study.sampler = sweep.sampler.build(sweep.space, len(study.trials))
+    # seeded by the trials so far and by the driver: a driver started again must not replay an earlier
+    # driver's proposals, nor two drivers started together (on two machines) propose the same values
+    study.sampler = sweep.sampler.build(sweep.space, len(study.trials) + zlib.crc32(driver.encode()) % 100_000)
     known = study.user_attrs.get(DIGEST_ATTR)
     if known is not None and known != sweep.digest():
         raise StageError(
@@ -126,14 +141,19 @@ def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
         )
         patiently(lambda: client.log_dict(run_id, sweep.model_dump(), "sweep.json"), "logging the sweep file", patience)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        # another machine's driver may have made one at the same moment: the study's record wins
+        recorded = study.user_attrs.get(PARENT_RUN_ATTR, run_id)  # read again from the storage
+        if recorded != run_id:
+            patiently(lambda: client.delete_run(run_id), "removing a duplicate sweep run", patience)
+            run_id = recorded
     else:
         patiently(lambda: client.update_run(run_id, status="RUNNING"), "resuming the sweep's run", patience)
     return client, run_id
 
 
 def new_driver(sweep: Sweep, base: Params) -> Driver:
-    url = study_storage(sweep.storage, repo_root())
-    study, storage, created = open_study(sweep, url)
+    url, queue = study_storage(sweep.storage, repo_root()), f"{socket.gethostname()}:{repo_root()}"
+    study, storage, created = open_study(sweep, url, queue)
     client, parent = start_parent_run(sweep, base, study)
     if created:
         study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
@@ -147,7 +167,7 @@ def new_driver(sweep: Sweep, base: Params) -> Driver:
             )
         study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
     print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
-    return Driver(sweep, base, study, storage, client, parent)
+    return Driver(sweep, base, study, storage, client, parent, queue)
 
 
 def counts(study) -> dict[str, int]:
