@@ -27,7 +27,7 @@ from cifar_rounds.analysis.verdict import (
 )
 
 ALPHA = 0.05
-# A small version of benchmarks/seed_verdict.py's probit model: accuracy 93%, churn 5%; a seed's
+# A small version of benchmarks/verdict_model.py's probit model: accuracy 93%, churn 5%; a seed's
 # overall skill g moves accuracy by about 0.5 points (distribution-wise), per-image flips add 0.35
 # points on 2,000 images. Latent margins are in units of the per-image perturbation.
 MU, SIGMA_U, SIGMA_G = 4.42, 2.82, 0.11
