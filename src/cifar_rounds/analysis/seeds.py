@@ -23,6 +23,11 @@ MAX_SEEDS = 100  # beyond this the recommendation says "more than"
 # The seed std a recommendation plans with is this one-sided upper confidence bound of the measured one: with
 # 2 + 2 seeds the pooled std is below half its true value 22% of the time, and a plan on it would be underpowered.
 STD_CONFIDENCE = 0.8
+# how a recommendation plans where one seed per side measures nothing
+TYPICAL_PLAN = (
+    f"the typical seed std of {100 * DEFAULT_SEED_STD:.2g} points and no test-image term, which one seed per side "
+    "cannot measure"
+)
 # Gauss-Legendre nodes of the power integral over the quantiles of the df-setting variance share and of the
 # variance scale: within 2e-5 of 400 x 2000 nodes for 2 to 100 seeds (each power is 1,024 t quantiles)
 _SHARE_NODES, _SCALE_NODES = 16, 64

@@ -22,6 +22,7 @@ from cifar_rounds.analysis.seeds import (
     DEFAULT_SEED_STD,
     DEFAULT_TARGET_GAIN,
     STD_CONFIDENCE,
+    TYPICAL_PLAN,
     planning_std,
     recommended_seeds,
     seed_advice,
@@ -79,9 +80,6 @@ def t_quantile(q: float, df: float) -> float:
     return float(special.stdtrit(df, q))
 
 
-# ---------------------------------------------------------------- inputs
-
-
 def _replicates(replicates: Sequence[ArrayLike], side: str) -> np.ndarray:
     """A round's replicates as a seeds x images float matrix of 0/1, or a ValueError that says what is wrong."""
     if len(replicates) == 0:
@@ -99,9 +97,6 @@ def _replicates(replicates: Sequence[ArrayLike], side: str) -> np.ndarray:
     if not np.all((y == 0.0) | (y == 1.0)):  # also rejects NaN
         raise ValueError(f"{side}: correctness values must be 0/1 or bool (found NaN or other values)")
     return y
-
-
-# ---------------------------------------------------------------- two or more seeds
 
 
 def _round_moments(y: np.ndarray) -> tuple[float, float]:
@@ -197,9 +192,6 @@ def seeds_verdict(
     )
 
 
-# ---------------------------------------------------------------- one seed
-
-
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     """95% Wilson score interval of a proportion."""
     if total == 0:
@@ -228,12 +220,6 @@ def mcnemar_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float
     lo = float(special.betaincinv(c, m - c + 1, tail)) if c > 0 else 0.0
     hi = float(special.betaincinv(c + 1, m - c, 1 - tail)) if c < m else 1.0
     return m * (2 * lo - 1) / n, m * (2 * hi - 1) / n
-
-
-TYPICAL_PLAN = (
-    f"the typical seed std of {100 * DEFAULT_SEED_STD:.2g} points and no test-image term, which one seed per side "
-    "cannot measure"
-)
 
 
 def one_seed_caveat(seeds_baseline: int, seeds_candidate: int, advice: str) -> str:
@@ -298,9 +284,6 @@ def compare_configs(
     if min(a.shape[0], b.shape[0]) < 2:
         return mcnemar_verdict(a, b, alpha, level, target_gain)
     return seeds_verdict(a, b, alpha, level, target_gain)
-
-
-# ---------------------------------------------------------------- the performance table
 
 
 def mean_std(values: Iterable[float]) -> MeanStd:
