@@ -18,7 +18,7 @@ images as two seeds of one do (1: none, they share every image's difficulty).
 A/A: equal population accuracy (a move is a false champion move). Gain: B's
 population accuracy is 1 point higher (a move is the power). Beside the rule, the
 same looks under the rule it replaces (move whenever the verdict fires with two or
-more seeds per side) show what the rules are for. One process, about 4 CPU-minutes
+more seeds per side) show what the rules are for. One process, about 2 CPU-minutes
 with the defaults.
 """
 

@@ -16,7 +16,7 @@ seed count (with a plain Welch t test on the per-seed accuracies and the one-see
 McNemar rate beside it), the same under the realistic null, power against the true
 gain and seed count (simulated and closed form), the seed counts for 80% power,
 McNemar's false-positive rate against the distribution-wise share of the seed
-spread, and a two-level bootstrap's. About 15 CPU-minutes with the defaults
+spread, and a two-level bootstrap's. About 8 CPU-minutes with the defaults
 (each cell has its own child seed, so the numbers do not depend on --workers).
 """
 
