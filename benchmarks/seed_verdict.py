@@ -2,30 +2,21 @@
 
     python benchmarks/seed_verdict.py [--comparisons 2000] [--power-comparisons 1000] [--images 10000]
 
-Simulation model (a probit model of per-image correctness). Each comparison draws
-a fresh test set; image i has a latent margin m_i = mu + u_i, u_i ~ N(0, sigma_u^2)
-(its difficulty), shared by every replicate of both configurations. Seed s of a
-configuration gets image i right when
-
-    m_i + shift + g_s + eps_si > 0,   g_s ~ N(0, sigma_g^2),   eps_si ~ N(0, 1),
-
-where g_s is the seed's overall skill (the distribution-wise seed effect: it moves
-accuracy on every image at once) and eps_si the model-specific perturbation of
-that image (which images a particular model happens to get right). sigma_u is
-set by the churn (the expected share of test images two seeds disagree on),
-mu by the accuracy, sigma_g by the distribution-wise part of the seed std;
-the candidate's shift gives it the stated gain in population accuracy. Images
-with |m_i| > --cutoff are not sampled (always right or always wrong: a flip has
-probability below 3.2e-5, and the script prints the share of per-image variance
-this drops) so only contested images cost random draws.
+Simulation model: the probit model of benchmarks/verdict_model.py (its docstring
+gives it), tuned to CIFAR-10 ResNet-18. Two kinds of null: configurations that
+share every image's difficulty (the candidate is a reseed of the baseline), and
+the realistic one, configurations of equal population accuracy that disagree on
+more images than two seeds of one do (--null-ratios: that many times the seeds'
+churn), where the test-image term of the variance is not zero.
 
 Each comparison runs `cifar_rounds.analysis.verdict.compare_configs` on the k replicates
 of each side, and the one-seed McNemar verdict on the first replicate of each.
 Prints, as Markdown for benchmarks/RESULTS.md: the A/A false-positive rate per
-seed count (with the one-seed McNemar rate beside it), power against the true
+seed count (with a plain Welch t test on the per-seed accuracies and the one-seed
+McNemar rate beside it), the same under the realistic null, power against the true
 gain and seed count (simulated and closed form), the seed counts for 80% power,
 McNemar's false-positive rate against the distribution-wise share of the seed
-spread, and a two-level bootstrap's. About 7 CPU-minutes with the defaults
+spread, and a two-level bootstrap's. About 8 CPU-minutes with the defaults
 (each cell has its own child seed, so the numbers do not depend on --workers).
 """
 
@@ -36,110 +27,52 @@ import math
 import platform
 import resource
 import time
-from dataclasses import dataclass
+import warnings
 from datetime import date
 from multiprocessing import Pool
-from statistics import NormalDist
 
 import numpy as np
+from scipy import stats
+from verdict_model import Model, design, design_for_seed_std, dropped_share, sigma_d_for, simulate
 
-from cifar_rounds.analysis.verdict import compare_configs, difference_variance, power, recommended_seeds
-
-NORMAL = NormalDist()
-_HERMITE = np.polynomial.hermite_e.hermegauss(150)  # nodes and weights for E over a standard normal
-
-
-@dataclass(frozen=True)
-class Model:
-    mu: float  # baseline's mean latent margin
-    sigma_u: float  # spread of image difficulty
-    sigma_g: float  # spread of the seed's overall skill
-    cutoff: float  # margins beyond this are not sampled
-
-    def accuracy(self, shift: float = 0.0) -> float:
-        """Population accuracy (over images and seeds) of a configuration shifted by `shift`."""
-        return NORMAL.cdf((self.mu + shift) / math.sqrt(1 + self.sigma_u**2 + self.sigma_g**2))
-
-    def shift_for_gain(self, gain: float) -> float:
-        total = math.sqrt(1 + self.sigma_u**2 + self.sigma_g**2)
-        return NORMAL.inv_cdf(self.accuracy() + gain) * total - self.mu
+from cifar_rounds.analysis.seeds import power, recommended_seeds
+from cifar_rounds.analysis.verdict import compare_configs, difference_variance
 
 
-def normal_cdf(x: np.ndarray) -> np.ndarray:
-    return 0.5 * np.vectorize(math.erfc)(-x / math.sqrt(2.0))
-
-
-def churn_of(mu: float, sigma_u: float) -> float:
-    """Expected share of images two seeds disagree on: 2 E[p (1 - p)], p = P(image right | image)."""
-    x, w = _HERMITE
-    p = normal_cdf(mu + sigma_u * x)
-    return float(2 * np.sum(w * p * (1 - p)) / np.sum(w))
-
-
-def design(accuracy: float, churn: float, dist_std: float, cutoff: float) -> Model:
-    """The model with this accuracy, churn and distribution-wise seed std (fractions)."""
-    z = NORMAL.inv_cdf(accuracy)
-    lo, hi = 1e-3, 100.0  # churn falls as image difficulty spreads out
-    for _ in range(100):
-        sigma_u = math.sqrt(lo * hi)
-        lo, hi = (sigma_u, hi) if churn_of(z * math.sqrt(1 + sigma_u**2), sigma_u) > churn else (lo, sigma_u)
-    scale = math.sqrt(1 + sigma_u**2)
-    sigma_g = dist_std * scale / NORMAL.pdf(z)  # d accuracy / d g = pdf(z) / scale, linear in the small g
-    return Model(z * math.sqrt(scale**2 + sigma_g**2), sigma_u, sigma_g, cutoff)
-
-
-def dropped_share(model: Model) -> float:
-    """Share of the per-image Bernoulli variance carried by images beyond the cutoff."""
-    x, w = _HERMITE
-    m = model.mu + model.sigma_u * x
-    v = w * normal_cdf(m) * (1 - normal_cdf(m))
-    return float(np.sum(v[np.abs(m) > model.cutoff]) / np.sum(v))
-
-
-def replicates(rng: np.random.Generator, margin: np.ndarray, sigma_g: float, k: int, cutoff: float) -> np.ndarray:
-    """(comparisons, k, images) bool: which images each seed gets right, given the latent margins."""
-    count, n = margin.shape
-    y = np.broadcast_to(margin[:, None, :] > 0, (count, k, n)).copy()
-    c, i = np.nonzero(np.abs(margin) <= cutoff)  # only contested images need draws
-    g = rng.normal(0.0, sigma_g, (count, k)).astype(np.float32)
-    eps = rng.standard_normal((c.size, k), dtype=np.float32)
-    y[c, :, i] = margin[c, i][:, None] + g[c] + eps > 0
-    return y
-
-
-def simulate(rng: np.random.Generator, model: Model, k: int, gain: float, count: int, n: int, chunk: int = 50):
-    """Yield (baseline, candidate) replicate tables, seeds x images, for `count` comparisons."""
-    shift = model.shift_for_gain(gain) if gain else 0.0
-    for start in range(0, count, chunk):
-        size = min(chunk, count - start)
-        margin = (model.mu + model.sigma_u * rng.standard_normal((size, n))).astype(np.float32)
-        a = replicates(rng, margin, model.sigma_g, k, model.cutoff)
-        b = replicates(rng, margin + np.float32(shift), model.sigma_g, k, model.cutoff)
-        yield from zip(a, b)
+def welch_rejects(a: np.ndarray, b: np.ndarray, alpha: float) -> bool:
+    """A plain Welch t test on the per-seed accuracies: the seeds' variance only, no test-image term."""
+    with warnings.catch_warnings():  # identical per-seed accuracies on a side: scipy warns, and the test is moot
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return bool(stats.ttest_ind(b.mean(axis=1), a.mean(axis=1), equal_var=False).pvalue < alpha)
 
 
 def run_cell(
-    rng: np.random.Generator, model: Model, k: int, gain: float, count: int, n: int, alpha: float, mcnemar: bool
+    rng: np.random.Generator, model: Model, k: int, gain: float, count: int, n: int, alpha: float, spec: dict
 ) -> dict:
     """Verdicts on `count` simulated comparisons with k seeds per side and a true gain (fraction)."""
-    real = mcnemar_real = covered = 0
-    differences, variances, seed_var = [], [], []
-    for a, b in simulate(rng, model, k, gain, count, n):
+    real = mcnemar_real = welch_real = covered = 0
+    differences, variances, seed_var, images = [], [], [], []
+    for a, b in simulate(rng, model, k, gain, count, n, spec.get("sigma_d", 0.0)):
         v = compare_configs(a, b, alpha)
         real += v.real
         covered += v.low <= gain <= v.high
         differences.append(v.difference)
-        variances.append(difference_variance(a, b).total)
+        parts = difference_variance(a, b)
+        variances.append(parts.total)
+        images.append(parts.images)
         seed_var.append(a.mean(axis=1).var(ddof=1))
-        if mcnemar:  # the one-seed verdict on the first replicate of each side
+        welch_real += welch_rejects(a, b, alpha)
+        if spec["mcnemar"]:  # the one-seed verdict on the first replicate of each side
             mcnemar_real += compare_configs(a[:1], b[:1], alpha).real
     return {
         "count": count,
         "real": real,
         "mcnemar_real": mcnemar_real,
+        "welch_real": welch_real,
         "covered": covered,
         "sd_difference": float(np.std(differences, ddof=1)),
         "se_estimated": math.sqrt(np.mean(variances)),
+        "image_se": math.sqrt(np.mean(images)),
         "seed_std": math.sqrt(np.mean(seed_var)),
     }
 
@@ -175,7 +108,7 @@ def run_task(task: tuple) -> tuple[tuple, dict]:
     rng = np.random.default_rng(seed)
     if key[0] == "bootstrap":
         return key, bootstrap_cell(rng, model, spec["k"], spec["count"], spec["n"], spec["resamples"])
-    return key, run_cell(rng, model, spec["k"], spec["gain"], spec["count"], spec["n"], spec["alpha"], spec["mcnemar"])
+    return key, run_cell(rng, model, spec["k"], spec["gain"], spec["count"], spec["n"], spec["alpha"], spec)
 
 
 def tasks(args: argparse.Namespace, model: Model, grid: list[int]) -> list[tuple]:
@@ -186,6 +119,15 @@ def tasks(args: argparse.Namespace, model: Model, grid: list[int]) -> list[tuple
         (("power", g, k), model, {**base, "k": k, "gain": g / 100, "count": args.power_comparisons, "mcnemar": False})
         for g in args.gains
         for k in grid
+    ]
+    out += [
+        (
+            ("null", ratio, k),
+            model,
+            {**base, "k": k, "gain": 0.0, "count": args.null_comparisons, "mcnemar": False, "sigma_d": sigma_d},
+        )
+        for ratio, sigma_d in ((r, sigma_d_for(model, r)) for r in args.null_ratios)
+        for k in args.null_seeds
     ]
     for dist in args.sensitivity:
         m = design(args.accuracy, args.churn, dist / 100, args.cutoff)
@@ -219,20 +161,40 @@ def rate(hits: int, count: int) -> tuple[float, float]:
 def aa_lines(results: dict, grid: list[int], alpha: float, seed_std: float) -> list[str]:
     lines = [
         "| seeds per side | comparisons | false-positive rate | alpha + 3 SE | within | sd of the difference: "
-        "measured / closed form / estimated (points) | one-seed McNemar false-positive rate |",
-        "|---|---|---|---|---|---|---|",
+        "measured / closed form / estimated (points) | plain Welch | one-seed McNemar false-positive rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k in grid:
         r = results[("aa", k)]
         fpr, se = rate(r["real"], r["count"])
         bound = alpha + 3 * math.sqrt(alpha * (1 - alpha) / r["count"])
-        mc, mc_se = rate(r["mcnemar_real"], r["count"])
+        (mc, mc_se), (w, w_se) = rate(r["mcnemar_real"], r["count"]), rate(r["welch_real"], r["count"])
         lines.append(
             f"| {k} | {r['count']} | {fpr:.3f} ± {se:.3f} | {bound:.3f} | {'yes' if fpr <= bound else 'NO'} | "
             f"{100 * r['sd_difference']:.3f} / {100 * seed_std * math.sqrt(2 / k):.3f} / "
-            f"{100 * r['se_estimated']:.3f} | "
+            f"{100 * r['se_estimated']:.3f} | {w:.3f} ± {w_se:.3f} | "
             f"{mc:.3f} ± {mc_se:.3f} |"
         )
+    return lines
+
+
+def null_lines(results: dict, model: Model, ratios: list[float], seeds: list[int], alpha: float) -> list[str]:
+    """The realistic null: equal population accuracy, configurations that disagree on more images than seeds do."""
+    lines = [
+        "| disagreement (x the seeds' churn) | sigma_d | seeds per side | comparisons | this verdict | alpha + 3 SE | "
+        "within | plain Welch | sd of the difference: measured / estimated (points) | image term's se (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ratio in ratios:
+        for k in seeds:
+            r = results[("null", ratio, k)]
+            (v, v_se), (w, w_se) = rate(r["real"], r["count"]), rate(r["welch_real"], r["count"])
+            bound = alpha + 3 * math.sqrt(alpha * (1 - alpha) / r["count"])
+            lines.append(
+                f"| {ratio:g} | {sigma_d_for(model, ratio):.3f} | {k} | {r['count']} | {v:.3f} ± {v_se:.3f} | "
+                f"{bound:.3f} | {'yes' if v <= bound else 'NO'} | {w:.3f} ± {w_se:.3f} | "
+                f"{100 * r['sd_difference']:.3f} / {100 * r['se_estimated']:.3f} | {100 * r['image_se']:.3f} |"
+            )
     return lines
 
 
@@ -317,9 +279,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--sensitivity",
         type=floats,
-        default=[0.0, 0.1, 0.2, 0.3],
+        default=[0.0, 0.05, 0.1, 0.2, 0.3],
         help="distribution-wise seed stds (points) for the McNemar sensitivity table",
     )
+    p.add_argument(
+        "--null-ratios",
+        type=floats,
+        default=[1.2, 1.5, 2.0],
+        help="realistic null: the configurations disagree on this many times the images two seeds do",
+    )
+    p.add_argument(
+        "--null-seeds", type=lambda t: [int(x) for x in floats(t)], default=[2, 3, 5, 8], help="its seeds per side"
+    )
+    p.add_argument("--null-comparisons", type=int, default=2000, help="comparisons per realistic-null cell")
     p.add_argument("--sensitivity-seeds", type=int, default=3, help="seeds per side of the verdict in that table")
     p.add_argument("--sensitivity-comparisons", type=int, default=1000, help="A/A comparisons per sensitivity row")
     p.add_argument(
@@ -350,16 +322,15 @@ def header_lines(args: argparse.Namespace, model: Model, results: dict, grid: li
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
-    per_image = args.churn / (2 * args.images)  # variance of a seed's accuracy from independent per-image flips
     seed_std = args.seed_std / 100
-    if seed_std**2 < per_image:
-        raise SystemExit(f"--seed-std below the per-image part alone ({100 * math.sqrt(per_image):.3f} points)")
-    model = design(args.accuracy, args.churn, math.sqrt(seed_std**2 - per_image), args.cutoff)
+    model = design_for_seed_std(args.accuracy, args.churn, seed_std, args.images, args.cutoff)
     grid = sorted(set(args.seeds) | {recommended_seeds(g / 100, seed_std, args.alpha) or 2 for g in args.gains})
     with Pool(args.workers) as pool:
         results = dict(pool.map(run_task, tasks(args, model, grid), chunksize=1))
     out = header_lines(args, model, results, grid, time.perf_counter() - start)
     out += ["", "A/A (identical configurations):", ""] + aa_lines(results, grid, args.alpha, seed_std)
+    out += ["", "The realistic null (equal population accuracy, per-image configuration differences):", ""]
+    out += null_lines(results, model, args.null_ratios, args.null_seeds, args.alpha)
     out += [
         "",
         f"Power, simulated (closed form), alpha {args.alpha:g}, {args.power_comparisons} comparisons per cell:",

@@ -207,7 +207,10 @@ def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
         open_trial(SweepParams(study="nope", trial=3, storage=url))
 
 
-def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=math.nan, bound=100.0) -> Replicate:
+def _replicate(
+    train_acc=0.9, gap=0.05, test_acc=0.85, stopped=100, noise=math.nan, lam=math.nan, bound=100.0, **overrides
+) -> Replicate:
+    """A replicate of round-2 (100 epochs, milestones 30/60/80, patience 20) with a history that says what it is."""
     params = with_overrides(
         repo_params(),
         {
@@ -216,11 +219,14 @@ def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=ma
             "train.patience": 20,
             "train.batch_size": 96,
             "tracking.round": "round-2",
+            **overrides,
         },
     )
     history = [
         {
             "epoch": e,
+            "train_accuracy": train_acc,
+            "train_val_accuracy_gap": gap,
             "noise_scale": noise,
             "lambda_max": lam if e == stopped else math.nan,
             "stability_bound": bound,
@@ -229,16 +235,16 @@ def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=ma
         }
         for e in range(1, stopped + 1)
     ]
-    metrics = {"train_accuracy": train_acc, "test_accuracy": test_acc, "stopped_epoch": stopped}
+    metrics = {"train_accuracy": train_acc, "test_accuracy": test_acc, "stopped_epoch": stopped, "best_epoch": stopped}
     return Replicate("r", params, metrics, history, [])
 
 
 def test_next_round_proposals_come_only_from_measurements_that_cross_their_lines():
     calm = Round("c", [_replicate()])
     assert proposals(calm) == []
-    memorised = proposals(Round("m", [_replicate(train_acc=1.0, test_acc=0.8329)]))
+    memorised = proposals(Round("m", [_replicate(train_acc=1.0, gap=0.1671)]))
     assert [p.slug for p in memorised] == ["regularisation"]
-    assert "train accuracy 100.00% with a train-test gap of 16.71%" in memorised[0].evidence
+    assert "train accuracy 100.00% with a train-validation gap of 16.71%" in memorised[0].evidence
     assert memorised[0].overrides == {"train.weight_decay": 0.001}
     early = proposals(Round("e", [_replicate(stopped=45)]))
     assert [p.slug for p in early] == ["patience"] and early[0].overrides == {"train.patience": 35}
@@ -252,11 +258,67 @@ def test_next_round_proposals_come_only_from_measurements_that_cross_their_lines
     assert proposals(Round("l", [_replicate(lam=50.0, bound=100.0)])) == []
 
 
-def test_a_proposal_writes_a_sweep_file_that_validates(tmp_path, monkeypatch):
+def test_memorisation_is_read_from_the_train_validation_gap_never_the_test_set():
+    # a large train-test gap with a small train-validation gap proposes nothing: the test set decides no proposal
+    assert proposals(Round("m", [_replicate(train_acc=1.0, gap=0.02, test_acc=0.80)])) == []
+    # the gap at the best epoch (the evaluated checkpoint), not at the last
+    rep = _replicate(train_acc=1.0, gap=0.02, test_acc=0.99)
+    rep.history[49]["train_val_accuracy_gap"] = 0.2
+    rep.metrics["best_epoch"] = 50
+    assert [p.slug for p in proposals(Round("m", [rep]))] == ["regularisation"]
+
+
+def test_a_longer_patience_and_a_weight_decay_from_zero():
+    long = proposals(Round("e", [_replicate(stopped=45, **{"train.patience": 80})]))
+    assert long[0].overrides == {"train.patience": 85}  # never shorter than the patience the round had
+    assert long[0].space["train.patience"]["low"] == 80
+    none = proposals(Round("m", [_replicate(train_acc=1.0, gap=0.2, **{"train.weight_decay": 0.0})]))
+    assert none[0].overrides == {"train.weight_decay": 5e-4}
+    assert none[0].space["train.weight_decay"] == {"type": "float", "low": 0.0, "high": 2e-3, "log": False}
+
+
+def every_proposal(**overrides) -> Replicate:
+    """A replicate that crosses every proposal's line: memorised, stopped early, small batch, sharp."""
+    return _replicate(train_acc=1.0, gap=0.2, stopped=45, noise=1000.0, lam=90.0, bound=100.0, **overrides)
+
+
+# rounds whose sweep files were refused: a comma-list name, values overridden away from the preset (weight decay
+# 0: a log range [0, 0]; a learning rate below the preset's), and a patience longer than the milestones' gaps
+ODD_ROUNDS = {
+    "round-2-s0,round-2-s1": {"train.weight_decay": 0.0, "train.patience": 80},
+    "round-2": {"train.weight_decay": 0.002, "train.learning_rate": 0.01, "train.momentum": 0.8},
+}
+
+
+@pytest.mark.parametrize("name", ODD_ROUNDS)
+def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, monkeypatch, name):
     from cifar_rounds.analysis.proposals import next_round_lines
+    from cifar_rounds.analysis.rounds import load_preset
+    from cifar_rounds.search.spec import check_enqueued
 
     monkeypatch.chdir(REPO)  # the presets
-    lines = next_round_lines(Round("round-2", [_replicate(train_acc=1.0, test_acc=0.8329)]), tmp_path / "next")
-    assert any("more regularisation" in line and "python -m cifar_rounds.search.sweep" in line for line in lines)
-    sweep = load_sweep(tmp_path / "next" / "regularisation.yaml", repo_params())
-    assert sweep.baseline == "round-2" and list(sweep.space) == ["train.weight_decay"]
+    rep = every_proposal(**ODD_ROUNDS[name])
+    lines = next_round_lines(Round(name, [rep, rep]), tmp_path / "next")
+    files = sorted((tmp_path / "next").glob("*.yaml"))
+    assert [f.stem for f in files] == ["batch", "learning-rate", "patience", "regularisation"]
+    assert all(f"python -m cifar_rounds.search.sweep {f}" in "".join(lines) for f in files)
+    ran = rep.params.flat()
+    for path in files:
+        sweep = load_sweep(path, repo_params())
+        check_enqueued(sweep, {p: load_preset(p) for p in sweep.enqueue + [sweep.baseline]}, path)
+        assert sweep.baseline == "round-2" and sweep.study.endswith(path.stem)
+        for key, dimension in sweep.space.items():
+            assert dimension.contains(ran[key]), (path.stem, key)
+        # the trials are the round's configuration: every value it ran with, the searched ones aside
+        trial = with_overrides(repo_params(), {**load_preset("round-2"), **sweep.fixed}).flat()
+
+        def configuration(values: dict) -> dict:
+            return {
+                k: v
+                for k, v in values.items()
+                if k.split(".")[0] in ("data", "model", "train") and k not in sweep.space and k != "train.seed"
+            }
+
+        assert configuration(trial) == configuration(ran), path.stem
+    patience = yaml.safe_load((tmp_path / "next" / "patience.yaml").read_text())["space"]["train.patience"]
+    assert patience["low"] <= ran["train.patience"] <= patience["high"]

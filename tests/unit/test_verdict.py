@@ -5,25 +5,29 @@ import math
 import numpy as np
 import pytest
 
-from cifar_rounds.analysis.verdict import (
+from cifar_rounds.analysis.seeds import (
     DEFAULT_SEED_STD,
-    beta_quantile,
-    betainc,
+    STD_CONFIDENCE,
+    planning_std,
+    power,
+    power_limit,
+    recommended_seeds,
+)
+from cifar_rounds.analysis.verdict import (
     compare_configs,
     difference_variance,
     format_mean_std,
     mcnemar_exact,
     mcnemar_interval,
     mean_std,
-    power,
-    recommended_seeds,
+    seeds_verdict,
     t_pvalue,
     t_quantile,
     wilson_interval,
 )
 
 ALPHA = 0.05
-# A small version of benchmarks/seed_verdict.py's probit model: accuracy 93%, churn 5%; a seed's
+# A small version of benchmarks/verdict_model.py's probit model: accuracy 93%, churn 5%; a seed's
 # overall skill g moves accuracy by about 0.5 points (distribution-wise), per-image flips add 0.35
 # points on 2,000 images. Latent margins are in units of the per-image perturbation.
 MU, SIGMA_U, SIGMA_G = 4.42, 2.82, 0.11
@@ -57,25 +61,30 @@ def test_student_t_matches_its_closed_forms_at_one_and_two_df():
     for q in (0.6, 0.975, 0.9995):
         assert t_quantile(q, 1) == pytest.approx(math.tan(math.pi * (q - 0.5)), rel=1e-10)
         assert t_quantile(q, 2) == pytest.approx((2 * q - 1) / math.sqrt(2 * q * (1 - q)), rel=1e-10)
-    assert t_quantile(0.025, 2) == -t_quantile(0.975, 2)
+    assert t_quantile(0.025, 2) == pytest.approx(-t_quantile(0.975, 2), rel=1e-14)
     assert t_quantile(0.975, 1e9) == pytest.approx(1.959963984540054, rel=1e-7)
 
 
-def test_incomplete_beta_and_its_quantile_match_closed_forms():
-    for x in (0.01, 0.3, 0.9):
-        assert betainc(2.5, 1, x) == pytest.approx(x**2.5, rel=1e-12)
-        assert betainc(1, 7, x) == pytest.approx(1 - (1 - x) ** 7, rel=1e-12)
-    assert beta_quantile(0.975, 10, 1) == pytest.approx(0.975 ** (1 / 10), rel=1e-12)
-    assert betainc(3.5, 4.5, beta_quantile(0.3, 3.5, 4.5)) == pytest.approx(0.3, abs=1e-13)
+def test_clopper_pearson_ends_match_closed_forms():
+    # with all m discordant images on one side, the exact interval's far end solves p^m = 0.025
+    for m in (1, 7, 40):
+        low, _ = mcnemar_interval(0, m, 1000)
+        assert low == pytest.approx(m * (2 * 0.025 ** (1 / m) - 1) / 1000, rel=1e-12)
+        _, high = mcnemar_interval(m, 0, 1000)
+        assert high == pytest.approx(m * (2 * (1 - 0.025 ** (1 / m)) - 1) / 1000, rel=1e-12)
 
 
-def test_against_scipy_where_it_is_installed():
+def test_against_scipys_independent_routines():
     stats = pytest.importorskip("scipy.stats")
-    for df in (1.3, 4, 17.5, 300, 2e4):
+    for df in (1.3, 4, 17.5, 300, 2e4, math.inf):
         for t in (0.5, 2.1, 6.0):
             assert t_pvalue(t, df) == pytest.approx(2 * stats.t.sf(t, df), rel=1e-8)
         assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-10)
-    assert beta_quantile(0.025, 3, 480) == pytest.approx(stats.beta.ppf(0.025, 3, 480), rel=1e-10)
+    for b, c in ((3, 9), (0, 5), (40, 31)):  # Clopper-Pearson of c / (b + c), mapped to the difference scale
+        ci = stats.binomtest(c, b + c).proportion_ci(0.95, method="exact")
+        m = b + c
+        expected = (m * (2 * ci.low - 1) / 500, m * (2 * ci.high - 1) / 500)
+        assert mcnemar_interval(b, c, 500) == pytest.approx(expected, rel=1e-9)
 
 
 def test_verdict_on_a_hand_computed_case():
@@ -209,6 +218,65 @@ def test_power_matches_a_monte_carlo_of_the_welch_test():
     hits = np.mean([t_pvalue(ti, di) < ALPHA for ti, di in zip(t, df)])
     expected = power(k, gain, std)
     assert abs(hits - expected) < 4 * math.sqrt(expected * (1 - expected) / draws)
+
+
+def crossed_tables(rng, k: int, n: int, gain: float, s_g: float, s_e: float, s_diff: float):
+    """Baseline and candidate seeds x images tables of a crossed Gaussian model with a configuration image term."""
+    images = rng.standard_normal(n)
+    a = images + rng.normal(0, s_g, (k, 1)) + rng.normal(0, s_e, (k, n))
+    b = images + gain + s_diff * rng.standard_normal(n) + rng.normal(0, s_g, (k, 1)) + rng.normal(0, s_e, (k, n))
+    return a, b
+
+
+def test_power_with_the_image_term_matches_a_simulation_of_the_verdict():
+    # the verdict itself on simulated tables; its closed-form power with se^2 = 2 sigma^2 / k + I
+    rng = np.random.default_rng(21)
+    n, s_g, s_e, s_diff, draws = 400, 0.3, 1.0, 3.0, 1500
+    sigma, image = math.sqrt(s_g**2 + s_e**2 / n), s_diff**2 / n
+    for k, gain in ((3, 0.0), (6, 0.5)):
+        hits = np.mean([seeds_verdict(*crossed_tables(rng, k, n, gain, s_g, s_e, s_diff)).real for _ in range(draws)])
+        expected = power(k, gain, sigma, 0.05, image)
+        assert abs(hits - expected) < 4 * math.sqrt(expected * (1 - expected) / draws), (k, gain)
+    # leaving the image term out (as the recommendation did) claims power the verdict does not have
+    assert power(6, 0.5, sigma, 0.05) > 0.7 > 0.6 > power(6, 0.5, sigma, 0.05, image)
+
+
+def test_the_image_term_raises_the_seed_count_and_can_put_a_gain_out_of_reach():
+    assert recommended_seeds(0.005, 0.0025) == 6
+    # an image term of 0.15 points standard error (half the seed part at 6 seeds) asks for more seeds
+    assert recommended_seeds(0.005, 0.0025, image_variance=0.0015**2) > 6
+    # power rises with the seeds towards the z test on the image term alone, and never past it
+    assert power(100, 0.005, 0.0025, 0.05, 0.002**2) < power_limit(0.005, 0.002**2) < 0.8
+    assert recommended_seeds(0.005, 0.0025, image_variance=0.002**2) is None
+
+
+def test_a_verdict_plans_with_its_own_image_term_and_says_when_no_seed_count_suffices():
+    rng = np.random.default_rng(4)
+    # 3 seeds per side, configurations that disagree on many of 300 images: a large image term
+    a, b = crossed_tables(rng, 3, 300, 0.0, 0.002, 0.0, 0.1)
+    v = seeds_verdict(a, b, target_gain=0.005)
+    parts = difference_variance(a, b)
+    assert power_limit(0.005, parts.images) < 0.8
+    assert v.recommended_seeds is None and v.seed_advice.startswith("No number of seeds detects a gain of 0.5 points")
+    a, b = crossed_tables(rng, 3, 300, 0.0, 0.002, 0.0, 0.002)  # a small one
+    v, parts = seeds_verdict(a, b, target_gain=0.005), difference_variance(a, b)
+    std = planning_std(3 * parts.seeds_baseline, 3, 3 * parts.seeds_candidate, 3)
+    images = float(f"{parts.images:.2g}")
+    assert v.recommended_seeds == recommended_seeds(0.005, std, 0.05, image_variance=images) is not None
+    assert f"run {v.recommended_seeds} seeds per side" in v.seed_advice and "test-image term" in v.seed_advice
+
+
+def test_the_planning_std_is_an_upper_confidence_bound_of_the_seed_std():
+    rng = np.random.default_rng(8)
+    sigma, draws = 0.0025, 20000
+    acc = rng.normal(0.93, sigma, (draws, 2, 2))  # 2 + 2 seeds
+    var = acc.var(axis=2, ddof=1)
+    pooled = np.sqrt(var.mean(axis=1))
+    assert np.mean(pooled < sigma / 2) == pytest.approx(1 - math.exp(-1 / 4), abs=0.01)  # 22%: why a bound
+    planned = np.array([planning_std(va, 2, vb, 2) for va, vb in var[:4000]])
+    # below the truth as often as the confidence level allows (the 2-digit rounding moves it a little)
+    assert np.mean(planned < sigma) == pytest.approx(1 - STD_CONFIDENCE, abs=0.03)
+    assert planning_std(0.0, 2, 0.0, 2) == DEFAULT_SEED_STD  # identical replicates measure nothing
 
 
 def test_mean_std_helpers_for_the_performance_table():

@@ -2,22 +2,30 @@
 
 A proposal is made only where a measured value crosses a stated line; each comes
 with the overrides it suggests and a sweep file that searches around them, which
-`python -m cifar_rounds.search.sweep FILE` runs as it stands.
+`python -m cifar_rounds.search.sweep FILE` runs as it stands: its trials are the
+round's configuration with only the searched values changed, and each space holds
+both the round's value and its preset's. Proposals read training and validation
+data only; the test set decides nothing here.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_rounds.analysis.replicates import Replicate, Round, number
-from cifar_rounds.analysis.rounds import PRESETS_DIR
-from cifar_rounds.core.params import write_yaml
+from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
+from cifar_rounds.core.params import load_params, with_overrides, write_yaml
 
-MEMORISED = 0.99  # train accuracy from which the train-test gap is memorisation, not underfitting
+MEMORISED = 0.99  # train accuracy from which the train-validation gap is memorisation, not underfitting
 BATCH_HEADROOM = 4.0  # B_simple this many times the batch: a larger batch costs little per sample
 EDGE = 0.8  # lambda_max at this fraction of the stability bound: the learning rate is at its edge
+FIRST_WEIGHT_DECAY = 5e-4  # proposed where the round had none: the usual weight decay of ResNets on CIFAR-10
+# the sections whose values make a trial's configuration; train.seed is the replicate, not the configuration
+CONFIGURATION = ("data", "model", "train")
+NOT_CONFIGURATION = frozenset({"train.seed"})
 
 
 @dataclass(frozen=True)
@@ -34,19 +42,26 @@ def mean(r: Round, get) -> float:
     return sum(values) / len(values)
 
 
+def best_epoch_row(rep: Replicate) -> dict:
+    """The history's row of the epoch whose checkpoint is evaluated (the last row if it is not recorded)."""
+    best = rep.metrics.get("best_epoch")
+    return next((row for row in rep.history if int(row["epoch"]) == best), rep.history[-1] if rep.history else {})
+
+
 def more_regularisation(r: Round) -> Proposal | None:
-    train_acc = mean(r, lambda rep: rep.metrics["train_accuracy"])
-    gap = mean(r, lambda rep: rep.metrics["train_accuracy"] - rep.metrics["test_accuracy"])
+    train_acc = mean(r, lambda rep: number(best_epoch_row(rep), "train_accuracy"))
+    gap = mean(r, lambda rep: number(best_epoch_row(rep), "train_val_accuracy_gap"))
     limit, wd = r.first.params.report.max_train_test_gap, r.first.params.train.weight_decay
-    if train_acc < MEMORISED or gap < limit:
+    if not (train_acc >= MEMORISED and gap >= limit):  # NaN (not recorded) proposes nothing
         return None
+    proposed = wd * 2 if wd > 0 else FIRST_WEIGHT_DECAY
     return Proposal(
         "regularisation",
-        f"train accuracy {train_acc:.2%} with a train-test gap of {gap:.2%} "
-        f"(criterion < {limit:.2%}): the training set is memorised",
+        f"train accuracy {train_acc:.2%} with a train-validation gap of {gap:.2%} at the best epoch "
+        f"(the gap criterion: < {limit:.2%}): the training set is memorised",
         "more regularisation: raise the weight decay",
-        {"train.weight_decay": wd * 2},
-        {"train.weight_decay": {"type": "float", "low": wd, "high": wd * 8, "log": True}},
+        {"train.weight_decay": proposed},
+        {"train.weight_decay": {"type": "float", "low": wd, "high": proposed * 4, "log": wd > 0}},
     )
 
 
@@ -62,13 +77,14 @@ def stopped_before_last_milestone(r: Round) -> Proposal | None:
     if not early:
         return None
     gaps = [b - a for a, b in zip([0, *train.lr_milestones], train.lr_milestones)]
-    patience = max(gaps) + 5
+    patience = max(max(gaps), train.patience) + 5  # never shorter than the patience that stopped too early
     stops = ", ".join(str(rep.metrics["stopped_epoch"]) for rep in early)
     return Proposal(
         "patience",
         f"early stopping ended {len(early)} of {len(r.replicates)} runs (epochs {stops}) "
         f"before the last learning-rate milestone ({last}); patience {train.patience}",
-        f"let the decays happen: patience {patience} (longest stretch between milestones + 5)",
+        f"let the decays happen: patience {patience} (the longer of the current patience and the longest "
+        "stretch between milestones, + 5)",
         {"train.patience": patience},
         {"train.patience": {"type": "int", "low": train.patience, "high": patience + max(gaps)}},
     )
@@ -138,6 +154,40 @@ def proposals(r: Round) -> list[Proposal]:
     return [p for p in (rule(r) for rule in RULES) if p is not None]
 
 
+def covering(dimension: dict, values: list) -> dict:
+    """The dimension widened to hold every value (a log range only while all of it is positive)."""
+    if dimension["type"] == "categorical":
+        return {**dimension, "choices": dimension["choices"] + [v for v in values if v not in dimension["choices"]]}
+    low, high = min(dimension["low"], *values), max(dimension["high"], *values)
+    return {**dimension, "low": low, "high": high, "log": dimension.get("log", False) and low > 0}
+
+
+def study_name(round_name: str, slug: str) -> str:
+    """A study name from any round name (a comma list of runs, a path): letters, digits, '_', '.' and '-'."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", round_name).strip("-_.")
+    return f"{stem or 'round'}-{slug}"
+
+
+def sweep_tree(p: Proposal, r: Round, preset: str) -> dict:
+    """The sweep file's content: the round's configuration as it ran, the proposal's space around both values."""
+    base = with_overrides(load_params(), load_preset(preset)).flat()  # what a trial starts from
+    ran = r.first.params.flat()
+    fixed = {
+        k: v
+        for k, v in ran.items()
+        if k.split(".")[0] in CONFIGURATION and k not in NOT_CONFIGURATION and k not in p.space and v != base[k]
+    }
+    return {
+        "study": study_name(r.name, p.slug),
+        "baseline": preset,
+        "trials": 12,
+        "enqueue": [preset],
+        "fixed": fixed,
+        "space": {k: covering(d, [ran[k], base[k]]) for k, d in p.space.items()},
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+    }
+
+
 def write_sweep_file(p: Proposal, r: Round, folder: Path) -> Path | None:
     """A sweep around the proposal, on top of the round's preset; None when the round is not a preset."""
     preset = r.first.params.tracking.round
@@ -145,16 +195,11 @@ def write_sweep_file(p: Proposal, r: Round, folder: Path) -> Path | None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{p.slug}.yaml"
-    study = f"{r.name}-{p.slug}"
-    tree = {
-        "study": study,
-        "baseline": preset,
-        "trials": 12,
-        "enqueue": [preset],
-        "space": p.space,
-        "objective": {"metric": "val_accuracy", "direction": "maximize"},
-    }
-    write_yaml(tree, path, f"Proposed after {r.name}: {p.action}.\nEvidence: {p.evidence}.")
+    header = (
+        f"Proposed after {r.name}: {p.action}.\nEvidence: {p.evidence}.\n"
+        f"fixed: the values {r.name} ran with where they differ from the preset {preset}."
+    )
+    write_yaml(sweep_tree(p, r, preset), path, header)
     return path
 
 

@@ -1,64 +1,9 @@
 """Did round B's configuration beat round A's? A verdict that a reseed cannot fake.
 
-Each round is a list of replicates, one per training seed; a replicate is its
-per-test-image correctness vector over the same test images in the same order.
-The question is about configurations: the estimand is
-
-    delta = E_seed E_image[correct | B] - E_seed E_image[correct | A],
-
-the difference of mean accuracy over the training randomness (initialisation,
-batch order, augmentation) and over the image distribution the test set is a
-sample of. The estimate is the difference of the rounds' mean test accuracies.
-
-Two or more seeds per side: a Welch-Satterthwaite t test whose variance adds
-both sources. Seeds and test images are crossed (every replicate sees every
-image), so each round is a two-way random-effects table, seeds x images:
-
-    y[s, i] = mu + a[i] + g[s] + e[s, i]
-
-(image difficulty a, seed's overall skill g, seed-by-image interaction e: which
-images a particular model happens to get right). The images are shared by both
-rounds, so their effects are paired; the seeds of the two rounds are
-independent. Then
-
-    Var(mean_B - mean_A) = Var(b[i] - a[i]) / n                      (test images; b: B's image effects)
-                         + sum over rounds of (s_g^2 + s_e^2 / n) / k  (seeds)
-
-and each term has an unbiased moment estimate from the usual mean squares
-(Cornfield & Tukey 1956, Ann. Math. Statist. 27:907; Searle, Casella &
-McCulloch 1992, "Variance Components", ch. 4): the seed term is the variance of
-the per-seed accuracies over k, exactly as in Welch's test on per-seed
-accuracies (Welch 1947, Biometrika 34:28); the image term is the variance of
-the per-image paired difference over n, less the interaction mean squares
-that it also contains (subtracting them avoids counting the interaction
-twice). Degrees of freedom: Satterthwaite (1946, Biometrics Bulletin 2:110).
-The split of test-set variance into a distribution-wise seed part and
-independent per-image errors is the one Jordan (ICLR 2024, "On the variance of
-neural network training with respect to test sets and distributions") measures
-for CIFAR-10.
-
-Why not a two-level bootstrap over seeds and images: with 2 to 5 seeds per
-side, resampling seeds sees only k distinct values, shrinks their variance by
-(k - 1) / k and has no small-sample correction, while resampling images as well
-counts the interaction twice (Owen 2007, "The pigeonhole bootstrap", Ann. Appl.
-Stat. 1:386). The two errors pull opposite ways by amounts that depend on k:
-in the benchmark's A/A simulation its false-positive rate is 0.08 with 2 seeds
-per side and 0.02 with 5, where this test's is 0.025 and 0.037. The
-moment estimate is unbiased (the image term is floored at zero, which can only
-widen the interval), carries the t correction, and is deterministic (no
-resampling, no random state).
-
-One seed on either side: there is no seed-to-seed spread to measure, so the
-verdict falls back to the exact McNemar test (McNemar 1947, Psychometrika
-12:153) on two trained models, with the conditional Clopper-Pearson interval
-(1934, Biometrika 26:404) that is its dual, and says that a configuration
-effect is not established.
-
-Seed counts (a closed form, not a table from the simulation): the power of
-this Welch-Satterthwaite test with k seeds per side and equal seed spread, exact
-for normally distributed per-seed accuracies (a two-dimensional quadrature over
-the two rounds' variance estimates); `benchmarks/seed_verdict.py` checks it
-against the simulated verdicts.
+Two or more seeds per side: a Welch-Satterthwaite t test on the difference of mean test accuracy whose variance
+adds the seeds of both rounds and the paired test-image term. One seed on either side: the exact McNemar test of
+two trained models. `power` and `recommended_seeds` size the next round, the image term included. The model, its
+sources and the simulations that check it: docs/verdict.md.
 """
 
 from __future__ import annotations
@@ -66,28 +11,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
-from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import special
+
+from cifar_rounds.analysis.seeds import (
+    ALPHA,
+    DEFAULT_SEED_STD,
+    DEFAULT_TARGET_GAIN,
+    STD_CONFIDENCE,
+    TYPICAL_PLAN,
+    planning_std,
+    recommended_seeds,
+    seed_advice,
+)
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
-ALPHA = 0.05  # default significance level of the verdict
-# Seed-to-seed std of CIFAR-10 ResNet-18 test accuracy on the 10,000 test images
-# (fraction): a few tenths of a point in published runs; used where one seed
-# cannot measure it.
-DEFAULT_SEED_STD = 0.0025
-DEFAULT_TARGET_GAIN = 0.005  # gain (fraction) the seed recommendation is sized for
-TARGET_POWER = 0.8
-MAX_SEEDS = 100  # beyond this the recommendation says "more than"
-
-_NORMAL = NormalDist()
-# Gauss-Legendre nodes of the power integral, over the df-setting variance share and the variance
-# scale: 1e-7 against 200 x 400 nodes, for 2 to 100 seeds
-_SHARE_NODES, _SCALE_NODES = 16, 64
-_LARGE_DF = 1e7  # above this the t distribution is the normal to within 1e-7 (relative)
 
 
 @dataclass(frozen=True)
@@ -106,8 +47,9 @@ class Verdict:
     method: str
     covers: str  # one sentence: which sources of variance the interval and p-value cover
     caveat: str  # sentences the report must print with the verdict ("" when none)
-    recommended_seeds: int | None  # per side, for `target_gain` at 80% power; None: more than MAX_SEEDS
+    recommended_seeds: int | None  # per side, for `target_gain` at 80% power; None: more than MAX_SEEDS or never
     target_gain: float
+    seed_advice: str = ""  # one sentence: the seeds to run for `target_gain` and what the plan assumed
 
 
 class VarianceParts(NamedTuple):
@@ -126,97 +68,16 @@ class MeanStd(NamedTuple):
     n: int  # finite values used
 
 
-# ---------------------------------------------------------------- distributions
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):
-        for aa in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # the continued fraction converges fast on this side of the mean; the other side by symmetry
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
 def t_pvalue(t: float, df: float) -> float:
     """Two-sided p-value of Student's t with df (possibly fractional, or inf) degrees of freedom."""
-    if math.isnan(t):
-        return math.nan
-    if df > _LARGE_DF:
-        return 2.0 * _NORMAL.cdf(-abs(t))
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 2.0 * float(special.stdtr(df, -abs(t)))
 
 
-def _t_density(t: float, df: float) -> float:
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
-
-
-@lru_cache(maxsize=4096)  # the power search asks for the same few quantiles over and over
 def t_quantile(q: float, df: float) -> float:
-    """Quantile of Student's t (Newton from the normal quantile, which lies below it)."""
+    """Quantile of Student's t with df (possibly fractional, or inf) degrees of freedom."""
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile level {q} is not in (0, 1)")
-    if q < 0.5:
-        return -t_quantile(1.0 - q, df)
-    z = _NORMAL.inv_cdf(q)
-    if df > _LARGE_DF or q == 0.5:
-        return z
-    # The two-sided p-value is convex and decreasing in t > 0, so Newton steps from
-    # below never overshoot: the iterates rise monotonically to the root, and a
-    # step that does not is rounding noise in the p-value.
-    target, t = 2.0 * (1.0 - q), z
-    for _ in range(500):
-        step = (t_pvalue(t, df) - target) / (2.0 * _t_density(t, df))
-        if step <= 1e-12 * t:
-            break
-        t += step
-    return t
-
-
-def beta_quantile(q: float, a: float, b: float) -> float:
-    """Quantile of the Beta(a, b) distribution: Newton steps, bisection whenever one leaves the bracket."""
-    lo, hi, x = 0.0, 1.0, a / (a + b)
-    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    for _ in range(200):
-        f = betainc(a, b, x) - q
-        lo, hi = (x, hi) if f < 0 else (lo, x)
-        density = math.exp(log_norm + (a - 1) * math.log(x) + (b - 1) * math.log1p(-x))
-        nxt = x - f / density if density > 0 else math.nan
-        if not lo < nxt < hi:
-            nxt = (lo + hi) / 2
-        if abs(nxt - x) <= 1e-14 * x or hi - lo <= 1e-300:
-            return nxt
-        x = nxt
-    return x
-
-
-# ---------------------------------------------------------------- inputs
+    return float(special.stdtrit(df, q))
 
 
 def _replicates(replicates: Sequence[ArrayLike], side: str) -> np.ndarray:
@@ -236,9 +97,6 @@ def _replicates(replicates: Sequence[ArrayLike], side: str) -> np.ndarray:
     if not np.all((y == 0.0) | (y == 1.0)):  # also rejects NaN
         raise ValueError(f"{side}: correctness values must be 0/1 or bool (found NaN or other values)")
     return y
-
-
-# ---------------------------------------------------------------- two or more seeds
 
 
 def _round_moments(y: np.ndarray) -> tuple[float, float]:
@@ -308,11 +166,13 @@ def seeds_verdict(
     difference = float(candidate.mean() - baseline.mean())
     parts = difference_variance(baseline, candidate)
     low, high, p = _t_interval(difference, parts, level)
-    pooled = math.sqrt(((ka - 1) * parts.seeds_baseline * ka + (kb - 1) * parts.seeds_candidate * kb) / (ka + kb - 2))
-    # a zero spread (identical replicates) would recommend 2 seeds for any gain: use the typical spread instead;
-    # two significant digits, because the count does not move with the third and the search is then reused
-    seed_std = float(f"{pooled:.2g}") if pooled > 0 else DEFAULT_SEED_STD
+    seed_std = planning_std(parts.seeds_baseline * ka, ka, parts.seeds_candidate * kb, kb)
+    images = float(f"{parts.images:.2g}")  # as the seed std: two digits, so the power search is reused
     caveat = _identical_note(baseline, "the baseline") + _identical_note(candidate, "the candidate")
+    planned = (
+        f"a seed std of {100 * seed_std:.2g} points (the {STD_CONFIDENCE:.0%} upper confidence bound of the "
+        f"{ka} + {kb} seeds' spread) and this comparison's test-image term"
+    )
     return Verdict(
         difference,
         low,
@@ -326,12 +186,10 @@ def seeds_verdict(
         "t test on per-seed accuracies, variance over seeds and test images (Welch-Satterthwaite)",
         covers_seeds_and_images(ka, kb, n),
         caveat.strip(),
-        recommended_seeds(target_gain, seed_std, alpha),
+        recommended_seeds(target_gain, seed_std, alpha, image_variance=images),
         target_gain,
+        seed_advice(target_gain, seed_std, alpha, images, planned),
     )
-
-
-# ---------------------------------------------------------------- one seed
 
 
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
@@ -359,21 +217,18 @@ def mcnemar_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float
     if m == 0:
         return 0.0, 0.0
     tail = (1 - level) / 2
-    lo = beta_quantile(tail, c, m - c + 1) if c > 0 else 0.0
-    hi = beta_quantile(1 - tail, c + 1, m - c) if c < m else 1.0
+    lo = float(special.betaincinv(c, m - c + 1, tail)) if c > 0 else 0.0
+    hi = float(special.betaincinv(c + 1, m - c, 1 - tail)) if c < m else 1.0
     return m * (2 * lo - 1) / n, m * (2 * hi - 1) / n
 
 
-def one_seed_caveat(seeds_baseline: int, seeds_candidate: int, target_gain: float, alpha: float) -> str:
+def one_seed_caveat(seeds_baseline: int, seeds_candidate: int, advice: str) -> str:
     sides = " and ".join(s for s, k in (("the baseline", seeds_baseline), ("the candidate", seeds_candidate)) if k == 1)
     first = " (the first replicate of each round is compared)" if max(seeds_baseline, seeds_candidate) > 1 else ""
-    needed = recommended_seeds(target_gain, DEFAULT_SEED_STD, alpha)
-    run = f"run {needed} seeds per side" if needed else f"run more than {MAX_SEEDS} seeds per side"
     return (
         f"With one seed on {sides}, this compares two trained models, not two configurations{first}: "
         "a configuration effect is not established, because reseeding the same configuration alone moves "
-        f"test accuracy by about {100 * DEFAULT_SEED_STD:.2g} points. To detect a gain of "
-        f"{100 * target_gain:.2g} points with {TARGET_POWER:.0%} power at alpha {alpha:.2g}, {run}."
+        f"test accuracy by about {100 * DEFAULT_SEED_STD:.2g} points. {advice}"
     )
 
 
@@ -391,6 +246,7 @@ def mcnemar_verdict(
     p = mcnemar_exact(b, c)
     low, high = mcnemar_interval(b, c, n, level)
     ka, kb = baseline.shape[0], candidate.shape[0]
+    advice = seed_advice(target_gain, DEFAULT_SEED_STD, alpha, 0.0, TYPICAL_PLAN)
     covers = (
         f"The p-value covers only which of the {n} shared test images each of two trained models gets right; "
         "training randomness is not covered."
@@ -407,9 +263,10 @@ def mcnemar_verdict(
         kb,
         "exact McNemar test on two trained models",
         covers,
-        one_seed_caveat(ka, kb, target_gain, alpha),
+        one_seed_caveat(ka, kb, advice),
         recommended_seeds(target_gain, DEFAULT_SEED_STD, alpha),
         target_gain,
+        advice,
     )
 
 
@@ -427,92 +284,6 @@ def compare_configs(
     if min(a.shape[0], b.shape[0]) < 2:
         return mcnemar_verdict(a, b, alpha, level, target_gain)
     return seeds_verdict(a, b, alpha, level, target_gain)
-
-
-# ---------------------------------------------------------------- seeds to run
-
-
-@cache
-def _legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.polynomial.legendre.leggauss(nodes)  # an eigenvalue problem: worth solving once
-
-
-@cache
-def _scale_nodes(df: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Legendre nodes w and weights x density of W = sqrt(chi2_df / df), over chi2 within ~12 sd."""
-    lo = math.sqrt(max(df - 12 * math.sqrt(2 * df), 0.0) / df)
-    hi = math.sqrt((df + 20 * math.sqrt(2 * df) + 40) / df)
-    x, weights = _legendre(_SCALE_NODES)
-    w = lo + (hi - lo) * (x + 1) / 2
-    log_f = math.log(2) + (df / 2) * math.log(df / 2) - math.lgamma(df / 2) + (df - 1) * np.log(w) - df * w * w / 2
-    return w, (hi - lo) / 2 * weights * np.exp(log_f)
-
-
-@cache
-def _share_nodes(f: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes R and weights x density of R = V1 / (V1 + V2) ~ Beta(f/2, f/2), over R <= 1/2 (doubled by symmetry).
-
-    R = sin^2(theta) removes the endpoint singularity of the density at f = 1.
-    """
-    x, weights = _legendre(_SHARE_NODES)
-    theta = (x + 1) * math.pi / 8  # (0, pi/4): R in (0, 1/2)
-    a = f / 2
-    log_norm = math.lgamma(2 * a) - 2 * math.lgamma(a)
-    density = 2 * np.exp(log_norm) * (np.sin(theta) * np.cos(theta)) ** (2 * a - 1)  # per unit theta
-    return np.sin(theta) ** 2, 2 * (math.pi / 8) * weights * density
-
-
-def _normal_cdf(x: np.ndarray) -> np.ndarray:
-    return 0.5 * np.frompyfunc(math.erfc, 1, 1)(-x / math.sqrt(2.0)).astype(np.float64)
-
-
-@lru_cache(maxsize=4096)
-def power(seeds_per_side: int, gain: float, seed_std: float = DEFAULT_SEED_STD, alpha: float = ALPHA) -> float:
-    """Power of the verdict's two-sided Welch-Satterthwaite t test, k seeds per side of equal std seed_std.
-
-    Exact for normally distributed per-seed accuracies. With V1, V2 ~ chi2_f (f = k - 1) the two
-    rounds' variance estimates, T = (Z + delta) / W where W^2 = (V1 + V2) / 2f and
-    delta = gain / (seed_std sqrt(2 / k)); the Satterthwaite df is f / (R^2 + (1 - R)^2) with
-    R = V1 / (V1 + V2) ~ Beta(f/2, f/2), independent of V1 + V2. So the power is a two-dimensional
-    integral over R (which sets the critical value) and W, done by Gauss-Legendre quadrature. The
-    test-image term of the variance is left out: for a uniform gain it is small next to the seed term.
-    """
-    k = seeds_per_side
-    if k < 2:
-        return math.nan
-    if seed_std <= 0:
-        return 1.0 if gain != 0 else alpha
-    delta = gain / (seed_std * math.sqrt(2.0 / k))
-    share, share_weight = _share_nodes(k - 1)
-    crit = np.array([t_quantile(1 - alpha / 2, (k - 1) / (r * r + (1 - r) ** 2)) for r in share])
-    w, w_weight = _scale_nodes(2.0 * (k - 1))
-    cw = crit[:, None] * w[None, :]
-    reject = _normal_cdf(delta - cw) + _normal_cdf(-delta - cw)
-    return float(share_weight @ reject @ w_weight)
-
-
-@lru_cache(maxsize=1024)
-def recommended_seeds(
-    gain: float,
-    seed_std: float = DEFAULT_SEED_STD,
-    alpha: float = ALPHA,
-    target_power: float = TARGET_POWER,
-    max_seeds: int = MAX_SEEDS,
-) -> int | None:
-    """Fewest seeds per side that detect `gain` (fraction) with `target_power`; None if more than max_seeds."""
-    if gain <= 0 or power(max_seeds, gain, seed_std, alpha) < target_power:
-        return None
-    lo, hi = 1, max_seeds  # power(lo) < target <= power(hi); power rises with k
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if power(mid, gain, seed_std, alpha) >= target_power:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-# ---------------------------------------------------------------- the performance table
 
 
 def mean_std(values: Iterable[float]) -> MeanStd:

@@ -6,11 +6,9 @@ E|g_B|^2 = |G|^2 + tr(Sigma)/B. Norms at two batch sizes give unbiased
 estimates of |G|^2 and tr(Sigma); their exponential moving averages give the
 simple noise scale B_simple = tr(Sigma)/|G|^2, which approximates the critical
 batch size. With BatchNorm the probe's half batch is normalised by its own
-statistics, so the law holds only approximately: on a small conv net with
-BatchNorm (benchmarks/diagnostics_cost.py, RESULTS.md), at the probe's sizes
-(48, 96), |G|^2 came out 2% high and tr(Sigma) 5% low at initialisation, and
-22% low and 12% high after 300 training steps (B_simple 7% low, then 44%
-high); without BatchNorm the same measurement was unbiased within its 1-3% error.
+statistics, so the law holds only approximately; the bias this leaves, measured
+on a small conv net (benchmarks/diagnostics_cost.py), is in
+benchmarks/RESULTS.md.
 
 Sharpness: the top Hessian eigenvalue (power iteration on Hessian-vector
 products, stopped at a relative tolerance) and the Hessian trace (Hutchinson's
