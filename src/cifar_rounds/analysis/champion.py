@@ -19,7 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.criteria import MIN_CHAMPION_SEEDS
-from cifar_rounds.analysis.replicates import Replicate, Round
+from cifar_rounds.analysis.replicates import Round
 from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.tracking.registry import (
@@ -47,11 +47,6 @@ class Decision(NamedTuple):
     holder: Side | None  # the round @champion should come from; None: it stays where it is
     why: str
     tested: bool  # the decision read test-set results (criteria, verdict): one more use of the test set
-
-
-def best_replicate(r: Round) -> Replicate:
-    """The round's best seed by validation accuracy (the first of a tie)."""
-    return max(r.replicates, key=lambda rep: rep.metrics["val_accuracy"])
 
 
 def registered_model_of(base: Round, cand: Round) -> str:
@@ -92,8 +87,10 @@ def seeds_line(r: Round) -> str:
         if planned
         else f"{runs}, no plan recorded (decided as if {runs} were planned)"
     )
-    same = f"; {runs - distinct} with test predictions identical to another's, so {distinct} distinct" * (
-        distinct < runs
+    same = (
+        f"; {runs - distinct} with test predictions identical to another's, so {distinct} distinct"
+        if distinct < runs
+        else ""
     )
     again = f"; given again and counted once: {', '.join(r.repeated)}" if r.repeated else ""
     return f"- {r.name}: seeds {plan}{same}{again}"
@@ -197,8 +194,9 @@ class RegistryState:
 
     @property
     def champion_run(self) -> str | None:
+        """The run the champion comes from ("" for a version registered without a run); None: no champion."""
         champion = self.aliases[CHAMPION]
-        return champion.run_id if champion else (self.deleted_champion or (None, None))[1]
+        return (champion.run_id or "") if champion else (self.deleted_champion or (None, None))[1]
 
 
 def read_registry(client: MlflowClient, name: str, rounds: tuple[Round, Round], digest: str, patience: float):
@@ -243,7 +241,8 @@ def held(state: RegistryState, alias: str) -> str:
 
 
 def round_best(state: RegistryState, r: Round) -> tuple[ModelVersion | None, str]:
-    """The round's best seed by validation accuracy that still has a version, described with what better ones lack."""
+    """The round's best seed by validation accuracy (the first of a tie) that still has a version, described with
+    what better ones lack."""
     lacking = []
     for rep in sorted(r.replicates, key=lambda rep: -rep.metrics["val_accuracy"]):
         run_id = rep.metrics["mlflow_run_id"]
