@@ -16,7 +16,7 @@ from cifar_rounds.search.spec import load_sweep
 
 from helpers import SEED_CHANGES, make_project, run
 
-SEEDS = 2
+SEEDS = 3  # @champion moves only with 3 distinct seeds per side
 EPOCHS = 3
 LAX_CRITERIA = {"report.min_test_accuracy": 0.0, "report.max_train_test_gap": 1.0, "report.max_val_loss_rise": 1000.0}
 
@@ -86,9 +86,17 @@ def _metrics(project, rev):
     return json.loads(dvc.api.read("metrics.json", repo=str(project), rev=rev))
 
 
+def aliases_of(project) -> dict[str, str]:
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    name = load_params(project / "params.yaml").tracking.registered_model
+    return dict(client.get_registered_model(name).aliases)
+
+
 @pytest.mark.slow
 def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project, monkeypatch):
+    before = aliases_of(rounds_project)
     run(["python", "-m", "cifar_rounds.analysis.report", "round-1", "round-2"], rounds_project)
+    assert aliases_of(rounds_project) == before  # read-only: it says where they should point, moves none
     report = (rounds_project / "reports/round-round-1-vs-round-2.md").read_text()
     assert (rounds_project / "reports/round-round-1-vs-round-2.png").read_bytes()[:4] == b"\x89PNG"
     m1, m2 = ([_metrics(rounds_project, r) for r in replicas(p)] for p in ("round-1", "round-2"))
@@ -100,10 +108,14 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
     )
     changed = set(re.findall(r"^\| `([\w.]+)` \|", report, re.M))
     assert changed == SEED_CHANGES - {"train.num_epochs"}
-    assert f"Seeds: {SEEDS} (round-1-s0, round-1-s1)" in report
+    assert f"Seeds: {SEEDS} ({', '.join(replicas('round-1'))})" in report
     assert "cover training randomness" in report and "test-set sampling" in report  # the variance sources, named
     assert re.search(r"difference in mean test accuracy [+-]\d+\.\d+% \(95% interval", report)
-    assert "Success criteria (mean over seeds" in report and "test accuracy > 0.00%" in report
+    assert "Success criteria (mean over distinct seeds" in report and "test accuracy > 0.00%" in report
+    assert "- alpha (significance of the verdict): 0.05" in report  # the policy that decides, printed
+    assert (
+        "## Registered model cifar-rounds-resnet18: aliases (read-only: `--move-aliases` applies this plan)" in report
+    )
     assert f"- precision: {m1[0]['precision']}\n" in report and "(changed)" not in report  # same machine
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(m2[0]["mlflow_run_id"], "report")}
@@ -119,61 +131,129 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
 
 
 @pytest.mark.slow
-def test_the_report_moves_round_aliases_to_best_seeds_and_says_where_the_champion_is(rounds_project):
+def test_move_aliases_moves_round_aliases_to_best_seeds_by_validation_and_decides_the_champion(rounds_project):
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     name = load_params(rounds_project / "params.yaml").tracking.registered_model
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted((v.tags["round"], v.tags["seed"], v.tags["dvc_exp_name"]) for v in versions) == [
         (p, str(s), f"{p}-s{s}") for p in ("round-1", "round-2") for s in range(SEEDS)
     ]  # one per training run
+    decisions = f"test_set_decisions.{_metrics(rounds_project, 'round-1-s0')['test_set_digest']}"
 
     def champion_after(base: str, cand: str) -> str:
-        """The report's @champion line, checked against where the alias now is."""
-        run(["python", "-m", "cifar_rounds.analysis.report", base, cand, "--out", "reports/aliases.md"], rounds_project)
-        line = next(
-            x for x in (rounds_project / "reports/aliases.md").read_text().splitlines() if x.startswith("- @champion")
-        )
-        held = client.get_registered_model(name).aliases.get("champion")
+        """The report's @champion line, checked against where the alias now is and what the command printed."""
+        count = int(client.get_registered_model(name).tags.get(decisions, 0))
+        out = run(
+            [
+                "python",
+                "-m",
+                "cifar_rounds.analysis.report",
+                base,
+                cand,
+                "--out",
+                "reports/aliases.md",
+                "--move-aliases",
+            ],
+            rounds_project,
+        ).stdout
+        report = (rounds_project / "reports/aliases.md").read_text()
+        line = next(x for x in report.splitlines() if x.startswith("- @champion"))
+        model = client.get_registered_model(name)
+        held = model.aliases.get("champion")
         assert line.startswith(
-            f"- @champion -> version {held}: "
+            f"- @champion -> version {held} "
             if line.startswith("- @champion ->")
             else f"- @champion stays at version {held}: "
         ), line
+        assert (f"moved {name}@champion -> version {held}" in out) == line.startswith("- @champion ->"), out
+        assert int(model.tags[decisions]) == count + 1  # each decision counted against the test set
+        assert f"has informed {count + 1} alias decision(s) of {name}:" in report
         return line
 
-    # no champion (an earlier report of these rounds may have set one), and round-2 passes its (lax)
-    # criteria: it becomes the champion
+    # no champion (an earlier report of these rounds may have set one): the better round by the verdict becomes it
     if "champion" in client.get_registered_model(name).aliases:
         client.delete_registered_model_alias(name, "champion")
     line = champion_after("round-1", "round-2")
     report = (rounds_project / "reports/aliases.md").read_text()
     for preset in ("round-1", "round-2"):
-        best = max((_metrics(rounds_project, r) for r in replicas(preset)), key=lambda m: m["test_accuracy"])
+        best = max((_metrics(rounds_project, r) for r in replicas(preset)), key=lambda m: m["val_accuracy"])
         assert client.get_model_version_by_alias(name, preset).run_id == best["mlflow_run_id"]
-        assert f"- @{preset} -> {name} version" in report
+        assert f"- @{preset} " in report
     best = {p: client.get_model_version_by_alias(name, p).version for p in ("round-1", "round-2")}
-    assert (
-        line
-        == f"- @champion -> version {best['round-2']}: there was no champion, and round-2 passes its success criteria"
-    )
-    # a champion from the candidate's round follows the round's best seed
-    assert "the champion already comes from round-2" in champion_after("round-1", "round-2")
-    # round-1 against the champion's round: the champion moves exactly when the configuration verdict says so
-    line = champion_after("round-2", "round-1")
+    difference = float(re.search(r"difference in mean test accuracy ([+-]\d+\.\d+)%", report).group(1))
+    crowned = "round-2" if difference > 0 else "round-1"
+    assert line.startswith(
+        f"- @champion -> version {best[crowned]} (was no version): there was no champion; {crowned} is the better "
+        f"round (difference {difference:+.2f}%, "
+    ), line
+    # again: the champion stays with its round's best seed, and the decision is counted once more
+    assert champion_after("round-1", "round-2").startswith(f"- @champion stays at version {best[crowned]}: ")
+    # the other round challenges: the champion moves exactly when the configuration verdict says so
+    other = "round-1" if crowned == "round-2" else "round-2"
+    line = champion_after(crowned, other)
     moved = line.startswith("- @champion ->")
-    assert moved == ("its configuration beats round-2, the champion's round" in line)
-    assert moved or "the configuration verdict does not say round-1 beats round-2" in line, line
-    assert client.get_model_version_by_alias(name, "champion").version == best["round-1" if moved else "round-2"]
+    assert moved == (f"its configuration beats {crowned}, the champion's round" in line), line
+    assert client.get_model_version_by_alias(name, "champion").version == best[other if moved else crowned]
+    holder = other if moved else crowned
+
+    # the version @holder and @champion point at is deleted: its round's next best seed takes both, named as such
+    gone = client.get_model_version_by_alias(name, holder)
+    client.delete_model_version(name, gone.version)
+    line = champion_after("round-1", "round-2")
+    report = (rounds_project / "reports/aliases.md").read_text()
+    seed = next(r for r in replicas(holder) if _metrics(rounds_project, r)["mlflow_run_id"] == gone.run_id)
+    assert f"better by validation, but {seed}'s version was deleted" in report
+    assert f"(was no version (version {gone.version} was the champion and has been deleted))" in line, line
+    assert client.get_model_version_by_alias(name, "champion").run_id in {
+        _metrics(rounds_project, r)["mlflow_run_id"] for r in replicas(holder)
+    }
+    assert "registered no version" not in report
+
     # a champion from a round this report does not compare stays where it is
     location = client.get_logged_model(versions[0].source.removeprefix("models:/")).artifact_location
-    other = client.create_model_version(name, location)  # no run: as if registered from elsewhere
-    client.set_registered_model_alias(name, "champion", other.version)
+    elsewhere = client.create_model_version(name, location)  # no run: as if registered from elsewhere
+    client.set_registered_model_alias(name, "champion", elsewhere.version)
     run(
-        ["python", "-m", "cifar_rounds.analysis.report", "round-1", "round-2", "--out", "reports/aliases.md"],
+        [
+            "python",
+            "-m",
+            "cifar_rounds.analysis.report",
+            "round-1",
+            "round-2",
+            "--out",
+            "reports/aliases.md",
+            "--move-aliases",
+        ],
         rounds_project,
     )
-    assert client.get_model_version_by_alias(name, "champion").version == other.version
-    assert f"- @champion stays at version {other.version}: " in (rounds_project / "reports/aliases.md").read_text()
+    assert client.get_model_version_by_alias(name, "champion").version == elsewhere.version
+    assert f"- @champion stays at version {elsewhere.version}: " in (rounds_project / "reports/aliases.md").read_text()
+
+
+@pytest.mark.slow
+def test_rounds_whose_registered_model_is_not_the_champions_are_refused(rounds_project):
+    client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
+    name = load_params(rounds_project / "params.yaml").tracking.registered_model
+    some = client.search_model_versions(f"name = '{name}'")[0]
+    if not client.search_registered_models("name = 'other-model'"):
+        client.create_registered_model("other-model")
+    location = client.get_logged_model(some.source.removeprefix("models:/")).artifact_location
+    champion = client.create_model_version("other-model", location)
+    client.set_registered_model_alias("other-model", "champion", champion.version)
+    params = rounds_project / "params.yaml"
+    before = params.read_bytes()
+    params.write_text(before.decode().replace(f"registered_model: {name}", "registered_model: other-model"))
+    try:
+        result = run(
+            ["python", "-m", "cifar_rounds.analysis.report", "round-1", "round-2", "--move-aliases"],
+            rounds_project,
+            check=False,
+        )
+    finally:
+        params.write_bytes(before)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert f"the rounds registered under {name}, but the champion lives under other-model" in result.stderr
+    assert client.get_model_version_by_alias("other-model", "champion").version == champion.version
 
 
 @pytest.mark.slow
@@ -184,6 +264,10 @@ def test_one_seed_each_is_a_comparison_of_two_models_not_of_configurations(round
     )
     report = (rounds_project / "reports/one.md").read_text()
     assert "McNemar" in report and "configuration" in report and "seeds" in report
+    assert re.search(
+        r"the trained models round-1-s0 and round-2-s0 (differ|do not differ distinguishably) on these", report
+    )
+    assert "the configuration change from" not in report and "@champion stays" in report
 
 
 @pytest.mark.slow

@@ -2,13 +2,11 @@
 
 import pytest
 
-from cifar_rounds.analysis.champion import champion_decision
+from cifar_rounds.analysis.details import noise_line, per_class_lines
 from cifar_rounds.analysis.replicates import Replicate, Round
-from cifar_rounds.analysis.report import condition_lines, noise_line, per_class_lines, resource_lines
+from cifar_rounds.analysis.report import condition_lines, resource_lines
 from cifar_rounds.analysis.rounds import load_preset, scaled_milestones
-from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.tracking.registry import round_alias
 
 from helpers import REPO, SEED_CHANGES, repo_params
 
@@ -84,43 +82,3 @@ def test_a_non_positive_or_nan_noise_scale_is_not_measurable_and_an_empty_class_
     assert "the batch size 96 is 2x below it" in line
     lines = per_class_lines(_replicate(metrics={"per_class_accuracy": {"cat": 0.5, "ship": None}}))
     assert lines == ["cat: 50.00%", "ship: no images"]
-
-
-def _verdict(difference: float = 0.02, p: float = 0.01, seeds: int = 2) -> Verdict:
-    return Verdict(
-        difference,
-        difference - 0.01,
-        difference + 0.01,
-        0.95,
-        p,
-        0.05,
-        p < 0.05,
-        seeds,
-        seeds,
-        "test",
-        "covers",
-        "",
-        None,
-        0.005,
-    )
-
-
-def test_champion_moves_only_to_a_candidate_that_passes_and_beats_the_champions_round():
-    better = _verdict()
-    assert champion_decision("none", True, better, "a", "b") == (
-        True,
-        "there was no champion, and b passes its success criteria",
-    )
-    assert champion_decision("baseline", True, better, "a", "b")[0]
-    assert champion_decision("candidate", True, better, "a", "b")[0]
-    stays = {
-        "does not pass its success criteria": ("none", False, better),
-        "does not say b beats a": ("baseline", True, _verdict(p=0.2)),
-        "(difference -2.00%": ("baseline", True, _verdict(difference=-0.02)),
-        "not configurations": ("baseline", True, _verdict(seeds=1)),
-        "comes from neither a nor b": ("other", True, better),
-    }
-    for why, (side, passes, v) in stays.items():
-        move, reason = champion_decision(side, passes, v, "a", "b")
-        assert not move and why in reason, reason
-    assert round_alias("round-1") == "round-1" and round_alias("a,b c") == "a-b-c"

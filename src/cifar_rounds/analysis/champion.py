@@ -1,106 +1,315 @@
 """Which version the registered model's aliases point at: the decision, from the round report's measurements.
 
-The report points `@<round>` at each round's best version (its best seed by test accuracy)
-and moves `@champion` to the candidate's best version only when the candidate passes its
-success criteria and the configuration verdict says it beats the round the champion comes
-from; otherwise it says why the champion stayed. `tracking.registry` moves what it is told.
+`@<round>` points at the round's best seed by validation accuracy that has a version (the test set
+does not pick it). `@champion` comes from one round: with no champion, the better of the two rounds
+that passes the success criteria and that the verdict does not call worse; with a champion from one
+of the two, the other round takes it only when it passes and the configuration verdict says it
+beats the champion's round. Aliases wait until both rounds have their planned seeds, and @champion
+moves only with `MIN_CHAMPION_SEEDS` distinct seeds per side. The report only plans (`plan_aliases`);
+`apply_plan` moves, records the champion and counts the decision on the registered model's tags.
+`tracking.registry` moves what it is told.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
 
-from cifar_rounds.analysis.replicates import Replicate, Round
+from cifar_rounds.analysis.criteria import MIN_CHAMPION_SEEDS
+from cifar_rounds.analysis.replicates import Round
 from cifar_rounds.analysis.verdict import Verdict
-from cifar_rounds.core.params import Params
-from cifar_rounds.tracking.registry import CHAMPION, alias_version, round_alias, run_version, set_alias
-from cifar_rounds.tracking.store import open_client
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.tracking.registry import (
+    CHAMPION,
+    alias_version,
+    model_tags,
+    ready_model_id,
+    round_alias,
+    run_version,
+    set_alias,
+    set_model_tag,
+    version_exists,
+)
+from cifar_rounds.tracking.store import patiently
 
 Side = Literal["none", "baseline", "candidate", "other"]  # where the current champion comes from
+SIDES: tuple[Side, Side] = ("baseline", "candidate")
+# registered-model tags: the champion last set (to name it once MLflow deletes it with its version),
+# and per test set (by digest) how many alias decisions it has informed
+CHAMPION_VERSION_TAG, CHAMPION_RUN_TAG = "champion.version", "champion.run_id"
+DECISIONS_TAG = "test_set_decisions.{digest}"
 
 
-def best_replicate(r: Round) -> Replicate:
-    """The round's best seed by test accuracy (the first of a tie)."""
-    return max(r.replicates, key=lambda rep: rep.metrics["test_accuracy"])
+class Decision(NamedTuple):
+    holder: Side | None  # the round @champion should come from; None: it stays where it is
+    why: str
+    tested: bool  # the decision read test-set results (criteria, verdict): one more use of the test set
 
 
-def run_ids(r: Round) -> set[str]:
-    return {rep.metrics["mlflow_run_id"] for rep in r.replicates}
+def registered_model_of(base: Round, cand: Round) -> str:
+    """The one registered model both rounds' runs registered under; refused when they differ."""
+    names = {r.name: {rep.params.tracking.registered_model for rep in r.replicates} for r in (base, cand)}
+    found = set().union(*names.values())
+    if len(found) > 1:
+        each = "; ".join(f"{r} under {', '.join(sorted(n))}" for r, n in names.items())
+        raise StageError(f"the rounds registered under different registered models ({each}): one must hold both")
+    return found.pop()
 
 
-def champion_side(champion: ModelVersion | None, base: Round, cand: Round) -> Side:
-    if champion is None:
+def refuse_a_champion_elsewhere(client: MlflowClient, workspace_model: str, name: str, patience: float) -> None:
+    """The rounds' registered model must be the one whose @champion this workspace serves, when that has one."""
+    if name != workspace_model and alias_version(client, workspace_model, CHAMPION, patience) is not None:
+        raise StageError(
+            f"the rounds registered under {name}, but the champion lives under {workspace_model} "
+            "(this workspace's tracking.registered_model): one registered model must hold both"
+        )
+
+
+def planned_seeds(r: Round) -> int | None:
+    """The seeds `rounds run --seeds N` planned for the round (the largest recorded); None: no plan recorded."""
+    # getattr: runs from before tracking.planned_seeds existed have no such field
+    plans = [p for rep in r.replicates if (p := getattr(rep.params.tracking, "planned_seeds", None)) is not None]
+    return max(plans, default=None)
+
+
+def missing_seeds(r: Round) -> int:
+    planned = planned_seeds(r)
+    return max(0, planned - len(r.replicates)) if planned else 0
+
+
+def seeds_line(r: Round) -> str:
+    planned, runs, distinct = planned_seeds(r), len(r.replicates), len(r.distinct)
+    plan = (
+        f"{runs} of {planned} planned ({missing_seeds(r)} missing)"
+        if planned
+        else f"{runs}, no plan recorded (decided as if {runs} were planned)"
+    )
+    same = (
+        f"; {runs - distinct} with test predictions identical to another's, so {distinct} distinct"
+        if distinct < runs
+        else ""
+    )
+    again = f"; given again and counted once: {', '.join(r.repeated)}" if r.repeated else ""
+    return f"- {r.name}: seeds {plan}{same}{again}"
+
+
+def champion_side(champion_run: str | None, base: Round, cand: Round) -> Side:
+    if champion_run is None:
         return "none"
-    if champion.run_id in run_ids(cand):
-        return "candidate"
-    return "baseline" if champion.run_id in run_ids(base) else "other"
+    for side, r in zip(SIDES, (base, cand)):
+        if champion_run in {rep.metrics["mlflow_run_id"] for rep in r.replicates}:
+            return side
+    return "other"
 
 
-def champion_decision(side: Side, passes: bool, v: Verdict, base: str, cand: str) -> tuple[bool, str]:
-    """(move @champion to the candidate's best version?, why), from measured facts only."""
-    if not passes:
-        return False, f"{cand} does not pass its success criteria"
-    if side == "none":
-        return True, f"there was no champion, and {cand} passes its success criteria"
-    if side == "candidate":
-        return (
+def significantly_better(v: Verdict) -> int | None:
+    """0 (baseline) or 1 (candidate) when the verdict says that one is better; None otherwise."""
+    return (1 if v.difference > 0 else 0) if v.real else None
+
+
+def verdict_text(v: Verdict) -> str:
+    return f"difference {v.difference:+.2%}, p = {v.p_value:.4g}, alpha = {v.alpha:g}"
+
+
+def crowning(passes: tuple[bool, bool], v: Verdict, names: tuple[str, str]) -> Decision:
+    """No champion yet: the better round by the difference of means (a tie keeps the baseline), if it passes;
+    else the other one if it passes and the verdict does not call it worse."""
+    first = 1 if v.difference > 0 else 0
+    better = significantly_better(v)
+    if passes[first]:
+        return Decision(
+            SIDES[first],
+            f"there was no champion; {names[first]} is the better round ({verdict_text(v)}) and passes the "
+            "success criteria",
             True,
-            f"the champion already comes from {cand}, which passes its success criteria; it "
-            "follows the round's best seed",
         )
+    other = 1 - first
+    if passes[other] and better != first:
+        return Decision(
+            SIDES[other],
+            f"there was no champion; {names[first]} does not pass the success criteria, {names[other]} passes and "
+            f"the verdict does not call it worse ({verdict_text(v)})",
+            True,
+        )
+    why = (
+        "neither round passes the success criteria"
+        if not passes[other]
+        else f"{names[first]} does not pass the success criteria, and {names[other]}, which does, is worse"
+    )
+    return Decision(None, f"there is no champion: {why} ({verdict_text(v)})", True)
+
+
+def champion_decision(side: Side, passes: tuple[bool, bool], v: Verdict, names: tuple[str, str]) -> Decision:
+    """Which round @champion should come from, from measured facts only; `passes` and `names`: (baseline, candidate)."""
     if side == "other":
-        return False, (
-            f"the champion comes from neither {base} nor {cand}, so this report's verdict does not "
-            f"compare {cand} with it; report the champion's round against {cand}"
+        return Decision(
+            None,
+            f"the champion comes from neither {names[0]} nor {names[1]}, so this report's verdict does not "
+            f"compare them with it; report the champion's round against {names[1]}",
+            False,
         )
-    if min(v.seeds_baseline, v.seeds_candidate) < 2:
-        return False, (
-            "with one seed on a side the verdict compares two trained models, not configurations; "
-            "run both rounds with --seeds 2 or more"
+    seeds = (v.seeds_baseline, v.seeds_candidate)
+    if min(seeds) < MIN_CHAMPION_SEEDS:
+        return Decision(
+            None,
+            f"@champion moves only with {MIN_CHAMPION_SEEDS} or more distinct seeds per side ({names[0]}: "
+            f"{seeds[0]}, {names[1]}: {seeds[1]}); run both rounds with --seeds {MIN_CHAMPION_SEEDS} or more",
+            False,
         )
-    if not (v.real and v.difference > 0):
-        return False, (
-            f"the configuration verdict does not say {cand} beats {base}, the champion's round "
-            f"(difference {v.difference:+.2%}, p = {v.p_value:.4g}, alpha = {v.alpha:g})"
+    if side == "none":
+        return crowning(passes, v, names)
+    holder = SIDES.index(side)
+    challenger = 1 - holder
+    if passes[challenger] and significantly_better(v) == challenger:
+        return Decision(
+            SIDES[challenger],
+            f"{names[challenger]} passes the success criteria and its configuration beats {names[holder]}, the "
+            f"champion's round ({verdict_text(v)})",
+            True,
         )
-    return (
-        True,
-        f"{cand} passes its success criteria and its configuration beats {base}, the champion's "
-        f"round (p = {v.p_value:.4g})",
+    why = (
+        f"the configuration verdict does not say {names[challenger]} beats {names[holder]}, the champion's round "
+        f"({verdict_text(v)})"
+        if passes[challenger]
+        else f"{names[challenger]} does not pass the success criteria"
+    )
+    return Decision(side, f"{why}; the champion stays with {names[holder]}'s best seed", True)
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """What the registered model holds for the two rounds, read once."""
+
+    name: str
+    exists: bool
+    versions: dict[str, ModelVersion]  # run id -> the version it registered
+    deleted: frozenset[str]  # run ids whose version was deleted (their logged model remains)
+    aliases: dict[str, ModelVersion | None]  # each round's alias (and @champion) -> its version
+    deleted_champion: tuple[str, str] | None  # (version, run id) of a champion MLflow deleted with its version
+    decisions: int  # alias decisions this test set has informed so far
+    digest: str
+
+    @property
+    def champion_run(self) -> str | None:
+        """The run the champion comes from ("" for a version registered without a run); None: no champion."""
+        champion = self.aliases[CHAMPION]
+        return (champion.run_id or "") if champion else (self.deleted_champion or (None, None))[1]
+
+
+def read_registry(client: MlflowClient, name: str, rounds: tuple[Round, Round], digest: str, patience: float):
+    tags = model_tags(client, name, patience)
+    versions, deleted = {}, set()
+    retried = lambda what, fn: patiently(fn, what, patience)  # noqa: E731
+    for rep in (rep for r in rounds for rep in r.replicates):
+        run_id = rep.metrics["mlflow_run_id"]
+        if (version := run_version(client, name, run_id, patience)) is not None:
+            versions[run_id] = version
+        elif ready_model_id(client, run_id, retried):
+            deleted.add(run_id)
+    alias_names = [round_alias(r.name) for r in rounds] + [CHAMPION]
+    aliases = {a: alias_version(client, name, a, patience) for a in alias_names}
+    recorded = (tags or {}).get(CHAMPION_VERSION_TAG)
+    gone = aliases[CHAMPION] is None and recorded and not version_exists(client, name, recorded, patience)
+    return RegistryState(
+        name,
+        tags is not None,
+        versions,
+        frozenset(deleted),
+        aliases,
+        (recorded, tags[CHAMPION_RUN_TAG]) if gone else None,
+        int((tags or {}).get(DECISIONS_TAG.format(digest=digest), 0)),
+        digest,
     )
 
 
-def move_aliases(params: Params, base: Round, cand: Round, passes: bool, v: Verdict) -> list[str]:
-    """Point `@<round>` at each round's best version and decide `@champion`; the report's lines saying so."""
-    client, _ = open_client(params)
-    name, patience = params.tracking.registered_model, params.tracking.store_patience_s
-    lines, best = [], {}
-    for r in (base, cand):
-        rep = best_replicate(r)
-        version = run_version(client, name, rep.metrics["mlflow_run_id"], patience)
-        if version is None:
-            lines.append(
-                f"- {r.name}: its best seed {rep.label} registered no version of {name} "
-                "(tracking.log_model off, or trained before registration): @"
-                f"{round_alias(r.name)} not moved"
+class Plan(NamedTuple):
+    moves: list[tuple[str, ModelVersion]]  # (alias, the version it should point at)
+    lines: list[str]
+    tested: bool
+
+
+def held(state: RegistryState, alias: str) -> str:
+    version = state.aliases[alias]
+    if version is not None:
+        return f"version {version.version}"
+    if alias == CHAMPION and state.deleted_champion:
+        return f"no version (version {state.deleted_champion[0]} was the champion and has been deleted)"
+    return "no version"
+
+
+def round_best(state: RegistryState, r: Round) -> tuple[ModelVersion | None, str]:
+    """The round's best seed by validation accuracy (the first of a tie) that still has a version, described with
+    what better ones lack."""
+    lacking = []
+    for rep in sorted(r.replicates, key=lambda rep: -rep.metrics["val_accuracy"]):
+        run_id = rep.metrics["mlflow_run_id"]
+        if run_id in state.versions:
+            v = state.versions[run_id]
+            better = f"; better by validation, but {', '.join(lacking)}" if lacking else ""
+            return (
+                v,
+                f"version {v.version} ({rep.label}, validation accuracy {rep.metrics['val_accuracy']:.2%}{better})",
             )
-            continue
-        best[r.name] = version
-        alias = round_alias(r.name)
-        set_alias(client, name, alias, version.version, patience)
-        lines.append(
-            f"- @{alias} -> {name} version {version.version} ({rep.label}, test accuracy "
-            f"{rep.metrics['test_accuracy']:.2%})"
+        lacking.append(
+            f"{rep.label}'s version was deleted"
+            if run_id in state.deleted
+            else f"{rep.label} registered no version (tracking.log_model off, or trained before registration)"
         )
-    champion = alias_version(client, name, CHAMPION, patience)
-    move, why = champion_decision(champion_side(champion, base, cand), passes, v, base.name, cand.name)
-    if move and cand.name not in best:
-        move, why = False, f"{cand.name} has no registered version"
-    if move:
-        target = best[cand.name].version
-        set_alias(client, name, CHAMPION, target, patience)
-        return lines + [f"- @{CHAMPION} -> version {target}: {why}"]
-    held = f"version {champion.version}" if champion else "no version"
-    return lines + [f"- @{CHAMPION} stays at {held}: {why}"]
+    return None, "no seed has a version: " + ", ".join(lacking)
+
+
+def plan_aliases(state: RegistryState, base: Round, cand: Round, passes: tuple[bool, bool], v: Verdict) -> Plan:
+    """The aliases' moves and the report's lines saying what and why; nothing is moved here."""
+    waiting = [r for r in (base, cand) if missing_seeds(r)]
+    if waiting:
+        missing = ", ".join(f"{r.name} {missing_seeds(r)}" for r in waiting)
+        return Plan([], [f"- no alias moves until both rounds have their planned seeds (missing: {missing})"], False)
+    moves, lines, best = [], [], {}
+    for side, r in zip(SIDES, (base, cand)):
+        alias = round_alias(r.name)
+        best[side], text = round_best(state, r)
+        now = state.aliases[alias]
+        if best[side] is not None and (now is None or now.version != best[side].version):
+            moves.append((alias, best[side]))
+            lines.append(f"- @{alias} -> {text} (was {held(state, alias)})")
+        else:
+            lines.append(f"- @{alias} stays at " + (text if best[side] else f"{held(state, alias)}: {text}"))
+    d = champion_decision(champion_side(state.champion_run, base, cand), passes, v, (base.name, cand.name))
+    target = best.get(d.holder) if d.holder else None
+    current = state.aliases[CHAMPION]
+    if d.holder and target is None:
+        lines.append(f"- @{CHAMPION} stays at {held(state, CHAMPION)}: {d.why}, but it has no registered version")
+    elif target is not None and (current is None or current.version != target.version):
+        moves.append((CHAMPION, target))
+        lines.append(f"- @{CHAMPION} -> version {target.version} (was {held(state, CHAMPION)}): {d.why}")
+    else:
+        lines.append(f"- @{CHAMPION} stays at {held(state, CHAMPION)}: {d.why}")
+    return Plan(moves, lines, d.tested)
+
+
+def reuse_line(state: RegistryState, plan: Plan, applied: bool) -> str:
+    count = state.decisions + (plan.tested and applied and state.exists)
+    return (
+        f"- the test set (digest {state.digest}) has informed {count} alias decision(s) of {state.name}"
+        + ("" if applied else "; this read-only report adds none")
+        + ": each reuse of the same test images for a decision adds to the chance of a lucky winner"
+    )
+
+
+def apply_plan(client: MlflowClient, state: RegistryState, plan: Plan, patience: float) -> list[str]:
+    """Move the planned aliases, record the champion and count the decision; one line per move."""
+    done = []
+    for alias, version in plan.moves:
+        set_alias(client, state.name, alias, version.version, patience)
+        done.append(f"moved {state.name}@{alias} -> version {version.version}")
+    champion = dict(plan.moves).get(CHAMPION) or state.aliases[CHAMPION]
+    if champion is not None:  # remembered, to name it once MLflow deletes it together with its version
+        set_model_tag(client, state.name, CHAMPION_VERSION_TAG, champion.version, patience)
+        set_model_tag(client, state.name, CHAMPION_RUN_TAG, champion.run_id or "", patience)
+    if plan.tested and state.exists:
+        key = DECISIONS_TAG.format(digest=state.digest)
+        set_model_tag(client, state.name, key, str(state.decisions + 1), patience)
+    return done or [f"no alias of {state.name} moved"]

@@ -6,7 +6,8 @@ A round named R is, in this order of search:
 3. a DVC experiment or git revision `R` itself (one replicate);
 4. the MLflow runs tagged `round=R` (one per seed), else the run named R (refused when
    several share the name), else the run whose id is R.
-Every replicate carries its own params, so each round is judged by its own thresholds.
+A run named twice (`A,A`) is one replicate; replicates with identical test predictions are one
+seed for every decision (`Round.distinct`). Every replicate carries its own params.
 """
 
 from __future__ import annotations
@@ -43,11 +44,23 @@ class Replicate:
 @dataclass(frozen=True)
 class Round:
     name: str
-    replicates: list[Replicate]
+    replicates: list[Replicate]  # one per MLflow run
+    repeated: tuple[str, ...] = ()  # labels given again for a run already in the round, left out
 
     @property
     def first(self) -> Replicate:
         return self.replicates[0]
+
+    @property
+    def distinct(self) -> list[Replicate]:
+        """One replicate per distinct set of test predictions: bit-identical models are one seed, not several."""
+        seen: set[tuple[tuple[str, str], ...]] = set()
+        kept = []
+        for rep in self.replicates:
+            if (key := tuple(rep.predictions)) not in seen:
+                seen.add(key)
+                kept.append(rep)
+        return kept
 
 
 @dataclass(frozen=True)
@@ -171,9 +184,24 @@ def mlflow_replicate(params: Params, run, paths: ArtifactPaths) -> Replicate:
     return parse_replicate(run.info.run_name, *texts)
 
 
+def one_per_run(name: str, replicates: list[Replicate]) -> Round:
+    """The round with each MLflow run once: a run named twice is one seed, not two."""
+    kept: dict[str, Replicate] = {}
+    repeated = []
+    for rep in replicates:
+        run_id = rep.metrics.get("mlflow_run_id") or rep.label
+        if run_id in kept:
+            repeated.append(rep.label)
+        else:
+            kept[run_id] = rep
+    return Round(name, list(kept.values()), tuple(repeated))
+
+
 def find_round(ref: str, params: Params, root: Path, paths: ArtifactPaths) -> Round:
     if "," in ref:
-        return Round(ref, [r for part in ref.split(",") for r in find_round(part, params, root, paths).replicates])
+        return one_per_run(
+            ref, [r for part in ref.split(",") for r in find_round(part, params, root, paths).replicates]
+        )
     found = dvc_round(root, ref, paths)
     if found is not None:
         return found

@@ -6,9 +6,12 @@ report (and its learning-curve figure) is built from measured data only: the
 metrics file, the per-epoch history, the per-example test predictions and the
 params of each replicate. With two or more seeds per side the verdict is on the
 configuration (seeds and test images both vary); with one, it compares two
-trained models and says how many seeds a configuration verdict needs. The
-report is also what moves the registered model's aliases (`registry`): `@<round>`
-for both rounds, and `@champion` when the candidate earns it.
+trained models and says how many seeds a configuration verdict needs.
+
+Read-only by default: it writes only its Markdown, figure and next-round sweep files
+(beside each other, under reports/ unless --out says otherwise), logs the report to the
+candidate's MLflow run, and says where the registered model's aliases should point
+(`champion`). `--move-aliases` moves them as it says, and prints each move.
 """
 
 from __future__ import annotations
@@ -20,25 +23,29 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_rounds.analysis.champion import move_aliases
-from cifar_rounds.analysis.proposals import next_round_lines
-from cifar_rounds.analysis.replicates import ArtifactPaths, Replicate, Round, find_round, number
-from cifar_rounds.analysis.verdict import (
-    MeanStd,
-    Verdict,
-    compare_configs,
-    format_mean_std,
-    mean_std,
-    t_quantile,
-    wilson_interval,
+from cifar_rounds.analysis.champion import (
+    Plan,
+    RegistryState,
+    apply_plan,
+    plan_aliases,
+    read_registry,
+    refuse_a_champion_elsewhere,
+    registered_model_of,
+    reuse_line,
+    seeds_line,
 )
+from cifar_rounds.analysis.criteria import passes, policy_lines, values
+from cifar_rounds.analysis.details import round_section
+from cifar_rounds.analysis.proposals import next_round_lines
+from cifar_rounds.analysis.replicates import ArtifactPaths, Round, find_round, number
+from cifar_rounds.analysis.verdict import Verdict, compare_configs, format_mean_std, mean_std, wilson_interval
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
-from cifar_rounds.core.params import ReportParams, load_params
+from cifar_rounds.core.params import Params, ReportParams, load_params
 from cifar_rounds.tracking.run import Tracker
-from cifar_rounds.tracking.store import repo_root
+from cifar_rounds.tracking.store import open_client, repo_root
 
 PERFORMANCE = (
     ("Test accuracy", "test_accuracy", "{:.2%}"),
@@ -49,10 +56,6 @@ PERFORMANCE = (
     ("Stopped at epoch", "stopped_epoch", "{:.0f}"),
     ("Best epoch", "best_epoch", "{:.0f}"),
 )
-
-
-def values(r: Round, key: str) -> list[float]:
-    return [rep.metrics[key] for rep in r.replicates if key in rep.metrics]
 
 
 def performance_lines(base: Round, cand: Round) -> list[str]:
@@ -71,7 +74,7 @@ def performance_lines(base: Round, cand: Round) -> list[str]:
 def param_changes(base: Round, cand: Round) -> list[str]:
     """Changed params of the configurations; the seed and the round's name are not the configuration."""
     a, b = base.first.params.flat(), cand.first.params.flat()
-    same_config = {"train.seed", "tracking.round", "tracking.run_name"}
+    same_config = {"train.seed", "tracking.round", "tracking.run_name", "tracking.planned_seeds"}
     return [f"| `{k}` | {a[k]} | {b[k]} |" for k in sorted(a) if a[k] != b[k] and k not in same_config]
 
 
@@ -128,8 +131,9 @@ def same_test_set(base: Round, cand: Round) -> None:
 
 
 def round_verdict(base: Round, cand: Round, alpha: float) -> Verdict:
+    """The verdict on the rounds' distinct replicates: bit-identical models are one seed, not several."""
     same_test_set(base, cand)
-    return compare_configs([rep.correct for rep in base.replicates], [rep.correct for rep in cand.replicates], alpha)
+    return compare_configs([rep.correct for rep in base.distinct], [rep.correct for rep in cand.distinct], alpha)
 
 
 def verdict_lines(base: Round, cand: Round, v: Verdict) -> list[str]:
@@ -140,146 +144,42 @@ def verdict_lines(base: Round, cand: Round, v: Verdict) -> list[str]:
             k = int(rep.correct.sum())
             lo, hi = wilson_interval(k, n)
             lines.append(f"- {rep.label}: test accuracy {k / n:.2%} (95% interval {lo:.2%} to {hi:.2%}, n = {n})")
+    for r in (base, cand):
+        if len(r.distinct) < len(r.replicates):
+            lines.append(
+                f"- {r.name}: {len(r.replicates)} runs, of which {len(r.distinct)} with distinct test predictions: "
+                f"the verdict counts {len(r.distinct)} seed(s)"
+            )
     return lines + [f"- {sentence}" for sentence in verdict_sentences(v, base, cand)]
 
 
 def verdict_sentences(v: Verdict, base: Round, cand: Round) -> list[str]:
-    outcome = "real" if v.real else "not distinguishable from noise"
+    if min(v.seeds_baseline, v.seeds_candidate) < 2:  # two trained models, not two configurations
+        a, b = base.distinct[0].label, cand.distinct[0].label
+        outcome = f"the trained models {a} and {b} " + (
+            "differ on these test images" if v.real else "do not differ distinguishably on these test images"
+        )
+    else:
+        outcome = f"the configuration change from {base.name} to {cand.name} is " + (
+            "real" if v.real else "not distinguishable from noise"
+        )
     sentences = [
         f"{v.method}: difference in mean test accuracy {v.difference:+.2%} ({v.level:.0%} interval "
-        f"{v.low:+.2%} to {v.high:+.2%}), p = {v.p_value:.4g}; at alpha = {v.alpha:g} the change from "
-        f"{base.name} to {cand.name} is {outcome}",
+        f"{v.low:+.2%} to {v.high:+.2%}), p = {v.p_value:.4g}; at alpha = {v.alpha:g} {outcome}",
         v.covers,
     ]
     return sentences + ([v.caveat] if v.caveat else [])
 
 
-def val_loss_minimum(rep: Replicate) -> tuple[int, float]:
-    best = min(rep.history, key=lambda row: row["val_loss"])
-    return int(best["epoch"]), best["val_loss"]
+def alias_lines(base: Round, cand: Round, state: RegistryState, plan: Plan, applied: bool) -> list[str]:
+    how = "moved by this report" if applied else "read-only: `--move-aliases` applies this plan"
+    head = ["", f"## Registered model {state.name}: aliases ({how})", seeds_line(base), seeds_line(cand)]
+    return head + plan.lines + [reuse_line(state, plan, applied)]
 
 
-def spread(m: MeanStd, fmt: str) -> str:
-    """The mean, and with two or more seeds its 95% t interval over seeds."""
-    if m.n < 2:
-        return fmt.format(m.mean)
-    half = t_quantile(0.975, m.n - 1) * m.std / math.sqrt(m.n)
-    low, high = fmt.format(m.mean - half), fmt.format(m.mean + half)
-    return f"{fmt.format(m.mean)} (95% interval over {m.n} seeds {low} to {high})"
-
-
-def criteria(r: Round) -> list[tuple[str, str, bool]]:
-    """(criterion, measured, passed), judged on the mean over seeds with the round's own thresholds."""
-    rp: ReportParams = r.first.params.report
-    test = mean_std(values(r, "test_accuracy"))
-    gap = mean_std([rep.metrics["train_accuracy"] - rep.metrics["test_accuracy"] for rep in r.replicates])
-    rise = mean_std([rep.history[-1]["val_loss"] / val_loss_minimum(rep)[1] - 1 for rep in r.replicates])
-    return [
-        (f"test accuracy > {rp.min_test_accuracy:.2%}", spread(test, "{:.2%}"), test.mean > rp.min_test_accuracy),
-        (f"train-test gap < {rp.max_train_test_gap:.2%}", spread(gap, "{:.2%}"), gap.mean < rp.max_train_test_gap),
-        (
-            f"stable validation loss: final at most {rp.max_val_loss_rise:.0%} above its minimum",
-            spread(rise, "{:+.1%}"),
-            rise.mean <= rp.max_val_loss_rise,
-        ),
-    ]
-
-
-def diagnostics(rep: Replicate) -> list[str]:
-    train, m = rep.params.train, rep.metrics
-    notes = []
-    last_milestone = max(train.lr_milestones, default=0)
-    if m["stopped_epoch"] < train.num_epochs and m["stopped_epoch"] <= last_milestone:
-        notes.append(
-            f"early stopping ended the run at epoch {m['stopped_epoch']}, before the last "
-            f"learning-rate milestone ({last_milestone}): later decays never happened"
-        )
-    gaps = [b - a for a, b in zip([0, *train.lr_milestones], train.lr_milestones)]
-    if gaps and train.patience < max(gaps):
-        notes.append(
-            f"patience ({train.patience}) is shorter than the longest stretch between milestones "
-            f"({max(gaps)} epochs): a plateau at constant learning rate can stop the run before the next decay"
-        )
-    epoch, loss = val_loss_minimum(rep)
-    notes.append(f"learning rate at the stop: {rep.history[-1]['learning_rate']:.3g}")
-    notes.append(
-        f"validation loss reached its minimum {loss:.4f} at epoch {epoch} (best checkpoint: epoch {m['best_epoch']})"
-    )
-    return notes
-
-
-def overfitting(rep: Replicate) -> list[str]:
-    m = rep.metrics
-    _, min_loss = val_loss_minimum(rep)
-    final = rep.history[-1]["val_loss"]
-    return [
-        f"train-test accuracy gap: {m['train_accuracy'] - m['test_accuracy']:.2%}",
-        f"train loss {m['train_loss']:.4f}" + (" (near zero: memorisation)" if m["train_loss"] < 0.01 else ""),
-        f"validation loss at the stop {final:.4f} vs minimum {min_loss:.4f} ({final / min_loss - 1:+.1%})",
-    ]
-
-
-def per_class_lines(rep: Replicate) -> list[str]:
-    """Per-class test accuracy; a class without test images says so instead of a 0%."""
-    per_class = rep.metrics.get("per_class_accuracy", {})
-    return [f"{name}: {'no images' if acc is None else f'{acc:.2%}'}" for name, acc in per_class.items()]
-
-
-def noise_line(rep: Replicate) -> list[str]:
-    """B_simple at the last epoch against the batch used; 'not measurable' when it is not a positive number."""
-    if not (rep.params.diagnostics.noise_scale and rep.history):
-        return []
-    epoch, b_simple = int(rep.history[-1]["epoch"]), number(rep.history[-1], "noise_scale")
-    if not (math.isfinite(b_simple) and b_simple > 0):
-        return [
-            f"- gradient noise scale B_simple at epoch {epoch}: not measurable ({b_simple:.4g}: the |G|^2 "
-            "estimate is not positive, noise dominates the gradient)"
-        ]
-    batch = rep.params.train.batch_size
-    side = "below" if batch < b_simple else "above"
-    return [
-        f"- gradient noise scale B_simple at epoch {epoch}: {b_simple:.4g}; the batch size {batch} is "
-        f"{max(batch, b_simple) / min(batch, b_simple):.3g}x {side} it (B_simple approximates the critical batch)"
-    ]
-
-
-def noise_and_sharpness(rep: Replicate) -> list[str]:
-    """B_simple against the batch used, and sharpness where it was measured."""
-    lines = noise_line(rep)
-    rows = [row for row in rep.history if math.isfinite(number(row, "lambda_max"))]
-    if rows:
-        lines += [
-            "",
-            "| epoch | lambda_max | stability bound (SGD with momentum) | Tr(H) | Tr(H)/lambda_max |",
-            "|---|---|---|---|---|",
-        ]
-        for row in rows:
-            lam, tr = number(row, "lambda_max"), number(row, "hessian_trace")
-            lines.append(
-                f"| {int(row['epoch'])} | {lam:.4g} | {number(row, 'stability_bound'):.4g} | "
-                f"{tr:.4g} | {tr / lam:.3g} |"
-            )
-    return lines or ["- not measured (diagnostics off)"]
-
-
-def round_section(r: Round) -> list[str]:
-    rep = r.first
-    out = [
-        "",
-        f"## {r.name}",
-        f"Seeds: {len(r.replicates)} ({', '.join(x.label for x in r.replicates)})",
-        "",
-        "Success criteria (mean over seeds, this round's own thresholds):",
-    ]
-    out += [f"- [{'x' if ok else ' '}] {name}: {value} ({'pass' if ok else 'FAIL'})" for name, value, ok in criteria(r)]
-    out += ["", f"Overfitting indicators ({rep.label}):"] + [f"- {x}" for x in overfitting(rep)]
-    out += ["", f"Per-class test accuracy ({rep.label}): " + "; ".join(per_class_lines(rep))]
-    out += ["", f"Diagnostics ({rep.label}):"] + [f"- {x}" for x in diagnostics(rep)]
-    out += ["", f"Noise scale and sharpness ({rep.label}; Tr(H)/lambda_max is the founding analysis's B* proxy):"]
-    return out + noise_and_sharpness(rep)
-
-
-def render(base: Round, cand: Round, v: Verdict, aliases: list[str], figure: str, next_round: list[str]) -> str:
+def render(
+    base: Round, cand: Round, v: Verdict, rp: ReportParams, aliases: list[str], figure: str, next_round: list[str]
+) -> str:
     out = [
         f"# Round report: {base.name} -> {cand.name}",
         "",
@@ -291,9 +191,10 @@ def render(base: Round, cand: Round, v: Verdict, aliases: list[str], figure: str
     out += param_changes(base, cand) or ["| (none) | | |"]
     out += ["", "## Run conditions (not in params.yaml)"] + condition_lines(base, cand) + resource_lines(base, cand)
     out += ["", "## Is the change in test accuracy real?"] + verdict_lines(base, cand, v)
-    out += ["", "## Registered model aliases (moved by this report)"] + aliases
+    out += ["", "## Decision policy (the workspace's params.yaml `report:`)"] + policy_lines(rp, (base, cand))
+    out += aliases
     for r in (base, cand):
-        out += round_section(r)
+        out += round_section(r, rp)
     out += next_round
     out += ["", "## Learning curves (mean over seeds; band: min to max)", "", f"![learning curves]({figure})", ""]
     return "\n".join(out)
@@ -338,6 +239,21 @@ def write_report(text: str, rounds: list[Round], out: Path) -> Path:
     return figure
 
 
+def decide_aliases(params: Params, base: Round, cand: Round, v: Verdict, move: bool) -> list[str]:
+    """The alias section: the plan from the registry as it is, applied (and each move printed) with `move`."""
+    client, _ = open_client(params)
+    patience = params.tracking.store_patience_s
+    name = registered_model_of(base, cand)
+    refuse_a_champion_elsewhere(client, params.tracking.registered_model, name, patience)
+    digest = cand.first.metrics["test_set_digest"]
+    state = read_registry(client, name, (base, cand), digest, patience)
+    plan = plan_aliases(state, base, cand, (passes(base, params.report), passes(cand, params.report)), v)
+    if move:
+        for line in apply_plan(client, state, plan, patience):
+            print(line)
+    return alias_lines(base, cand, state, plan, move)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -349,6 +265,12 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, help="Markdown file (default: beside the history, round-BASELINE-vs-CANDIDATE.md)"
     )
+    parser.add_argument(
+        "--move-aliases",
+        action="store_true",
+        help="move @<round> and @champion of the registered model as the report decides, and count the decision "
+        "against the test set (default: read-only, the report only says where they should point)",
+    )
     args = parser.parse_args()
     params = load_params()
     root = repo_root()
@@ -357,14 +279,14 @@ def main() -> None:
     safe = lambda name: "".join(c if c.isalnum() or c in "-_." else "_" for c in name)  # noqa: E731
     out = args.out or Path(paths.history).parent / f"round-{safe(base.name)}-vs-{safe(cand.name)}.md"
     v = round_verdict(base, cand, params.report.significance)
-    aliases = move_aliases(params, base, cand, all(ok for _, _, ok in criteria(cand)), v)
-    next_round = next_round_lines(cand, out.with_suffix(".next"))  # writes the proposals' sweep files
-    text = render(base, cand, v, aliases, out.with_suffix(".png").name, next_round)
+    aliases = decide_aliases(params, base, cand, v, args.move_aliases)
+    next_round = next_round_lines(cand, out.with_suffix(".next"))  # writes the proposals' sweep files beside it
+    text = render(base, cand, v, params.report, aliases, out.with_suffix(".png").name, next_round)
     figure = write_report(text, [base, cand], out)
     tracker = Tracker.attach(params, cand.first.metrics["mlflow_run_id"])
     tracker.log_artifact(out, REPORT_ARTIFACTS)
     tracker.log_artifact(figure, REPORT_ARTIFACTS)
-    print(f"report: {out} (figure {figure})")
+    print(f"report: {out} (figure {figure}; next-round sweep files in {out.with_suffix('.next')})")
 
 
 if __name__ == "__main__":

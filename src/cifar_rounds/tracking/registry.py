@@ -166,3 +166,40 @@ def alias_version(client: MlflowClient, name: str, alias: str, patience_s: float
 def set_alias(client: MlflowClient, name: str, alias: str, version: str, patience_s: float) -> None:
     """Point `name@alias` at `version`."""
     patiently(lambda: client.set_registered_model_alias(name, alias, version), f"setting @{alias}", patience_s)
+
+
+def absent(error: MlflowException) -> bool:
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def model_tags(client: MlflowClient, name: str, patience_s: float) -> dict[str, str] | None:
+    """The registered model's tags; None when there is no such registered model."""
+
+    def get() -> dict[str, str] | None:
+        try:
+            return dict(client.get_registered_model(name).tags)
+        except MlflowException as error:
+            if absent(error):
+                return None
+            raise
+
+    return patiently(get, f"reading the tags of {name}", patience_s)
+
+
+def set_model_tag(client: MlflowClient, name: str, key: str, value: str, patience_s: float) -> None:
+    patiently(lambda: client.set_registered_model_tag(name, key, value), f"setting tag {key} of {name}", patience_s)
+
+
+def version_exists(client: MlflowClient, name: str, version: str, patience_s: float) -> bool:
+    """Whether `name` still has `version` (a deleted version does not)."""
+
+    def get() -> bool:
+        try:
+            client.get_model_version(name, version)
+            return True
+        except MlflowException as error:
+            if absent(error):
+                return False
+            raise
+
+    return patiently(get, f"reading version {version} of {name}", patience_s)

@@ -1,0 +1,214 @@
+"""Which version @<round> and @champion point at, decided on constructed rounds, verdicts and registry states."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from mlflow.entities.model_registry import ModelVersion
+
+from cifar_rounds.analysis.champion import (
+    RegistryState,
+    champion_decision,
+    plan_aliases,
+    registered_model_of,
+    reuse_line,
+    seeds_line,
+)
+from cifar_rounds.analysis.criteria import criteria, passes, policy_lines
+from cifar_rounds.analysis.replicates import Replicate, Round, one_per_run
+from cifar_rounds.analysis.report import round_verdict, verdict_sentences
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.params import with_overrides
+from cifar_rounds.tracking.registry import CHAMPION, round_alias
+
+from helpers import repo_params
+
+N = 2000  # test images
+NAMES = ("a", "b")
+
+
+def replicate(label, accuracy=0.5, val=0.5, seed=0, params=None, correct=None, run_id=None):
+    """A replicate whose test predictions are right on a random `accuracy` share of the images."""
+    if correct is None:
+        correct = np.random.default_rng(seed).random(N) < accuracy
+    metrics = {
+        "mlflow_run_id": run_id or f"id-{label}",
+        "val_accuracy": val,
+        "test_accuracy": float(correct.mean()),
+        "train_accuracy": float(correct.mean()),
+        "test_set_digest": "0123456789abcdef",
+    }
+    predictions = [("cat", "cat" if c else "dog") for c in correct]
+    return Replicate(label, params or repo_params(), metrics, [{"epoch": 1.0, "val_loss": 1.0}], predictions)
+
+
+def round_of(name, accuracy, seeds=3, params=None):
+    return Round(
+        name,
+        [
+            replicate(f"{name}-s{s}", accuracy, 0.5 + s / 100, 10 * sum(map(ord, name)) + s, params)
+            for s in range(seeds)
+        ],
+    )
+
+
+def planned(n):
+    """The repository's params with `tracking.planned_seeds` recorded (whether or not Params declares it yet)."""
+    params = repo_params()
+    return params.model_copy(update={"tracking": params.tracking.model_copy(update={"planned_seeds": n})})
+
+
+def verdict(difference=0.02, p=0.01, seeds=3):
+    base, cand = round_of("a", 0.5), round_of("b", 0.5)
+    v = round_verdict(base, cand, 0.05)
+    return dataclasses.replace(
+        v, difference=difference, p_value=p, real=p < 0.05, seeds_baseline=seeds, seeds_candidate=seeds
+    )
+
+
+def registry(*rounds, deleted=(), unregistered=(), aliases=None, deleted_champion=None, decisions=0):
+    runs = [rep.metrics["mlflow_run_id"] for r in rounds for rep in r.replicates]
+    versions = {
+        run: ModelVersion("m", str(i + 1), 0, run_id=run)
+        for i, run in enumerate(runs)
+        if run not in {*deleted, *unregistered}
+    }
+    held = {round_alias(r.name): None for r in rounds} | {CHAMPION: None}
+    held |= {alias: versions[run] for alias, run in (aliases or {}).items()}
+    return RegistryState("m", True, versions, frozenset(deleted), held, deleted_champion, decisions, "0123456789abcdef")
+
+
+def champion_line(plan):
+    return next(line for line in plan.lines if line.startswith("- @champion"))
+
+
+def test_with_no_champion_the_better_round_is_crowned_and_never_one_the_verdict_calls_worse():
+    worse = verdict(difference=-0.011, p=0.00044)  # the candidate is significantly worse
+    assert champion_decision("none", (True, True), worse, NAMES).holder == "baseline"
+    assert champion_decision("none", (False, True), worse, NAMES).holder is None  # never the worse one
+    better = verdict(difference=0.004, p=0.3)
+    assert champion_decision("none", (True, True), better, NAMES).holder == "candidate"
+    assert champion_decision("none", (True, False), better, NAMES).holder == "baseline"  # not called worse
+    assert champion_decision("none", (False, False), better, NAMES).holder is None
+    # end to end on measured rounds: a candidate 5 points worse over 3 seeds each
+    base, cand = round_of("a", 0.55), round_of("b", 0.50)
+    v = round_verdict(base, cand, 0.05)
+    assert v.real and v.difference < 0
+    plan = plan_aliases(registry(base, cand), base, cand, (True, True), v)
+    best_a = plan.moves[0][1]
+    assert plan.moves[-1] == (CHAMPION, best_a) and "a is the better round" in champion_line(plan)
+
+
+def test_a_challenger_takes_the_champion_only_when_it_passes_and_its_configuration_is_better():
+    better, worse, unclear = verdict(), verdict(difference=-0.02), verdict(p=0.2)
+    assert champion_decision("baseline", (True, True), better, NAMES).holder == "candidate"
+    assert champion_decision("candidate", (True, True), worse, NAMES).holder == "baseline"  # either side challenges
+    for side, ok, v, why in (
+        ("baseline", (True, False), better, "b does not pass the success criteria"),
+        ("baseline", (True, True), unclear, "does not say b beats a, the champion's round (difference +2.00%"),
+        ("candidate", (True, True), better, "does not say a beats b"),
+    ):
+        d = champion_decision(side, ok, v, NAMES)
+        assert d.holder == side and why in d.why, d.why
+    other = champion_decision("other", (True, True), better, NAMES)
+    assert other.holder is None and "neither a nor b" in other.why and not other.tested
+
+
+def test_champion_moves_only_with_three_distinct_seeds_per_side():
+    two = champion_decision("none", (True, True), verdict(seeds=2), NAMES)
+    assert two.holder is None and "3 or more distinct seeds per side (a: 2, b: 2)" in two.why and not two.tested
+    assert champion_decision("baseline", (True, True), verdict(seeds=2), NAMES).holder is None
+    assert champion_decision("none", (True, True), verdict(seeds=3), NAMES).holder == "candidate"
+    assert "0.057 to 0.062 at alpha 0.05" in " ".join(policy_lines(repo_params().report, (round_of("a", 0.5),) * 2))
+
+
+def test_a_run_given_twice_is_one_replicate_and_identical_replicates_are_one_seed():
+    once = replicate("x")
+    given = one_per_run("x,x", [once, once])
+    assert given.replicates == [once] and given.repeated == ("x",)
+    assert "given again and counted once: x" in seeds_line(given)
+    same = np.random.default_rng(5).random(N) < 0.6  # three runs, one trained model
+    base = Round("a", [replicate(f"a-s{s}", correct=same, val=0.5 + s / 100) for s in range(3)])
+    cand = round_of("b", 0.5)
+    assert len(base.distinct) == 1 and "2 with test predictions identical to another's, so 1 distinct" in seeds_line(
+        base
+    )
+    v = round_verdict(base, cand, 0.05)
+    assert v.seeds_baseline == 1  # one seed, for the verdict as for the decision
+    plan = plan_aliases(registry(base, cand), base, cand, (True, True), v)
+    assert CHAMPION not in dict(plan.moves) and "(a: 1, b: 3)" in champion_line(plan)
+
+
+def test_aliases_wait_until_both_rounds_have_their_planned_seeds():
+    base, cand = round_of("a", 0.55, params=planned(3)), round_of("b", 0.50, params=planned(5))
+    v = round_verdict(base, cand, 0.05)
+    plan = plan_aliases(registry(base, cand), base, cand, (True, True), v)
+    assert plan.moves == [] and plan.lines == [
+        "- no alias moves until both rounds have their planned seeds (missing: b 2)"
+    ]
+    assert seeds_line(cand) == "- b: seeds 3 of 5 planned (2 missing)"
+    unplanned = round_of("b", 0.50)
+    assert seeds_line(unplanned) == "- b: seeds 3, no plan recorded (decided as if 3 were planned)"
+    assert plan_aliases(registry(base, unplanned), base, unplanned, (True, True), v).moves
+
+
+def test_a_rounds_version_is_its_best_seed_by_validation_and_the_test_sets_reuse_is_counted():
+    high_test = replicate("a-s0", accuracy=0.9, val=0.60, seed=1)
+    high_val = replicate("a-s1", accuracy=0.4, val=0.70, seed=2)
+    base, cand = Round("a", [high_test, high_val, replicate("a-s2", 0.5, 0.65, seed=3)]), round_of("b", 0.5)
+    state = registry(base, cand, decisions=4)
+    plan = plan_aliases(state, base, cand, (True, True), round_verdict(base, cand, 0.05))
+    assert plan.moves[0] == ("a", state.versions["id-a-s1"]) and plan.lines[0].startswith("- @a -> version 2 (a-s1, ")
+    assert plan.tested
+    assert "has informed 5 alias decision(s) of m:" in reuse_line(state, plan, applied=True)
+    assert "has informed 4 alias decision(s) of m; this read-only report adds none" in reuse_line(state, plan, False)
+
+
+def test_the_decision_uses_the_workspaces_thresholds_not_the_rounds_own():
+    lax = with_overrides(repo_params(), {"report.min_test_accuracy": 0.0, "report.max_train_test_gap": 1.0})
+    cand = round_of("b", 0.5, params=lax)
+    workspace = repo_params().report  # test accuracy must exceed 88%
+    assert not passes(cand, workspace) and passes(cand, lax.report)
+    assert criteria(cand, workspace)[0][0] == "test accuracy > 88.00%"
+    lines = policy_lines(workspace, (round_of("a", 0.5), cand))
+    assert "alpha (significance of the verdict): 0.05" in lines[1] and lines[-1] == (
+        "- b ran with other `report:` values; they are not used"
+    )
+
+
+def test_one_seed_is_worded_as_two_trained_models_that_differ_on_these_images():
+    base, cand = round_of("a", 0.5, seeds=1), round_of("b", 0.6, seeds=1)
+    v = round_verdict(base, cand, 0.05)
+    first = verdict_sentences(v, base, cand)[0]
+    assert v.real and "the trained models a-s0 and b-s0 differ on these test images" in first
+    assert "change from" not in first
+    same = verdict_sentences(round_verdict(base, base, 0.05), base, base)[0]
+    assert "do not differ distinguishably on these test images" in same
+    three = verdict_sentences(round_verdict(round_of("a", 0.5), round_of("b", 0.6), 0.05), base, cand)[0]
+    assert "the configuration change from a to b is real" in three
+
+
+def test_rounds_registered_under_different_registered_models_are_refused():
+    other = with_overrides(repo_params(), {"tracking.registered_model": "other-model"})
+    with pytest.raises(
+        StageError, match="different registered models .*a under cifar-rounds-resnet18; b under other-model"
+    ):
+        registered_model_of(round_of("a", 0.5), round_of("b", 0.5, params=other))
+    assert registered_model_of(round_of("a", 0.5), round_of("b", 0.5)) == "cifar-rounds-resnet18"
+
+
+def test_a_deleted_version_gives_way_to_the_next_seed_and_a_deleted_champion_is_named():
+    base, cand = round_of("a", 0.5), round_of("b", 0.55)  # b-s2 has the best validation accuracy
+    state = registry(base, cand, deleted={"id-b-s2"}, unregistered={"id-a-s2"}, deleted_champion=("6", "id-b-s2"))
+    plan = plan_aliases(state, base, cand, (True, True), verdict(p=0.3))
+    lines = "\n".join(plan.lines)
+    assert (
+        "- @b -> version 5 (b-s1, validation accuracy 51.00%; better by validation, but b-s2's version was deleted)"
+        in lines
+    )
+    assert "a-s2 registered no version" in lines
+    # the champion came from b (recorded), and follows b's best seed that still has a version
+    assert dict(plan.moves)[CHAMPION] is state.versions["id-b-s1"]
+    assert champion_line(plan).startswith(
+        "- @champion -> version 5 (was no version (version 6 was the champion and has been deleted)): "
+    )
