@@ -212,3 +212,11 @@ def test_a_deleted_version_gives_way_to_the_next_seed_and_a_deleted_champion_is_
     assert champion_line(plan).startswith(
         "- @champion -> version 5 (was no version (version 6 was the champion and has been deleted)): "
     )
+
+
+def test_the_report_gives_the_seed_advice_once_with_the_verdict():
+    for seeds in (1, 3):
+        base, cand = round_of("a", 0.5, seeds=seeds), round_of("b", 0.52, seeds=seeds)
+        v = round_verdict(base, cand, 0.05)
+        text = " ".join(verdict_sentences(v, base, cand))
+        assert v.seed_advice and text.count(v.seed_advice) == 1, text

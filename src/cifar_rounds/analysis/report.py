@@ -168,7 +168,9 @@ def verdict_sentences(v: Verdict, base: Round, cand: Round) -> list[str]:
         f"{v.low:+.2%} to {v.high:+.2%}), p = {v.p_value:.4g}; at alpha = {v.alpha:g} {outcome}",
         v.covers,
     ]
-    return sentences + ([v.caveat] if v.caveat else [])
+    # with one seed a side the advice is already the caveat's last sentence
+    advice = [v.seed_advice] if v.seed_advice and v.seed_advice not in v.caveat else []
+    return sentences + ([v.caveat] if v.caveat else []) + advice
 
 
 def alias_lines(base: Round, cand: Round, state: RegistryState, plan: Plan, applied: bool) -> list[str]:
