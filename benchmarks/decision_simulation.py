@@ -9,7 +9,8 @@ first report (2 + 2 seeds) recommends the seeds per side for a 1-point gain (its
 `recommended_seeds`: the upper confidence bound of the seed std and this
 comparison's test-image term); that is the planned N (at least MIN_SEEDS), and the
 seeds keep arriving up to N. At every look, `champion_moves` (the rule below)
-decides whether @champion moves to B; once moved it stays.
+decides whether @champion moves to B, through the report's own
+`champion_decision`; once moved it stays.
 
 The rounds are simulated with the probit model of benchmarks/verdict_model.py
 (accuracy 93%, churn 5%, seed std 0.25 points on 10,000 images), with per-image
@@ -35,6 +36,7 @@ from typing import Literal
 import numpy as np
 from verdict_model import Model, design_for_seed_std, replicates, sigma_d_for, test_sets
 
+from cifar_rounds.analysis.champion import champion_decision
 from cifar_rounds.analysis.verdict import Verdict, compare_configs
 
 MIN_SEEDS = 3  # per side before @champion moves: with 2, the verdict is slightly liberal under per-image differences
@@ -43,18 +45,14 @@ Side = Literal["none", "baseline", "candidate", "other"]  # where the champion c
 
 
 def champion_moves(side: Side, v: Verdict, planned: int) -> bool:
-    """Does @champion move to the candidate's best version? The alias rule, as analysis.champion states it.
-
-    No move before both rounds have their planned seeds, nor with fewer than MIN_SEEDS per side; never to a
-    round the verdict calls worse; with no champion the candidate is crowned unless it is the worse round; with
-    the champion in the baseline round, only when the verdict says the candidate's configuration beats it.
+    """Does @champion move to the candidate's best version? The report's own rule, both rounds passing their
+    criteria: no alias moves before both rounds have their planned seeds (as analysis.champion.plan_aliases
+    waits), then analysis.champion.champion_decision itself (3 or more seeds per side, never to a round the
+    verdict calls worse, with the champion in the baseline round only when the candidate's configuration beats it).
     """
-    seeds = min(v.seeds_baseline, v.seeds_candidate)
-    if seeds < max(planned, MIN_SEEDS) or (v.real and v.difference < 0):
+    if min(v.seeds_baseline, v.seeds_candidate) < planned:
         return False
-    if side == "none":
-        return v.difference >= 0
-    return side == "baseline" and v.real and v.difference > 0
+    return champion_decision(side, (True, True), v, ("a", "b")).holder == "candidate"
 
 
 def fires(v: Verdict) -> bool:
