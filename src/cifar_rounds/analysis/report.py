@@ -35,6 +35,7 @@ from cifar_rounds.analysis.verdict import (
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
+from cifar_rounds.core.inputs import output_file
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import ReportParams, load_params
 from cifar_rounds.tracking.run import Tracker
@@ -350,6 +351,8 @@ def main() -> None:
         "--out", type=Path, help="Markdown file (default: beside the history, round-BASELINE-vs-CANDIDATE.md)"
     )
     args = parser.parse_args()
+    if args.out:
+        output_file(args.out, "the report's Markdown")
     params = load_params()
     root = repo_root()
     paths = ArtifactPaths.from_dvc(root)

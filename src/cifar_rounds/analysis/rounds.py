@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.inputs import read_text
 from cifar_rounds.core.params import PARAMS_FILE, ParamsError, flatten, load_params, read_yaml, with_overrides
 
 PRESETS_DIR = Path("rounds")
@@ -31,7 +32,7 @@ def load_preset(name: str, folder: Path = PRESETS_DIR) -> dict[str, object]:
     path = folder / f"{name}.yaml"
     if not path.exists():
         raise StageError(f"{path}: no such preset; presets here: {', '.join(preset_names(folder)) or 'none'}")
-    raw = read_yaml(path.read_text(), path)
+    raw = read_yaml(read_text(path, "a preset: sections of params.yaml, e.g. train: {learning_rate: 0.05}"), path)
     if not isinstance(raw, dict):
         raise StageError(f"{path}: expected sections of params.yaml, e.g. train: {{learning_rate: 0.05}}")
     values = flatten(raw)

@@ -17,6 +17,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from cifar_rounds.core.inputs import FileArgumentError, read_text
+
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_TRAIN_SIZE = 50_000
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
@@ -277,9 +279,11 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
     try:
-        text = Path(path).read_text()
+        text = read_text(Path(path), "a params file (YAML sections, as params.yaml)")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except FileArgumentError as error:
+        raise ParamsError(str(error)) from None
     return params_from_text(text, Path(path))
 
 
