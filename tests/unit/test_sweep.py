@@ -216,6 +216,7 @@ def _replicate(train_acc=0.9, test_acc=0.85, stopped=100, noise=math.nan, lam=ma
             "train.patience": 20,
             "train.batch_size": 96,
             "tracking.round": "round-2",
+            "tracking.preset": "round-2",
         },
     )
     history = [

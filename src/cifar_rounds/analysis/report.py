@@ -72,7 +72,7 @@ def performance_lines(base: Round, cand: Round) -> list[str]:
 def param_changes(base: Round, cand: Round) -> list[str]:
     """Changed params of the configurations; the seed and the round's name are not the configuration."""
     a, b = base.first.params.flat(), cand.first.params.flat()
-    same_config = {"train.seed", "tracking.round", "tracking.run_name"}
+    same_config = {"train.seed", "tracking.round", "tracking.preset", "tracking.planned_seeds", "tracking.run_name"}
     return [f"| `{k}` | {a[k]} | {b[k]} |" for k in sorted(a) if a[k] != b[k] and k not in same_config]
 
 

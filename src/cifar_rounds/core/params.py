@@ -104,8 +104,17 @@ class TrackingParams(Section):
     experiment_name: str = Field(min_length=1, description="MLflow experiment.")
     round: str = Field(
         min_length=1,
-        description="The round this run belongs to (`rounds run` sets the preset's name); "
-        "the report groups replicates by it.",
+        description="The round this run belongs to (`rounds run` sets the name it gives the runs: the preset's, "
+        "or -n's); the report groups replicates by it.",
+    )
+    preset: str | None = Field(
+        min_length=1,
+        description="The preset in rounds/ this run started from (`rounds run` sets it); null: none.",
+    )
+    planned_seeds: int | None = Field(
+        ge=1,
+        description="Replicates (seeds) planned for this run's round (`rounds run --seeds N` sets N), so that the "
+        "report can tell a round still missing seeds; null: none planned.",
     )
     run_name: str = Field(min_length=1, description="MLflow run name outside `dvc exp run` (which names it).")
     tracking_uri: str | None = Field(
