@@ -56,7 +56,7 @@ def replicas(preset: str) -> list[str]:
 def test_dvc_compares_the_two_rounds(rounds_project):
     diff = json.loads(run(["dvc", "params", "diff", "round-1-s0", "round-2-s0", "--json"], rounds_project).stdout)
     # --epochs 3 gives both rounds 3 epochs (and milestones [1, 2]): the founding analysis's six other changes remain
-    assert set(diff["params.yaml"]) == SEED_CHANGES - {"train.num_epochs"} | {"tracking.round"}
+    assert set(diff["params.yaml"]) == SEED_CHANGES - {"train.num_epochs"} | {"tracking.round", "tracking.preset"}
     assert diff["params.yaml"]["train.learning_rate"]["old"] == 0.01
     assert diff["params.yaml"]["train.learning_rate"]["new"] == 0.05
     seeds = json.loads(run(["dvc", "params", "diff", "round-2-s0", "round-2-s1", "--json"], rounds_project).stdout)
@@ -75,8 +75,8 @@ def test_dvc_compares_the_two_rounds(rounds_project):
     exp = client.get_experiment_by_name("cifar-rounds")
     found = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in found) == replicas("round-1") + replicas("round-2")
-    assert sorted((r.data.tags["round"], r.data.tags["seed"]) for r in found) == [
-        (p, str(s)) for p in ("round-1", "round-2") for s in range(SEEDS)
+    assert sorted((r.data.tags["round"], r.data.tags["seed"], r.data.tags["planned_seeds"]) for r in found) == [
+        (p, str(s), str(SEEDS)) for p in ("round-1", "round-2") for s in range(SEEDS)
     ]
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], rounds_project).stdout
     assert all(name in shown for name in replicas("round-1") + replicas("round-2"))
@@ -295,15 +295,21 @@ def test_report_refusals_are_one_line(rounds_project):
 
 
 @pytest.mark.slow
-def test_a_failed_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_project):
+def test_a_failed_or_refused_round_leaves_params_yaml_byte_for_byte_and_names_force(rounds_project):
+    rounds = ["python", "-m", "cifar_rounds.analysis.rounds", "run", "round-1"]
     before = (rounds_project / "params.yaml").read_bytes()
+    # a finished experiment of that name, of another round: refused before DVC starts
+    result = run([*rounds, "-n", "round-1-s0", "--epochs", "3"], rounds_project, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: round-1-s0: a finished experiment of this name ran other values")
+    assert "(tracking.round); add --force to replace it" in result.stderr
+    # DVC fails (the download stage cannot find the archive)
     result = run(
-        ["python", "-m", "cifar_rounds.analysis.rounds", "run", "round-1", "-n", "round-1-s0", "--epochs", "3"],
-        rounds_project,
-        check=False,
+        [*rounds, "-n", "r1-broken", "--epochs", "3", "-S", "data.url=/no/such.tar.gz"], rounds_project, check=False
     )
-    assert result.returncode == 1 and "add --force to replace it" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: dvc exp run failed for round-1-s0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: dvc exp run failed for r1-broken")
+    assert "params.yaml is as it was" in result.stderr
     assert (rounds_project / "params.yaml").read_bytes() == before
 
 
@@ -315,8 +321,14 @@ def test_overrides_force_and_queue_work_as_the_readme_shows(rounds_project):
         rounds_project,
     )
     shown = json.loads(run(["dvc", "params", "diff", "round-2-s0", "r2-short", "--json"], rounds_project).stdout)
-    # only what -S changed: the seed is 0 again, not the last replicate's (round-2-s1 ran last)
-    assert set(shown["params.yaml"]) == {"train.num_epochs", "train.lr_milestones"}
+    # only what -S changed, and the round (its name, no planned seeds): the seed is 0 again, not the last
+    # replicate's (round-2-s1 ran last)
+    assert set(shown["params.yaml"]) == {
+        "train.num_epochs",
+        "train.lr_milestones",
+        "tracking.round",
+        "tracking.planned_seeds",
+    }
     assert (
         shown["params.yaml"]["train.num_epochs"]["new"] == 2
         and shown["params.yaml"]["train.lr_milestones"]["new"] == "[1]"

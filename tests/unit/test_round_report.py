@@ -1,9 +1,12 @@
 """Presets and the round report's parts, on constructed rounds."""
 
+import json
+
 import pytest
+import yaml
 
 from cifar_rounds.analysis.details import noise_line, per_class_lines
-from cifar_rounds.analysis.replicates import Replicate, Round
+from cifar_rounds.analysis.replicates import ArtifactPaths, Replicate, Round, parse_replicate
 from cifar_rounds.analysis.report import condition_lines, resource_lines
 from cifar_rounds.analysis.rounds import load_preset, scaled_milestones
 from cifar_rounds.core.errors import StageError
@@ -82,3 +85,44 @@ def test_a_non_positive_or_nan_noise_scale_is_not_measurable_and_an_empty_class_
     assert "the batch size 96 is 2x below it" in line
     lines = per_class_lines(_replicate(metrics={"per_class_accuracy": {"cat": 0.5, "ship": None}}))
     assert lines == ["cat: 50.00%", "ship: no images"]
+
+
+GOOD_METRICS = {
+    "test_accuracy": 0.8,
+    "train_accuracy": 0.9,
+    "val_accuracy": 0.79,
+    "train_loss": 0.3,
+    "val_loss": 0.6,
+    "best_epoch": 2,
+    "stopped_epoch": 3,
+    "mlflow_run_id": "abc",
+}
+HISTORY = "epoch,train_accuracy,val_accuracy,train_loss,val_loss,learning_rate\n1,0.5,0.4,1.2,1.3,0.05\n"
+PATHS = ArtifactPaths("metrics.json", "reports/history.csv", "reports/test_predictions.csv")
+
+
+def _parsed(metrics: object, history: str = HISTORY) -> Replicate:
+    params = yaml.safe_dump(repo_params().model_dump())
+    return parse_replicate(
+        "round-1-s0", params, json.dumps(metrics), history, "index,actual,predicted\n0,cat,dog\n", PATHS
+    )
+
+
+def test_a_replicates_metrics_are_checked_where_they_are_read_and_a_gap_is_one_line_naming_it():
+    assert _parsed(GOOD_METRICS).metrics == GOOD_METRICS
+    assert _parsed(GOOD_METRICS).predictions == [("cat", "dog")]
+    lacking = {k: v for k, v in GOOD_METRICS.items() if k != "train_accuracy"}
+    for metrics, message in (
+        (lacking, "round-1-s0: its metrics.json lacks 'train_accuracy'"),
+        ([GOOD_METRICS], "round-1-s0: its metrics.json is a JSON list, expected an object"),
+        ({**GOOD_METRICS, "val_loss": "low"}, "round-1-s0: its metrics.json has 'val_loss' = 'low', expected a number"),
+        ({**GOOD_METRICS, "mlflow_run_id": 7}, "round-1-s0: its metrics.json has 'mlflow_run_id' = 7"),
+        ({**GOOD_METRICS, "per_class_accuracy": [0.5]}, "'per_class_accuracy' that is not an object"),
+    ):
+        with pytest.raises(StageError, match=message.replace("(", r"\(")) as error:
+            _parsed(metrics)
+        assert "\n" not in str(error.value)
+    with pytest.raises(StageError, match="round-1-s0: its history.csv lacks the column 'val_loss'"):
+        _parsed(GOOD_METRICS, HISTORY.replace("val_loss", "other"))
+    with pytest.raises(StageError, match="round-1-s0: its history.csv has no epochs"):
+        _parsed(GOOD_METRICS, HISTORY.splitlines()[0])

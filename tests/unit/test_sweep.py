@@ -219,6 +219,7 @@ def _replicate(
             "train.patience": 20,
             "train.batch_size": 96,
             "tracking.round": "round-2",
+            "tracking.preset": "round-2",
             **overrides,
         },
     )

@@ -190,8 +190,8 @@ def sweep_tree(p: Proposal, r: Round, preset: str) -> dict:
 
 def write_sweep_file(p: Proposal, r: Round, folder: Path) -> Path | None:
     """A sweep around the proposal, on top of the round's preset; None when the round is not a preset."""
-    preset = r.first.params.tracking.round
-    if not (PRESETS_DIR / f"{preset}.yaml").exists():
+    preset = r.first.params.tracking.preset
+    if preset is None or not (PRESETS_DIR / f"{preset}.yaml").exists():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{p.slug}.yaml"

@@ -89,12 +89,54 @@ def number(row: dict, key: str) -> float:
     return float(value) if value not in ("", None) else math.nan
 
 
-def parse_replicate(label: str, params: str, metrics: str, history: str, predictions: str) -> Replicate:
+# What the analysis reads of a replicate's measurements (the evaluate stage's metrics, the train stage's history)
+NUMBER_METRICS = (
+    "test_accuracy",
+    "train_accuracy",
+    "val_accuracy",
+    "train_loss",
+    "val_loss",
+    "best_epoch",
+    "stopped_epoch",
+)
+TEXT_METRICS = ("mlflow_run_id",)
+HISTORY_COLUMNS = ("epoch", "train_accuracy", "val_accuracy", "train_loss", "val_loss", "learning_rate")
+
+
+def metrics_problem(metrics: object) -> str | None:
+    """What keeps a parsed metrics file from being read as a replicate's, in words; None if nothing."""
+    if not isinstance(metrics, dict):
+        return f"is a JSON {type(metrics).__name__}, expected an object of metrics"
+    for key in NUMBER_METRICS + TEXT_METRICS:
+        if key not in metrics:
+            return f"lacks {key!r}"
+    for key in NUMBER_METRICS:
+        if isinstance(metrics[key], bool) or not isinstance(metrics[key], (int, float)):
+            return f"has {key!r} = {metrics[key]!r}, expected a number"
+    for key in TEXT_METRICS:
+        if not isinstance(metrics[key], str):
+            return f"has {key!r} = {metrics[key]!r}, expected a string"
+    if not isinstance(metrics.get("per_class_accuracy", {}), dict):
+        return "has 'per_class_accuracy' that is not an object"
+    return None
+
+
+def history_problem(rows: list[dict]) -> str | None:
+    if not rows:
+        return "has no epochs"
+    missing = [c for c in HISTORY_COLUMNS if c not in rows[0]]
+    return f"lacks the column {missing[0]!r}" if missing else None
+
+
+def parse_replicate(
+    label: str, params: str, metrics: str, history: str, predictions: str, paths: ArtifactPaths
+) -> Replicate:
+    """A replicate from its files' texts; anything the analysis cannot read is one line naming `label` and what."""
     try:
         parsed = json.loads(metrics)
         rows = list(csv.DictReader(io.StringIO(history)))
         preds = [(r["actual"], r["predicted"]) for r in csv.DictReader(io.StringIO(predictions))]
-        return Replicate(
+        replicate = Replicate(
             label,
             params_from_text(params, Path(f"{label}:{PARAMS_FILE}")),
             parsed,
@@ -104,6 +146,12 @@ def parse_replicate(label: str, params: str, metrics: str, history: str, predict
     except (json.JSONDecodeError, KeyError, ValueError, ParamsError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise StageError(f"{label}: its measurements cannot be read ({first})") from None
+    for path, problem in ((paths.metrics, metrics_problem(parsed)), (paths.history, history_problem(rows))):
+        if problem:
+            raise StageError(
+                f"{label}: its {Path(path).name} {problem}; rerun its pipeline, or leave it out of the round"
+            )
+    return replicate
 
 
 def dvc_replicate(root: Path, rev: str, paths: ArtifactPaths) -> Replicate | None:
@@ -125,7 +173,7 @@ def dvc_replicate(root: Path, rev: str, paths: ArtifactPaths) -> Replicate | Non
             raise StageError(
                 f"{rev}: a revision without {path}; run the pipeline there first (dvc repro), or name a round that ran"
             ) from None
-    return parse_replicate(rev, *texts)
+    return parse_replicate(rev, *texts, paths)
 
 
 def dvc_experiment_names(root: Path) -> list[str]:
@@ -181,7 +229,7 @@ def mlflow_replicate(params: Params, run, paths: ArtifactPaths) -> Replicate:
             f"MLflow run {run.info.run_name!r} ({run.info.run_id}, {run.info.status}) has no "
             "evaluation; it did not finish the pipeline"
         ) from None
-    return parse_replicate(run.info.run_name, *texts)
+    return parse_replicate(run.info.run_name, *texts, paths)
 
 
 def one_per_run(name: str, replicates: list[Replicate]) -> Round:

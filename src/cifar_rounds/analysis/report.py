@@ -42,6 +42,7 @@ from cifar_rounds.analysis.verdict import Verdict, compare_configs, format_mean_
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
+from cifar_rounds.core.inputs import output_file
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import Params, ReportParams, load_params
 from cifar_rounds.tracking.run import Tracker
@@ -74,7 +75,7 @@ def performance_lines(base: Round, cand: Round) -> list[str]:
 def param_changes(base: Round, cand: Round) -> list[str]:
     """Changed params of the configurations; the seed and the round's name are not the configuration."""
     a, b = base.first.params.flat(), cand.first.params.flat()
-    same_config = {"train.seed", "tracking.round", "tracking.run_name", "tracking.planned_seeds"}
+    same_config = {"train.seed", "tracking.round", "tracking.preset", "tracking.planned_seeds", "tracking.run_name"}
     return [f"| `{k}` | {a[k]} | {b[k]} |" for k in sorted(a) if a[k] != b[k] and k not in same_config]
 
 
@@ -274,6 +275,8 @@ def main() -> None:
         "against the test set (default: read-only, the report only says where they should point)",
     )
     args = parser.parse_args()
+    if args.out:
+        output_file(args.out, "the report's Markdown")
     params = load_params()
     root = repo_root()
     paths = ArtifactPaths.from_dvc(root)

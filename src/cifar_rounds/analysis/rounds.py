@@ -5,18 +5,34 @@ by `Params`). Every value of the preset is passed with -S, because `dvc exp run
 -S` in the workspace keeps earlier changes to params.yaml: a round is fully
 defined by its preset plus the overrides given here, never by what ran before.
 Replicates (`--seeds N`) differ only in `train.seed` and are named NAME-s0 ... NAME-s{N-1}.
+
+A rerun continues: an experiment already saved on this commit with the same values
+is skipped (said so), so `--seeds 3` after `--seeds 2` runs NAME-s2 only; `--force`
+retrains. Ctrl-C or SIGTERM is passed on to DVC and its stage, which end their runs,
+and params.yaml is put back before `rounds run` exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.core.params import PARAMS_FILE, ParamsError, flatten, load_params, read_yaml, with_overrides
+from cifar_rounds.core.files import atomic_path
+from cifar_rounds.core.inputs import read_text
+from cifar_rounds.core.interrupts import Interrupts, interrupts_caught
+from cifar_rounds.core.params import (
+    PARAMS_FILE,
+    Params,
+    ParamsError,
+    flatten,
+    load_params,
+    params_from_text,
+    read_yaml,
+    with_overrides,
+)
 
 PRESETS_DIR = Path("rounds")
 EXAMPLE = "-S train.num_epochs=3 -S train.lr_milestones=[1,2]"
@@ -31,7 +47,7 @@ def load_preset(name: str, folder: Path = PRESETS_DIR) -> dict[str, object]:
     path = folder / f"{name}.yaml"
     if not path.exists():
         raise StageError(f"{path}: no such preset; presets here: {', '.join(preset_names(folder)) or 'none'}")
-    raw = read_yaml(path.read_text(), path)
+    raw = read_yaml(read_text(path, "a preset: sections of params.yaml, e.g. train: {learning_rate: 0.05}"), path)
     if not isinstance(raw, dict):
         raise StageError(f"{path}: expected sections of params.yaml, e.g. train: {{learning_rate: 0.05}}")
     values = flatten(raw)
@@ -59,9 +75,15 @@ def scaled_milestones(milestones: list[int], old_epochs: int, new_epochs: int) -
     return [m for m in scaled if m < new_epochs]
 
 
-def round_values(preset: str, sets: list[str], epochs: int | None) -> dict[str, object]:
-    """The preset, `--epochs` with its scaled milestones, then the -S overrides; validated."""
-    values: dict[str, object] = {**load_preset(preset), "tracking.round": preset}
+def round_values(preset: str, name: str, sets: list[str], epochs: int | None, seeds: int | None) -> dict[str, object]:
+    """The preset, the round's name and planned seeds, `--epochs` with its scaled milestones, then the -S
+    overrides; validated."""
+    values: dict[str, object] = {
+        **load_preset(preset),
+        "tracking.round": name,
+        "tracking.preset": preset,
+        "tracking.planned_seeds": seeds,
+    }
     if epochs is not None:
         base = with_overrides(load_params(), values).train
         values.update(
@@ -90,22 +112,87 @@ def exp_run_command(name: str, values: dict[str, object], mode: list[str]) -> li
     return [sys.executable, "-m", "dvc", "exp", "run", "-n", name, *mode, *(a for s in sets for a in ("-S", s))]
 
 
-def run_experiment(name: str, values: dict[str, object], mode: list[str]) -> None:
-    """`dvc exp run`; on failure params.yaml is put back byte for byte (DVC rewrites it before running)."""
+def saved_experiments(root: Path) -> dict[str, Params | None]:
+    """The params of each DVC experiment saved on this commit (DVC saves a run once it has finished);
+    None where they cannot be read or do not validate under this code."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        found = repo.experiments.ls()
+        return {
+            name: saved_params(repo.scm.get_fs(sha), name)
+            for names in found.values()
+            for name, sha in names
+            if name and sha
+        }
+
+
+def saved_params(fs, name: str) -> Params | None:
+    try:
+        return params_from_text(fs.read_text(str(PARAMS_FILE)), Path(f"{name}:{PARAMS_FILE}"))
+    except (FileNotFoundError, UnicodeDecodeError, ParamsError):
+        return None
+
+
+def changed_fields(wanted: Params, saved: Params) -> list[str]:
+    """Fields whose values differ; not the planned seeds, which a later, larger --seeds raises."""
+    a, b = wanted.flat(), saved.flat()
+    return sorted(k for k in a if a[k] != b.get(k) and k != "tracking.planned_seeds")
+
+
+def runs_to_do(
+    runs: list[tuple[str, dict[str, object]]], saved: dict[str, Params | None], base: Params
+) -> list[tuple[str, dict[str, object]]]:
+    """The runs not saved yet; a saved one with the same values is skipped (said so), one with others refused."""
+    todo = []
+    for name, values in runs:
+        if name not in saved:
+            todo.append((name, values))
+            continue
+        old = saved[name]
+        changed = changed_fields(with_overrides(base, values), old) if old is not None else ["params.yaml"]
+        if changed:
+            raise StageError(
+                f"{name}: a finished experiment of this name ran other values ({', '.join(changed[:4])}"
+                f"{', ...' if len(changed) > 4 else ''}); add --force to replace it, or -n to name this round"
+            )
+        print(f"{name}: finished (a DVC experiment on this commit with these values); skipped (--force retrains)")
+    return todo
+
+
+def run_experiment(name: str, values: dict[str, object], mode: list[str], interrupts: Interrupts) -> None:
+    """`dvc exp run` to its end; raises if it failed or was interrupted."""
+    code = interrupts.exit_code(exp_run_command(name, values, mode))
+    interrupts.stop_if_any(f"{name} (params.yaml is as it was)")
+    if code != 0:  # DVC has said why
+        raise StageError(f"dvc exp run failed for {name} (exit {code}); params.yaml is as it was")
+
+
+def run_all(runs: list[tuple[str, dict[str, object]]], mode: list[str], interrupts: Interrupts) -> None:
+    """Each run in turn. On a failure or an interrupt params.yaml is put back byte for byte as it was before the
+    first (DVC rewrites it for each), once DVC has ended; the signal handlers only record, so nothing cuts that
+    write short."""
     before = PARAMS_FILE.read_bytes()
-    result = subprocess.run(exp_run_command(name, values, mode))
-    if result.returncode != 0:
-        PARAMS_FILE.write_bytes(before)
-        hint = " (it exists: add --force to replace it)" if "--force" not in mode else ""
-        raise StageError(f"dvc exp run failed for {name} (exit {result.returncode}){hint}; params.yaml is as it was")
+    try:
+        for name, values in runs:
+            interrupts.stop_if_any(f"{name} (params.yaml is as it was)")
+            run_experiment(name, values, mode, interrupts)
+    except BaseException:
+        with atomic_path(PARAMS_FILE) as tmp:
+            tmp.write_bytes(before)
+        raise
 
 
 def run_preset(args: argparse.Namespace) -> None:
-    values = round_values(args.preset, args.set + args.overrides, args.epochs)
+    name = args.name or args.preset
+    values = round_values(args.preset, name, args.set + args.overrides, args.epochs, args.seeds)
     mode = ["--queue"] * args.queue + ["--temp"] * args.temp + ["--force"] * args.force
-    for name, run_values in replicates(args.name or args.preset, values, args.seeds):
-        run_experiment(name, run_values, mode)
-    if args.queue:
+    with interrupts_caught() as interrupts:
+        runs = replicates(name, values, args.seeds)
+        if not args.force:
+            runs = runs_to_do(runs, saved_experiments(Path.cwd()), load_params())
+        run_all(runs, mode, interrupts)
+    if args.queue and runs:
         print(
             "queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); on a CPU, "
             "give each its share of the cores: OMP_NUM_THREADS=1 dvc queue start -j 2 on 2 cores"
@@ -141,7 +228,9 @@ def main() -> None:
         "--epochs", type=int, help="train this many epochs, with the milestones scaled to the same fractions"
     )
     run.add_argument("--seeds", type=int, help="run this many replicates (train.seed 0..N-1), named NAME-s0 ...")
-    run.add_argument("-n", "--name", help="experiment name (default: the preset's)")
+    run.add_argument(
+        "-n", "--name", help="the round's name: of its experiments and its MLflow `round` tag (default: the preset's)"
+    )
     run.add_argument("-f", "--force", action="store_true", help="replace an experiment of the same name")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--queue", action="store_true", help="queue it (then: dvc queue start)")

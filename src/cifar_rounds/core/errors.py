@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from cifar_rounds.core.inputs import FileArgumentError
+
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message is one line naming the field."""
@@ -24,7 +26,7 @@ def run_stage(main: Callable[[], object]) -> None:
     """Run a stage's main(); expected failures print `error: ...` and exit 1, interrupts one line and 130."""
     try:
         main()
-    except (StageError, ParamsError) as error:
+    except (StageError, ParamsError, FileArgumentError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt as error:

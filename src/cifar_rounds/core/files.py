@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.inputs import FileArgumentError, read_text
 
 
 @contextmanager
@@ -44,10 +45,12 @@ def write_json(obj: dict, path: Path) -> None:
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from `path`; a missing, empty or garbled file is a one-line error naming `what` wrote it."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(read_text(Path(path), f"the {what}'s JSON"))
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run the {what} first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except FileArgumentError as error:  # a folder, binary or empty
+        raise StageError(f"{error}; rerun the {what} to rewrite it") from None
+    except json.JSONDecodeError as error:
         raise StageError(f"{path}: not valid JSON ({error}); rerun the {what} to rewrite it") from None
     if not isinstance(value, dict):
         raise StageError(f"{path}: expected a JSON object; rerun the {what} to rewrite it")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cifar_rounds.core.errors import ParamsError
+from cifar_rounds.core.inputs import FileArgumentError, read_text
 
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_TRAIN_SIZE = 50_000
@@ -100,8 +101,17 @@ class TrackingParams(Section):
     experiment_name: str = Field(min_length=1, description="MLflow experiment.")
     round: str = Field(
         min_length=1,
-        description="The round this run belongs to (`rounds run` sets the preset's name); "
-        "the report groups replicates by it.",
+        description="The round this run belongs to (`rounds run` sets the name it gives the runs: the preset's, "
+        "or -n's); the report groups replicates by it.",
+    )
+    preset: str | None = Field(
+        min_length=1,
+        description="The preset in rounds/ this run started from (`rounds run` sets it); null: none.",
+    )
+    planned_seeds: int | None = Field(
+        ge=1,
+        description="Replicates (seeds) planned for this run's round (`rounds run --seeds N` sets N), so that the "
+        "report can tell a round still missing seeds; null: none planned.",
     )
     run_name: str = Field(min_length=1, description="MLflow run name outside `dvc exp run` (which names it).")
     tracking_uri: str | None = Field(
@@ -275,9 +285,11 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
     try:
-        text = Path(path).read_text()
+        text = read_text(Path(path), "a params file (YAML sections, as params.yaml)")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except FileArgumentError as error:
+        raise ParamsError(str(error)) from None
     return params_from_text(text, Path(path))
 
 

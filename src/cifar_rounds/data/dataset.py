@@ -47,5 +47,6 @@ class Split:
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise StageError(
-                f"{path}: not a readable split ({first}); rerun the split stage (dvc repro -f split)"
+                f"{path}: not a readable split ({first}); expected the split stage's .npz: rerun the split stage "
+                "(dvc repro -f split)"
             ) from None

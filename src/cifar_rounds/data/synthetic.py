@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_rounds.core.errors import run_stage
 from cifar_rounds.core.files import file_md5
+from cifar_rounds.core.inputs import output_file
 from cifar_rounds.data.cifar import BATCHES_DIR, META_FILE, NUM_CLASSES, TEST_FILE, TRAIN_FILES, write_batch
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -62,8 +64,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.train_size < 5 * NUM_CLASSES or args.test_size < NUM_CLASSES:
         parser.error(f"--train-size must be >= {5 * NUM_CLASSES} and --test-size >= {NUM_CLASSES}")
+    output_file(args.out, "the archive (.tar.gz)")
     print(write_archive(args.out, args.train_size, args.test_size, args.seed))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

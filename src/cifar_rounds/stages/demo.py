@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.inputs import folder
 from cifar_rounds.core.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.data.synthetic import write_archive
 
@@ -92,11 +93,12 @@ def main() -> None:
     args = parser.parse_args()
     if not Path("dvc.yaml").exists():
         raise StageError("no dvc.yaml here: run the offline demo from the repository root (scripts/offline.sh)")
-    target = args.dir.resolve()
+    target = folder(args.dir, "the project folder to create or reuse").resolve()
+    params = load_params()
     target.mkdir(parents=True, exist_ok=True)
     archive = target / ARCHIVE
     md5 = write_archive(archive, args.train_size, args.test_size, seed=0)
-    init_project(Path.cwd(), target, offline_params(load_params(), archive, md5, {}))
+    init_project(Path.cwd(), target, offline_params(params, archive, md5, {}))
     commit_all(target, "offline demo: pipeline and params")  # a real repository: diffs, rounds and tags work
     dvc("repro", cwd=target)
     commit_all(target, "offline demo: a run of the pipeline")

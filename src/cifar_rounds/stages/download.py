@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import file_md5
+from cifar_rounds.core.inputs import folder
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.cifar import BATCHES_DIR
 
@@ -36,6 +37,8 @@ def fetch(url: str, workdir: Path) -> Path:
     """The archive as a local file: the given one, or a download into workdir."""
     path = local_path(url)
     if path is not None:
+        if path.is_dir():
+            raise StageError(f"data.url: {path} is a folder; expected the CIFAR-10 archive (.tar.gz)")
         if not path.is_file():
             raise StageError(f"data.url: no such file {path}")
         return path
@@ -101,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to hold cifar-10-batches-py/")
     args = parser.parse_args()
+    folder(args.out, "the folder to hold cifar-10-batches-py/")
     params = load_params()
     download(params.data.url, params.data.md5, args.out)
     print(f"download: {params.data.url} verified and extracted into {args.out}")

@@ -18,6 +18,7 @@ import torch
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path, read_json, write_json
+from cifar_rounds.core.inputs import input_file, input_folder, output_file
 from cifar_rounds.core.names import BEST_CHECKPOINT, EVALUATION_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.augment import eval_batches
@@ -99,6 +100,12 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True, help="per-example test predictions CSV")
     parser.add_argument("--confusion-png", type=Path, required=True, help="confusion-matrix figure to write")
     args = parser.parse_args()
+    input_file(args.split, "the split stage's .npz")
+    input_folder(args.models, "the train stage's checkpoint folder")
+    input_file(args.summary, "the train stage's summary JSON")
+    for path, what in ((args.metrics, "the metrics JSON"), (args.predictions, "the predictions CSV")):
+        output_file(path, what)
+    output_file(args.confusion_png, "the confusion-matrix PNG")
     params = load_params()
     device = select_device(params.train.device)
     configure_cpu(device)

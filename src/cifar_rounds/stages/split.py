@@ -7,11 +7,13 @@ int64): training loads it in a fraction of a second and never decodes images.
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import numpy as np
 
 from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.inputs import input_folder, output_file
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.cifar import BATCHES_DIR, TEST_FILE, TRAIN_FILES, read_batches, read_label_names
 from cifar_rounds.data.dataset import Split
@@ -34,8 +36,15 @@ def stratified_val_indices(labels: np.ndarray, val_size: int, seed: int) -> np.n
 
 
 def make_split(batches_dir: Path, val_size: int, seed: int) -> Split:
-    images, labels = read_batches(batches_dir, TRAIN_FILES)
-    test_images, test_labels = read_batches(batches_dir, (TEST_FILE,))
+    try:
+        images, labels = read_batches(batches_dir, TRAIN_FILES)
+        test_images, test_labels = read_batches(batches_dir, (TEST_FILE,))
+        names = read_label_names(batches_dir)
+    except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise StageError(
+            f"{batches_dir}: not the CIFAR-10 batches ({first}); rerun the download stage (dvc repro -f download)"
+        ) from None
     val = stratified_val_indices(labels, val_size, seed)
     train = np.setdiff1d(np.arange(len(labels)), val)
     return Split(
@@ -45,7 +54,7 @@ def make_split(batches_dir: Path, val_size: int, seed: int) -> Split:
         labels[val],
         test_images,
         test_labels,
-        read_label_names(batches_dir),
+        names,
     )
 
 
@@ -54,6 +63,8 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, required=True, help="download stage's output folder")
     parser.add_argument("--out", type=Path, required=True, help=".npz file to write")
     args = parser.parse_args()
+    input_folder(args.raw, f"the download stage's folder, holding {BATCHES_DIR}/")
+    output_file(args.out, "the split's .npz")
     params = load_params()
     split = make_split(args.raw / BATCHES_DIR, params.data.val_size, params.data.seed)
     split.save(args.out)

@@ -19,6 +19,7 @@ from filelock import FileLock, Timeout
 
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import file_md5
+from cifar_rounds.core.inputs import folder, input_file, output_file
 from cifar_rounds.core.names import TRAINER_LOCK
 from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.data.dataset import Split
@@ -168,6 +169,10 @@ def main() -> None:
     parser.add_argument("--history", type=Path, required=True, help="per-epoch history CSV (DVC plot)")
     parser.add_argument("--summary", type=Path, required=True, help="JSON: best/stopped epoch, MLflow run id")
     args = parser.parse_args()
+    input_file(args.split, "the split stage's .npz")
+    folder(args.models, "the folder for best.pt and last.pt")
+    output_file(args.history, "the per-epoch history CSV")
+    output_file(args.summary, "the summary JSON")
     params = load_params()
     chosen = select_device(params.train.device)
     lease = take_lease(chosen.type == "cuda", torch.cuda.device_count())  # before any work: it may wait

@@ -86,6 +86,8 @@ def run_tags(params: Params, conditions: dict[str, str]) -> dict[str, str]:
         "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "dvc_root": str(root),
         "round": params.tracking.round,
+        "preset": params.tracking.preset or "",
+        "planned_seeds": str(params.tracking.planned_seeds or ""),
         "seed": str(params.train.seed),
         **conditions,
         "torch_version": importlib.metadata.version("torch"),

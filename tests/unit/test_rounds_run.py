@@ -1,0 +1,99 @@
+"""`rounds run`: what it names and records, which replicates a rerun runs, and how an interrupt reaches DVC."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cifar_rounds.analysis.rounds import replicates, round_values, runs_to_do
+from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.params import with_overrides
+
+from helpers import REPO, env, repo_params
+
+
+def test_the_round_is_the_name_the_runs_get_and_the_preset_and_planned_seeds_are_recorded(monkeypatch):
+    monkeypatch.chdir(REPO)
+    values = round_values("round-1", "round-3", ["train.patience=7"], None, 3)
+    assert values["tracking.round"] == "round-3" and values["tracking.preset"] == "round-1"
+    assert values["tracking.planned_seeds"] == 3 and values["train.patience"] == 7
+    assert values["train.learning_rate"] == 0.01  # the preset's
+    assert [name for name, _ in replicates("round-3", values, 3)] == ["round-3-s0", "round-3-s1", "round-3-s2"]
+    single = round_values("round-2", "round-2", [], None, None)
+    assert single["tracking.round"] == "round-2" and single["tracking.planned_seeds"] is None
+
+
+def test_a_rerun_skips_what_finished_with_the_same_values_and_refuses_other_values(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    base = repo_params()
+    two, three = (replicates("round-1", round_values("round-1", "round-1", [], 2, n), n) for n in (2, 3))
+    saved = {name: with_overrides(base, values) for name, values in two}  # `--seeds 2` ran to the end
+    assert [name for name, _ in runs_to_do(three, saved, base)] == ["round-1-s2"]  # only the new seed
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2 and "round-1-s0: finished" in out and "--force retrains" in out
+    assert runs_to_do(three, {}, base) == three  # nothing saved: all of them
+    assert runs_to_do(three, {"round-1-s0": saved["round-1-s0"]}, base) == three[1:]  # s1 was interrupted
+    longer = replicates("round-1", round_values("round-1", "round-1", [], 3, 3), 3)
+    with pytest.raises(StageError, match=r"round-1-s0: a finished experiment .*train.num_epochs.*add --force"):
+        runs_to_do(longer, saved, base)
+    with pytest.raises(StageError, match=r"round-1-s0: .*\(params.yaml\); add --force"):
+        runs_to_do(three, {"round-1-s0": None}, base)  # saved by a version whose params do not validate here
+
+
+PARENT = """
+import sys
+from cifar_rounds.core.interrupts import interrupts_caught
+
+with interrupts_caught() as interrupts:
+    code = interrupts.exit_code([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(code, interrupts.signals, flush=True)
+interrupts.stop_if_any("child")
+"""
+# counts the Ctrl-Cs it gets, takes a while to end after the first (as a stage ending its run does)
+CHILD = textwrap.dedent(
+    """
+    import signal, sys, time
+    got = []
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    print("ready", flush=True)
+    while not got:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    open(sys.argv[1], "w").write(str(len(got)))
+    sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c to the group", "sigterm to the process"])
+def test_an_interrupt_reaches_the_child_once_and_the_child_is_waited_for(tmp_path, how):
+    count = tmp_path / "count"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD, str(count)],
+        env=env(PYTHONPATH=str(REPO / "src")),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        if how == "ctrl-c to the group":
+            os.killpg(parent.pid, signal.SIGINT)  # as a terminal sends it
+        else:
+            os.kill(parent.pid, signal.SIGTERM)
+        started = time.monotonic()
+        out, err = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert time.monotonic() - started > 1  # it waited for the child to end
+    assert count.read_text() == "1"  # the child got exactly one Ctrl-C
+    signum = signal.SIGINT if how == "ctrl-c to the group" else signal.SIGTERM
+    assert out.split() == ["3", f"[{signum.value}]"], out  # its exit code, and the signal remembered
+    assert parent.returncode != 0 and "KeyboardInterrupt: signal" in err and "at child" in err
