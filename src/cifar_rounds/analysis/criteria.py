@@ -64,9 +64,9 @@ def policy_lines(rp: ReportParams, rounds: tuple[Round, Round]) -> list[str]:
         f"- success criteria: test accuracy > {rp.min_test_accuracy:.2%}, train-test gap < "
         f"{rp.max_train_test_gap:.2%}, final validation loss at most {rp.max_val_loss_rise:.0%} above its minimum",
         f"- alpha (significance of the verdict): {rp.significance:g}",
-        f"- @champion moves only with at least {MIN_CHAMPION_SEEDS} distinct seeds per side (at 2 the verdict is "
-        "slightly liberal: a false-positive rate of 0.057 to 0.062 at alpha 0.05), and aliases move only once "
-        "both rounds have all their planned seeds",
+        f"- seeds: @champion moves only with at least {MIN_CHAMPION_SEEDS} distinct seeds per side (at 2 the "
+        "verdict is slightly liberal: a false-positive rate of 0.057 to 0.062 at alpha 0.05), and aliases move "
+        "only once both rounds have all their planned seeds",
     ]
     for r in rounds:
         if any(rep.params.report != rp for rep in r.replicates):
