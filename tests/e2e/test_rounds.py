@@ -234,7 +234,7 @@ def test_move_aliases_moves_round_aliases_to_best_seeds_by_validation_and_decide
 def test_rounds_whose_registered_model_is_not_the_champions_are_refused(rounds_project):
     client = MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
     name = load_params(rounds_project / "params.yaml").tracking.registered_model
-    some = client.search_model_versions(f"name = '{name}'")[0]
+    some = next(v for v in client.search_model_versions(f"name = '{name}'") if v.source.startswith("models:/"))
     if not client.search_registered_models("name = 'other-model'"):
         client.create_registered_model("other-model")
     location = client.get_logged_model(some.source.removeprefix("models:/")).artifact_location

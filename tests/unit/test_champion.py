@@ -12,9 +12,8 @@ from cifar_rounds.analysis.champion import (
     plan_aliases,
     registered_model_of,
     reuse_line,
-    seeds_line,
 )
-from cifar_rounds.analysis.criteria import criteria, passes, policy_lines
+from cifar_rounds.analysis.criteria import criteria, passes, policy_lines, seeds_line
 from cifar_rounds.analysis.replicates import Replicate, Round, one_per_run
 from cifar_rounds.analysis.report import round_verdict, verdict_sentences
 from cifar_rounds.core.errors import StageError

@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.analysis.criteria import MIN_CHAMPION_SEEDS
+from cifar_rounds.analysis.criteria import MIN_CHAMPION_SEEDS, missing_seeds
 from cifar_rounds.analysis.replicates import Round
 from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.core.errors import StageError
@@ -66,34 +66,6 @@ def refuse_a_champion_elsewhere(client: MlflowClient, workspace_model: str, name
             f"the rounds registered under {name}, but the champion lives under {workspace_model} "
             "(this workspace's tracking.registered_model): one registered model must hold both"
         )
-
-
-def planned_seeds(r: Round) -> int | None:
-    """The seeds `rounds run --seeds N` planned for the round (the largest recorded); None: no plan recorded."""
-    # getattr: runs from before tracking.planned_seeds existed have no such field
-    plans = [p for rep in r.replicates if (p := getattr(rep.params.tracking, "planned_seeds", None)) is not None]
-    return max(plans, default=None)
-
-
-def missing_seeds(r: Round) -> int:
-    planned = planned_seeds(r)
-    return max(0, planned - len(r.replicates)) if planned else 0
-
-
-def seeds_line(r: Round) -> str:
-    planned, runs, distinct = planned_seeds(r), len(r.replicates), len(r.distinct)
-    plan = (
-        f"{runs} of {planned} planned ({missing_seeds(r)} missing)"
-        if planned
-        else f"{runs}, no plan recorded (decided as if {runs} were planned)"
-    )
-    same = (
-        f"; {runs - distinct} with test predictions identical to another's, so {distinct} distinct"
-        if distinct < runs
-        else ""
-    )
-    again = f"; given again and counted once: {', '.join(r.repeated)}" if r.repeated else ""
-    return f"- {r.name}: seeds {plan}{same}{again}"
 
 
 def champion_side(champion_run: str | None, base: Round, cand: Round) -> Side:

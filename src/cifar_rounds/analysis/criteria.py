@@ -1,8 +1,10 @@
-"""The decision's policy: success criteria, alpha and seed counts, from one place, the workspace's `report:`.
+"""The decision's policy: success criteria and alpha from one place, the workspace's `report:`; the seed rules.
 
 A round is judged with the thresholds of the workspace's params.yaml, never with its own: a round
 run with `-S report.min_test_accuracy=0` is judged like any other. Criteria are means over the
-round's distinct replicates (bit-identical ones are one seed).
+round's distinct replicates (bit-identical ones are one seed). The seed rules: aliases wait for
+the seeds `rounds run --seeds N` planned (`tracking.planned_seeds`), and @champion needs
+`MIN_CHAMPION_SEEDS` distinct seeds per side.
 """
 
 from __future__ import annotations
@@ -64,11 +66,39 @@ def policy_lines(rp: ReportParams, rounds: tuple[Round, Round]) -> list[str]:
         f"- success criteria: test accuracy > {rp.min_test_accuracy:.2%}, train-test gap < "
         f"{rp.max_train_test_gap:.2%}, final validation loss at most {rp.max_val_loss_rise:.0%} above its minimum",
         f"- alpha (significance of the verdict): {rp.significance:g}",
-        f"- @champion moves only with at least {MIN_CHAMPION_SEEDS} distinct seeds per side (at 2 the verdict is "
-        "slightly liberal: a false-positive rate of 0.057 to 0.062 at alpha 0.05), and aliases move only once "
-        "both rounds have all their planned seeds",
+        f"- seeds: @champion moves only with at least {MIN_CHAMPION_SEEDS} distinct seeds per side (at 2 the "
+        "verdict is slightly liberal: a false-positive rate of 0.057 to 0.062 at alpha 0.05), and aliases move "
+        "only once both rounds have all their planned seeds",
     ]
     for r in rounds:
         if any(rep.params.report != rp for rep in r.replicates):
             lines.append(f"- {r.name} ran with other `report:` values; they are not used")
     return lines
+
+
+def planned_seeds(r: Round) -> int | None:
+    """The seeds `rounds run --seeds N` planned for the round (the largest recorded); None: no plan recorded."""
+    # getattr: runs from before tracking.planned_seeds existed have no such field
+    plans = [p for rep in r.replicates if (p := getattr(rep.params.tracking, "planned_seeds", None)) is not None]
+    return max(plans, default=None)
+
+
+def missing_seeds(r: Round) -> int:
+    planned = planned_seeds(r)
+    return max(0, planned - len(r.replicates)) if planned else 0
+
+
+def seeds_line(r: Round) -> str:
+    planned, runs, distinct = planned_seeds(r), len(r.replicates), len(r.distinct)
+    plan = (
+        f"{runs} of {planned} planned ({missing_seeds(r)} missing)"
+        if planned
+        else f"{runs}, no plan recorded (decided as if {runs} were planned)"
+    )
+    same = (
+        f"; {runs - distinct} with test predictions identical to another's, so {distinct} distinct"
+        if distinct < runs
+        else ""
+    )
+    again = f"; given again and counted once: {', '.join(r.repeated)}" if r.repeated else ""
+    return f"- {r.name}: seeds {plan}{same}{again}"

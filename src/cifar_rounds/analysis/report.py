@@ -32,9 +32,8 @@ from cifar_rounds.analysis.champion import (
     refuse_a_champion_elsewhere,
     registered_model_of,
     reuse_line,
-    seeds_line,
 )
-from cifar_rounds.analysis.criteria import passes, policy_lines, values
+from cifar_rounds.analysis.criteria import passes, policy_lines, seeds_line, values
 from cifar_rounds.analysis.details import round_section
 from cifar_rounds.analysis.proposals import next_round_lines
 from cifar_rounds.analysis.replicates import ArtifactPaths, Round, find_round, number
