@@ -100,7 +100,7 @@ def fit(
             "mlflow_run_id": progress.run_id,
             **progress.conditions,
         }
-        trial_state = trial.finish(progress.pruned)
+        trial_state = trial.finish(progress.pruned, stopper.best_epoch)
         if trial_state:
             sink.tag({STATE_TAG: trial_state})
         sink.finish(progress, state, summary)
