@@ -42,6 +42,6 @@ def test_each_proposed_sweep_file_loads_and_starts(tmp_path, archive, monkeypatc
     files = sorted((project / "next").glob("*.yaml"))
     assert [f.stem for f in files] == ["batch", "learning-rate", "patience", "regularisation"]
     for path in files:
-        sweep = load_sweep(path, load_params())
+        sweep = load_sweep(path, load_params(), load_preset)
         out = run([sys.executable, "-m", "cifar_rounds.search.sweep", str(path), "--no-run"], project).stdout
         assert f"study {sweep.study!r}" in out, out

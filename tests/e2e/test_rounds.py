@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.proposals import proposals
 from cifar_rounds.analysis.replicates import ArtifactPaths, find_round, mlflow_replicate, mlflow_runs
+from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.synthetic import write_archive
 from cifar_rounds.search.spec import load_sweep
@@ -126,7 +127,8 @@ def test_report_over_seeds_comes_from_the_replicates_measurements(rounds_project
     section = report.split("## Next round (after round-2)")[1].split("## Learning curves")[0]
     for proposal in proposals(cand):
         assert proposal.evidence in section
-        load_sweep(rounds_project / "reports/round-round-1-vs-round-2.next" / f"{proposal.slug}.yaml", load_params())
+        next_file = rounds_project / "reports/round-round-1-vs-round-2.next" / f"{proposal.slug}.yaml"
+        load_sweep(next_file, load_params(), load_preset)
     assert bool(proposals(cand)) != ("No proposal" in section)
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.proposals import proposals
 from cifar_rounds.analysis.replicates import Replicate, Round
-from cifar_rounds.core.params import ParamsError, SweepParams, with_overrides
+from cifar_rounds.analysis.rounds import load_preset, preset_names
+from cifar_rounds.core.params import ParamsError, SweepParams, dump_params, with_overrides, write_yaml
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.trial import NoTrial, StudyTrial, conclude, open_trial
 
@@ -38,10 +43,12 @@ def sweep_file(tmp_path: Path, **changes) -> Path:
 
 
 def test_a_good_sweep_file_has_the_documented_defaults(tmp_path):
-    sweep = load_sweep(sweep_file(tmp_path), repo_params())
+    sweep = load_sweep(sweep_file(tmp_path), repo_params(), load_preset)
     assert (sweep.objective.metric, sweep.objective.direction) == ("val_accuracy", "maximize")
     assert (sweep.sampler.kind, sweep.pruner.kind) == ("tpe", "median")
-    assert load_sweep(REPO / "sweeps/round-3.yaml", repo_params()).study == "round-3"  # the shipped example
+    assert (
+        load_sweep(REPO / "sweeps/round-3.yaml", repo_params(), load_preset).study == "round-3"
+    )  # the shipped example
 
 
 @pytest.mark.parametrize(
@@ -73,50 +80,108 @@ def test_a_good_sweep_file_has_the_documented_defaults(tmp_path):
 )
 def test_bad_sweep_files_are_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")) as error:
-        load_sweep(sweep_file(tmp_path, **changes), repo_params())
+        load_sweep(sweep_file(tmp_path, **changes), repo_params(), load_preset)
     assert "\n" not in str(error.value) and str(tmp_path / "sweep.yaml") in str(error.value)
 
 
-def test_the_cli_refuses_in_one_line_and_creates_nothing(tmp_path):
+def _cli_project(tmp_path: Path) -> Path:
+    """A folder the sweep CLI runs in: params.yaml (3 epochs, milestone 1), the presets and a short preset."""
     project = tmp_path / "p"
-    project.mkdir()
-    for name in ("params.yaml", "rounds"):
-        (project / name).symlink_to(REPO / name)
+    shutil.copytree(REPO / "rounds", project / "rounds")
+    write_yaml({"train": {"num_epochs": 4, "lr_milestones": [2]}}, project / "rounds" / "short.yaml")
+    dump_params(
+        with_overrides(repo_params(), {"train.num_epochs": 3, "train.lr_milestones": [1]}), project / "params.yaml"
+    )
+    return project
+
+
+def _sweep_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "cifar_rounds.search.sweep", *args], project, check=False)
+
+
+def test_the_cli_refuses_in_one_line_before_anything_runs_and_creates_nothing(tmp_path):
+    project = _cli_project(tmp_path)
+    short = {**GOOD, "baseline": "short", "enqueue": []}
     cases = {
-        "malformed": "study: [unclosed",
-        "outside": yaml.safe_dump(
-            {**GOOD, "space": {"train.batch_size": {"type": "categorical", "choices": [64, 96]}}}
+        "malformed": ("study: [unclosed", [], "malformed.yaml: not valid YAML"),
+        "outside": (
+            yaml.safe_dump({**GOOD, "space": {"train.batch_size": {"type": "categorical", "choices": [64, 96]}}}),
+            [],
+            "enqueue: preset round-1 has train.batch_size = 128, outside",
         ),
-        "storage": yaml.safe_dump({**GOOD, "storage": f"sqlite:///{tmp_path}/no/such/dir/optuna.db"}),
+        "storage": (
+            yaml.safe_dump({**GOOD, "storage": f"sqlite:///{tmp_path}/no/such/dir/optuna.db"}),
+            [],
+            "sweep storage: cannot open",
+        ),
+        # valid on params.yaml (milestone 1), not on the baseline the trials start from (milestone 2)
+        "fixed-on-baseline": (
+            yaml.safe_dump({**short, "fixed": {"train.num_epochs": 2}}),
+            [],
+            "fixed-on-baseline.yaml: fixed: the trials' values (on baseline short with the fixed values) are not valid",
+        ),
+        "end-on-baseline": (
+            yaml.safe_dump({**short, "fixed": {}, "space": {"train.num_epochs": {"type": "int", "low": 2, "high": 9}}}),
+            [],
+            "end-on-baseline.yaml: space.train.num_epochs: 2 is not a valid value on baseline short",
+        ),
+        "folder": (None, [], "folder.yaml: a folder, not a sweep file"),
+        "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe\x00", [], "binary.yaml: not a text file (not UTF-8)"),
+        "empty": ("", [], "empty.yaml: empty, not a sweep file"),
+        "promote-path": (yaml.safe_dump(GOOD), ["--promote", "../params"], "--promote '../params': not a preset name"),
+        "promote-folder": (yaml.safe_dump(GOOD), ["--promote", "a/b"], "--promote 'a/b': not a preset name"),
+        "promote-existing": (
+            yaml.safe_dump(GOOD),
+            ["--promote", "round-1"],
+            "--promote round-1: rounds/round-1.yaml exists; choose another name, or add --force",
+        ),
     }
-    expected = {
-        "malformed": "not valid YAML",
-        "outside": "enqueue: preset round-1 has train.batch_size = 128, outside",
-        "storage": "sweep storage: cannot open",
-    }
-    for name, text in cases.items():
-        (project / f"{name}.yaml").write_text(text)
-        result = run([sys.executable, "-m", "cifar_rounds.search.sweep", f"{name}.yaml"], project, check=False)
-        assert result.returncode == 1 and expected[name] in result.stderr, result.stderr
+    before = {p.name: p.read_bytes() for p in [project / "params.yaml", *(project / "rounds").iterdir()]}
+    for name, (content, args, expected) in cases.items():
+        path = project / f"{name}.yaml"
+        if content is None:
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        result = _sweep_cli(project, path.name, "--no-run", *args)
+        assert result.returncode == 1 and expected in result.stderr, (name, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (project / "optuna.db").exists() and not (project / "mlflow.db").exists()
+    assert {p.name: p.read_bytes() for p in [project / "params.yaml", *(project / "rounds").iterdir()]} == before
+
+
+def test_promote_without_a_complete_trial_is_one_line_and_ends_the_sweeps_run(tmp_path):
+    project = _cli_project(tmp_path)
+    (project / "s.yaml").write_text(yaml.safe_dump(GOOD))
+    result = _sweep_cli(project, "s.yaml", "--no-run", "--promote", "r3-best")
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr.strip() == "error: --promote: no trial of study 'r3' has completed (2 waiting); nothing promoted"
+    )
+    assert not (project / "rounds" / "r3-best.yaml").exists()
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    (parent,) = client.search_runs([client.get_experiment_by_name("cifar-rounds").experiment_id], "tags.sweep = 'r3'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 0
 
 
 def test_a_study_name_used_by_another_space_is_refused(tmp_path, monkeypatch):
     from cifar_rounds.core.errors import StageError
     from cifar_rounds.search.study import open_study
 
+    first = load_sweep(sweep_file(tmp_path), repo_params(), load_preset)
+    wider = load_sweep(
+        sweep_file(tmp_path, space={**GOOD["space"], "train.lr_gamma": {"type": "float", "low": 0.1, "high": 0.5}}),
+        repo_params(),
+        load_preset,
+    )
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path}/optuna.db"
-    first = load_sweep(sweep_file(tmp_path), repo_params())
     study, _, created = open_study(first, url)
     assert created
     study.set_user_attr("space_digest", first.digest())
     assert open_study(first, url)[2] is False  # the same space continues
-    wider = load_sweep(
-        sweep_file(tmp_path, space={**GOOD["space"], "train.lr_gamma": {"type": "float", "low": 0.1, "high": 0.5}}),
-        repo_params(),
-    )
     with pytest.raises(StageError, match="study 'r3' .* was created from another search space"):
         open_study(wider, url)
 
@@ -131,22 +196,29 @@ def test_a_run_without_a_sweep_imports_no_optuna():
     assert run([sys.executable, "-c", code], REPO).stdout.strip() == "False"
 
 
-def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for_good(tmp_path, monkeypatch):
-    """The queue's word is not the last: a saved experiment is a result, a briefly missing entry is not lost."""
-    from cifar_rounds.search import sweep as driver
+def _git_driver(tmp_path: Path, monkeypatch, **changes):
+    """A driver of the sweep GOOD (with `changes`) in a git repository at tmp_path, with copies of the presets."""
     from cifar_rounds.search.study import new_driver
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    for name in ("rounds", "params.yaml"):
-        (tmp_path / name).symlink_to(REPO / name)
+    shutil.copytree(REPO / "rounds", tmp_path / "rounds")
+    (tmp_path / "params.yaml").symlink_to(REPO / "params.yaml")
     run(["git", "init", "-q"], tmp_path)
     run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], tmp_path)
-    d = new_driver(load_sweep(sweep_file(tmp_path), repo_params()), repo_params())
+    return new_driver(load_sweep(sweep_file(tmp_path, **changes), repo_params(), load_preset), repo_params())
+
+
+def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for_good(tmp_path, monkeypatch):
+    """The queue's word is not the last: a saved experiment is a result, a briefly missing entry is not lost."""
+    from cifar_rounds.search import sweep as driver
+
+    d = _git_driver(tmp_path, monkeypatch)
     trials = [d.study.ask() for _ in range(3)]
     for t in trials:
         t.set_user_attr("queue", d.queue)
         t.report(0.5, 1)
+        t.set_user_attr("best_epoch", 1)  # as the train stage records it
     head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
     run(["git", "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/r3-t000", head], tmp_path)  # saved, entry removed
     experiment = d.client.get_run(d.parent_run_id).info.experiment_id
@@ -165,6 +237,117 @@ def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for
     assert d.study.trials[1].state.name == "FAIL" and sorted(retried) == [1, 2]
 
 
+def test_a_failing_queue_status_is_asked_again_then_stops_the_driver_leaving_the_trials_running(tmp_path, monkeypatch):
+    """Read as an empty queue, a failed `dvc queue status` would have every running trial taken for lost."""
+    from cifar_rounds.core.errors import StageError
+    from cifar_rounds.search import sweep as driver
+
+    d = _git_driver(tmp_path, monkeypatch)  # a git repository without DVC: `dvc queue status` fails here
+    t = d.study.ask()
+    t.set_user_attr("queue", d.queue)
+    experiment = d.client.get_run(d.parent_run_id).info.experiment_id
+    training = d.client.create_run(experiment, tags={"sweep": "r3", "sweep.trial": str(t.number)}).info.run_id
+    d.inherited = {t.number}
+    monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
+    monkeypatch.setattr(driver, "QUEUE_STATUS_PAUSE_S", 0.0)
+    asked = []
+    real_run = subprocess.run
+    monkeypatch.setattr(driver.subprocess, "run", lambda cmd, **kw: asked.append(cmd) or real_run(cmd, **kw))
+
+    with pytest.raises(StageError) as error:
+        driver.settle(d)
+    assert re.match(r"sweep: `dvc queue status` failed 3 times \(exit \d+: ERROR: you are not inside", str(error.value))
+    assert "\n" not in str(error.value)
+    assert [cmd[-2:] for cmd in asked] == [["queue", "status"]] * 3
+    assert d.study.trials[t.number].state.name == "RUNNING"
+    assert (
+        d.client.get_run(training).info.status == "RUNNING"
+        and "sweep.trial_state" not in d.client.get_run(training).data.tags
+    )
+
+
+QUEUE_STATUS = """Task     Name      Created    Status
+1a2b3c4  r3-t000   10:01 AM   Running
+5d6e7f8  r3-t001   Jan 02, 2025   Success
+9a8b7c6            10:02 AM   Queued
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_the_queue_status_table_is_read_and_anything_else_is_not():
+    from cifar_rounds.search.sweep import parse_queue_status
+
+    states = parse_queue_status(QUEUE_STATUS)
+    assert states["r3-t000"] == "Running" and states["r3-t001"] == "Success" and len(states) == 3
+    assert parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n") == {}
+    for garbled in ("", "ERROR: unexpected error\n", QUEUE_STATUS.split("Worker")[0], "Task Name\nWorker status: 0\n"):
+        assert parse_queue_status(garbled) is None, garbled
+
+
+def test_a_sweep_trial_never_takes_another_runs_checkpoint_for_its_own(tmp_path):
+    """A finished workspace run with the trial's very model and train params is not this trial's run."""
+    from cifar_rounds.training.checkpoint import find_resume, run_identity, save_atomic
+
+    workspace = repo_params()
+    trial = with_overrides(workspace, {"sweep.study": "r3", "sweep.trial": 0, "tracking.round": "r3-t000"})
+    last = tmp_path / "last.pt"
+    save_atomic(
+        {"params_digest": run_identity(workspace, "split"), "progress": {"run_id": "ws", "finished": True}}, last
+    )
+    assert find_resume(last, run_identity(workspace, "split")).state is not None  # the workspace run continues
+    resume = find_resume(last, run_identity(trial, "split"))
+    assert resume.state is None and resume.superseded_run == "ws"
+    # the next trial does not take this trial's either; tracking may change between a kill and a resume
+    assert run_identity(trial, "s") != run_identity(with_overrides(trial, {"sweep.trial": 1}), "s")
+    assert run_identity(trial, "s") == run_identity(with_overrides(trial, {"tracking.round": "x"}), "s")
+
+
+def test_promote_puts_the_searched_values_on_the_baseline_and_keeps_what_it_replaces(tmp_path, monkeypatch, capsys):
+    from cifar_rounds.core.errors import StageError
+    from cifar_rounds.search.promote import preset_target, promote
+
+    d = _git_driver(tmp_path, monkeypatch)  # fixed: 30 epochs, milestones [10, 20]; round-2 has 250
+    rounds = tmp_path / "rounds"
+    t = d.study.ask()
+    d.trial_values(t)
+    d.study.tell(t, 0.61)
+    searched = d.sweep.decoded(t.params)
+
+    path = promote(d, "r3-best", force=False, folder=rounds)
+    preset = load_preset("r3-best", rounds)
+    assert preset == {**load_preset("round-2", rounds), **searched} and preset["train.num_epochs"] == 250
+    header = path.read_text().split("\ntrain:")[0]
+    assert f"trial {t.number}, val_accuracy 0.6100" in header
+    (from_sweep,) = [line for line in header.splitlines() if line.startswith("# From the sweep: ")]
+    assert sorted(from_sweep.removeprefix("# From the sweep: ").rstrip(".").split(", ")) == sorted(
+        f"{k}={v!r}" for k, v in searched.items()
+    )
+    assert "train.num_epochs=30" in header and "not carried over" in header
+
+    for name, message in [
+        ("../params", "not a preset name"),
+        ("sub/r3", "not a preset name"),
+        (".hidden", "not a preset name"),
+        ("r3-best", "rounds/r3-best.yaml exists; choose another name, or add --force"),
+    ]:
+        with pytest.raises(StageError, match=message.replace("(", r"\(")):
+            preset_target(name, force=False, folder=Path("rounds"))
+    (rounds / "elsewhere.yaml").symlink_to(tmp_path / "params.yaml")
+    with pytest.raises(StageError, match="rounds/elsewhere.yaml leads outside rounds/"):
+        preset_target("elsewhere", force=True, folder=Path("rounds"))
+
+    old = (rounds / "round-1.yaml").read_text()
+    capsys.readouterr()
+    promote(d, "round-1", force=True, folder=Path("rounds"))
+    (backup,) = [p for p in rounds.iterdir() if p.name.startswith("round-1.yaml.") and p.name.endswith(".bak")]
+    assert backup.read_text() == old and f"the previous round-1.yaml is kept as {backup.relative_to(tmp_path)}" in (
+        capsys.readouterr().out
+    )
+    assert load_preset("round-1", Path("rounds")) == preset
+    assert preset_names(rounds) == ["elsewhere", "r3-best", "round-1", "round-2"]  # a backup is no preset
+
+
 def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
     from cifar_rounds.search.spec import MedianPruner, Objective
 
@@ -178,23 +361,25 @@ def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
 
 def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_concluded(tmp_path, monkeypatch):
     study, url = _study_with_pruner(tmp_path, monkeypatch)
-    for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):  # two good trials complete
+    # two good trials complete; train.monitor (val_loss) chose epoch 3 in both: their checkpoints are evaluated
+    for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):
         number = study.ask().number
         trial = open_trial(SweepParams(study="s", trial=number, storage=url))
         assert isinstance(trial, StudyTrial)
         assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
-        assert trial.finish(pruned=False) == "COMPLETE"
+        assert trial.finish(pruned=False, best_epoch=3) == "COMPLETE"
         assert study.trials[number].state.name == "RUNNING"  # until the driver sees the experiment succeed
         assert conclude(study, number) == "COMPLETE"
     number = study.ask().number
     trial = open_trial(SweepParams(study="s", trial=number, storage=url))
     assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up: never pruned
     assert trial.report(2, {"val_accuracy": 0.1}) is True  # far below the median at epoch 2
-    assert trial.finish(pruned=True) == "PRUNED" and conclude(study, number) == "PRUNED"
+    assert trial.finish(pruned=True, best_epoch=1) == "PRUNED" and conclude(study, number) == "PRUNED"
     silent = study.ask().number  # reported nothing (it died before its first epoch ended)
     assert conclude(study, silent) == "FAIL"
     states = [(t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=url).trials]
-    assert states == [("COMPLETE", 0.7), ("COMPLETE", 0.8), ("PRUNED", 0.1), ("FAIL", None)]  # the best epoch's value
+    # the value at the monitor's best epoch (0.6), not the best of all epochs (0.7)
+    assert states == [("COMPLETE", 0.6), ("COMPLETE", 0.8), ("PRUNED", 0.1), ("FAIL", None)]
     # a finished trial is not reported to again (an applied experiment rerun later)
     assert isinstance(open_trial(SweepParams(study="s", trial=0, storage=url)), NoTrial)
 
@@ -305,7 +490,7 @@ def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, 
     assert all(f"python -m cifar_rounds.search.sweep {f}" in "".join(lines) for f in files)
     ran = rep.params.flat()
     for path in files:
-        sweep = load_sweep(path, repo_params())
+        sweep = load_sweep(path, repo_params(), load_preset)
         check_enqueued(sweep, {p: load_preset(p) for p in sweep.enqueue + [sweep.baseline]}, path)
         assert sweep.baseline == "round-2" and sweep.study.endswith(path.stem)
         for key, dimension in sweep.space.items():

@@ -160,7 +160,8 @@ def plot_history(d: Driver, path: Path) -> None:
     ax.set_ylabel(d.sweep.objective.metric)
     ax.set_title(f"Sweep {d.sweep.study}: optimisation history")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # none before a trial has finished
+        ax.legend()
     save_figure(fig, path)
 
 

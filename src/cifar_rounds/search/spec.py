@@ -3,14 +3,16 @@
 It names the parameters to search by their dotted params.yaml names, each a float
 or int range (optionally log-scaled) or a categorical choice; fixed overrides; the
 objective (a validation metric, never a test metric); the trial budget; the
-sampler with its seed; and the pruner. `load_sweep` checks every range end and
-choice against the `Params` model before any trial runs.
+sampler with its seed; and the pruner. `load_sweep` checks exactly what the trials
+get (params.yaml, the baseline preset, the fixed values, then each range end and
+choice) against the `Params` model before any trial runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -89,7 +91,9 @@ Dimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type"
 
 class Objective(Part):
     metric: Literal["val_accuracy", "val_loss"] = Field(
-        "val_accuracy", description="Validation metric a trial is judged by, at its best epoch; never a test metric."
+        "val_accuracy",
+        description="Validation metric a trial is judged by, at the epoch train.monitor selects as best (the "
+        "checkpoint evaluation uses); never a test metric.",
     )
     direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether larger or smaller is better.")
 
@@ -98,9 +102,6 @@ class Objective(Part):
         if (self.metric == "val_loss") != (self.direction == "minimize"):
             raise ValueError(f"{self.metric} is to be {'minimized' if self.metric == 'val_loss' else 'maximized'}")
         return self
-
-    def best(self, values: list[float]) -> float:
-        return max(values) if self.direction == "maximize" else min(values)
 
 
 class TpeSampler(Part):
@@ -210,9 +211,17 @@ class Sweep(Part):
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_sweep(path: Path, base: Params) -> Sweep:
-    """The validated sweep file; every searched key and range end is checked against `base` (params.yaml)."""
+def load_sweep(path: Path, base: Params, preset: Callable[[str], dict[str, object]]) -> Sweep:
+    """The validated sweep file, checked against exactly what its trials will get.
+
+    That is `base` (params.yaml) with the baseline preset's values (`preset` reads a preset by
+    name: analysis.rounds.load_preset) and the fixed values, then each range end or choice;
+    and every enqueued preset's searched values must lie in the space.
+    """
     raw = read_yaml(_read(path), path)
+    if not isinstance(raw, dict):
+        what = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise ParamsError(f"{path}: {what}, not a sweep file (a mapping of study, baseline, trials, space, ...)")
     try:
         sweep = Sweep.model_validate(raw)
     except ValidationError as error:
@@ -220,29 +229,39 @@ def load_sweep(path: Path, base: Params) -> Sweep:
         where = ".".join(str(p) for p in first["loc"] if str(p) not in ("float", "int", "categorical"))
         message = first["msg"].removeprefix("Value error, ")
         raise ParamsError(f"{path}: {where + ': ' if where else ''}{message}") from None
-    check_space(sweep, base, path)
+    check_space(sweep, base, preset(sweep.baseline), path)
+    check_enqueued(sweep, {name: preset(name) for name in sweep.enqueue + [sweep.baseline]}, path)
     return sweep
 
 
 def _read(path: Path) -> str:
+    """The sweep file's text; a missing file, a folder or a binary file is one line naming it."""
     try:
-        return Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such sweep file") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: a folder, not a sweep file (YAML)") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not a text file (not UTF-8), not a sweep file (YAML)") from None
+    except PermissionError:
+        raise ParamsError(f"{path}: cannot be read (permission denied)") from None
 
 
-def check_space(sweep: Sweep, base: Params, path: Path) -> None:
-    """Each fixed value, and each range end or choice (with the fixed values), must make valid params."""
+def check_space(sweep: Sweep, base: Params, baseline: dict[str, object], path: Path) -> None:
+    """What every trial starts from (`base`, the baseline preset's values, the fixed ones) must be valid,
+    and so must it be with each range end or choice."""
+    where = f"on baseline {sweep.baseline} with the fixed values"
     try:
-        fixed = with_overrides(base, sweep.fixed)
+        start = with_overrides(base, {**baseline, **sweep.fixed})
     except ParamsError as error:
-        raise ParamsError(f"{path}: fixed: {error}") from None
+        raise ParamsError(f"{path}: fixed: the trials' values ({where}) are not valid: {error}") from None
     for name, dimension in sweep.space.items():
         for value in dimension.ends():
             try:
-                with_overrides(fixed, {name: value})
+                with_overrides(start, {name: value})
             except ParamsError as error:
-                raise ParamsError(f"{path}: space.{name}: {value!r} is not a valid value ({error})") from None
+                raise ParamsError(f"{path}: space.{name}: {value!r} is not a valid value {where} ({error})") from None
 
 
 def check_enqueued(sweep: Sweep, presets: dict[str, dict[str, object]], path: Path) -> None:

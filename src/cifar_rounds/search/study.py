@@ -10,7 +10,8 @@ from __future__ import annotations
 import socket
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -79,6 +80,8 @@ class Driver:
         values.update(
             {
                 "tracking.round": self.trial_name(trial.number),
+                "tracking.preset": self.sweep.baseline,  # not what the last `rounds run` left in params.yaml
+                "tracking.planned_seeds": None,
                 "sweep.study": self.sweep.study,
                 "sweep.trial": trial.number,
                 "sweep.storage": self.sweep.storage,
@@ -176,3 +179,20 @@ def counts(study) -> dict[str, int]:
         key = "RETRIED" if t.state.name == "FAIL" and t.user_attrs.get(RETRIED_ATTR) else t.state.name
         out[key] = out.get(key, 0) + 1
     return out
+
+
+@contextmanager
+def sweep_run_ended(d: Driver) -> Iterator[None]:
+    """The sweep's parent run ends with the block: FINISHED, KILLED on Ctrl-C, FAILED on an error.
+
+    Never left RUNNING by a driver that stopped; a driver started again sets it RUNNING again.
+    """
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        d.store("ending the sweep's run", lambda: d.client.set_terminated(d.parent_run_id, status))

@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from cifar_rounds.analysis.rounds import PRESETS_DIR, exp_run_command, load_preset
+from cifar_rounds.analysis.rounds import exp_run_command, load_preset
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.core.params import ParamsError, load_params, unflatten, with_overrides, write_yaml
+from cifar_rounds.core.params import ParamsError, load_params, with_overrides
+from cifar_rounds.search.promote import preset_target, promote
 from cifar_rounds.search.report import write_sweep_report
-from cifar_rounds.search.spec import check_enqueued, load_sweep
-from cifar_rounds.search.study import QUEUE_ATTR, Driver, counts, new_driver
+from cifar_rounds.search.spec import load_sweep
+from cifar_rounds.search.study import QUEUE_ATTR, Driver, counts, new_driver, sweep_run_ended
 from cifar_rounds.search.trial import (
     STATE_TAG,
     SWEEP_TAG,
@@ -40,17 +41,42 @@ POLL_S = 5.0
 # state, before or after its experiment is saved. Only an entry missing this long (and unsaved) is lost.
 LOST_AFTER_S = 30.0
 WORKERS_LOG = Path(".dvc/tmp/sweep-workers.log")  # what `dvc queue start` and its workers print, from the repo root
+QUEUE_STATUS_TRIES, QUEUE_STATUS_PAUSE_S = 3, 5.0  # `dvc queue status` asked again after a failure
+
+
+def parse_queue_status(out: str) -> dict[str, str] | None:
+    """Name -> status of each task in `dvc queue status`'s output; None if the output is not its table."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    if not lines or not lines[-1].startswith("Worker status:"):
+        return None
+    tasks = lines[:-1]
+    if tasks == ["No experiment tasks in the queue."]:
+        return {}
+    if not tasks or tasks[0].split() != ["Task", "Name", "Created", "Status"]:
+        return None
+    rows = [line.split() for line in tasks[1:]]
+    return {words[1]: words[-1] for words in rows if len(words) >= 4}
 
 
 def queue_states(names: set[str]) -> dict[str, str]:
-    """DVC queue status (Queued, Running, Success, Failed) of the named experiments that the queue knows."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True).stdout
-    states = {}
-    for line in out.splitlines():
-        words = line.split()
-        if len(words) >= 3 and words[1] in names:
-            states[words[1]] = words[-1]
-    return states
+    """DVC queue status (Queued, Running, Success, Failed) of the named experiments that the queue knows.
+
+    A failed or unreadable `dvc queue status` is asked again; one that keeps failing stops the driver:
+    read as an empty queue, it would have every running trial taken for lost.
+    """
+    for attempt in range(1, QUEUE_STATUS_TRIES + 1):
+        result = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True)
+        states = parse_queue_status(result.stdout) if result.returncode == 0 else None
+        if states is not None:
+            return {name: state for name, state in states.items() if name in names}
+        if attempt < QUEUE_STATUS_TRIES:
+            time.sleep(QUEUE_STATUS_PAUSE_S)
+    said = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1][:200]
+    why = f"exit {result.returncode}" if result.returncode else "output not understood"
+    raise StageError(
+        f"sweep: `dvc queue status` failed {QUEUE_STATUS_TRIES} times ({why}: {said}); "
+        "the trials are left as they are: rerun the sweep to continue"
+    )
 
 
 def saved_experiments(root: Path) -> set[str]:
@@ -194,45 +220,29 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     print("sweep: done; " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items())))
 
 
-def promote(d: Driver, name: str, folder: Path = PRESETS_DIR) -> Path:
-    """Write the best trial as the preset rounds/NAME.yaml: the baseline, the fixed values and the trial's."""
-    best = d.study.best_trial  # raises ValueError without a complete trial
-    values = {**d.trial_base(), **d.sweep.decoded(best.params)}
-    with_overrides(d.base, values)
-    path = folder / f"{name}.yaml"
-    header = (
-        f"Round {name}: the best trial of sweep {d.sweep.study!r} (trial {best.number}, "
-        f"{d.sweep.objective.metric} {best.value:.4f}), promoted from its baseline {d.sweep.baseline}."
-    )
-    write_yaml(unflatten(values), path, header)
-    print(
-        f"sweep: promoted trial {best.number} to {path}; next: python -m "
-        f"cifar_rounds.analysis.rounds run {name} --seeds 5"
-    )
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/round-3.yaml")
     parser.add_argument("--workers", type=int, default=1, help="trials run at once by DVC's queue (dvc queue start -j)")
-    parser.add_argument("--promote", metavar="NAME", help="write the best trial as the preset rounds/NAME.yaml")
+    parser.add_argument(
+        "--promote", metavar="NAME", help="write the best trial's searched values onto the baseline as rounds/NAME.yaml"
+    )
+    parser.add_argument("--force", action="store_true", help="--promote over an existing preset (kept as a backup)")
     parser.add_argument("--no-run", action="store_true", help="only report (and promote) from the study as it is")
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers: at least 1")
     base = load_params()
-    sweep = load_sweep(args.sweep, base)
-    check_enqueued(sweep, {name: load_preset(name) for name in sweep.enqueue + [sweep.baseline]}, args.sweep)
-    if args.promote and not (PRESETS_DIR / f"{args.promote}.yaml").parent.is_dir():
-        raise StageError(f"--promote: no {PRESETS_DIR}/ folder here; run from the repository root")
-    d = new_driver(sweep, base)
-    if not args.no_run:
-        drive(d, args.workers)
-    write_sweep_report(d)
+    sweep = load_sweep(args.sweep, base, load_preset)
     if args.promote:
-        promote(d, args.promote)
-    d.store("ending the sweep's run", lambda: d.client.set_terminated(d.parent_run_id, "FINISHED"))
+        preset_target(args.promote, args.force)  # refused now, not after a night of trials
+    d = new_driver(sweep, base)
+    with sweep_run_ended(d):
+        if not args.no_run:
+            drive(d, args.workers)
+        write_sweep_report(d)
+    if args.promote:
+        promote(d, args.promote, args.force)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from cifar_rounds.tracking.store import repo_root, root_sqlite_url
 STUDY_FILE = "optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attributes the driver sets, the trials read
 OBJECTIVE_ATTR = "objective"
-PRUNED_ATTR = "pruned"  # a trial attribute the train stage sets at its end
+PRUNED_ATTR = "pruned"  # trial attributes the train stage sets at its end
+BEST_EPOCH_ATTR = "best_epoch"  # the epoch train.monitor selected: the checkpoint evaluation uses
 PRUNER_ATTR = "pruner"
 SWEEP_TAG, TRIAL_TAG, STATE_TAG = "sweep", "sweep.trial", "sweep.trial_state"
 
@@ -38,7 +39,7 @@ class NoTrial:
     def report(self, epoch: int, record: dict) -> bool:
         return False
 
-    def finish(self, pruned: bool) -> str | None:
+    def finish(self, pruned: bool, best_epoch: int) -> str | None:
         return None
 
 
@@ -64,23 +65,26 @@ class StudyTrial:
         self.trial.report(value, epoch)
         return bool(self.trial.should_prune())
 
-    def finish(self, pruned: bool) -> str:
-        """Record how training ended; the driver tells the study once the whole experiment has succeeded."""
+    def finish(self, pruned: bool, best_epoch: int) -> str:
+        """Record how training ended and which epoch the monitor chose; the driver tells the study once the
+        whole experiment has succeeded."""
+        self.trial.set_user_attr(BEST_EPOCH_ATTR, best_epoch)
         self.trial.set_user_attr(PRUNED_ATTR, pruned)
         return "PRUNED" if pruned else "COMPLETE"
 
 
 def conclude(study, number: int) -> str:
-    """Tell the study how a trial whose experiment succeeded ended: PRUNED, or COMPLETE with the best
-    objective it reported (one value per epoch); FAIL if it reported none."""
+    """Tell the study how a trial whose experiment succeeded ended: PRUNED, or COMPLETE with the objective
+    it reported at the epoch train.monitor selected as best (not the best over all epochs: that epoch's
+    checkpoint is what evaluation uses); FAIL if it reported no finite value for that epoch."""
     import optuna
 
     trial = study.get_trials(deepcopy=False)[number]
-    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
+    value = trial.intermediate_values.get(trial.user_attrs.get(BEST_EPOCH_ATTR))
     if trial.user_attrs.get(PRUNED_ATTR):
         state, value = optuna.trial.TrialState.PRUNED, None
-    elif values:
-        state, value = optuna.trial.TrialState.COMPLETE, (max if study.direction.name == "MAXIMIZE" else min)(values)
+    elif value is not None and math.isfinite(value):
+        state = optuna.trial.TrialState.COMPLETE
     else:
         state, value = optuna.trial.TrialState.FAIL, None
     study.tell(number, value, state=state, skip_if_finished=True)

@@ -112,7 +112,7 @@ def fit(
             **progress.conditions,
             **placement,
         }
-        trial_state = trial.finish(progress.pruned)
+        trial_state = trial.finish(progress.pruned, stopper.best_epoch)
         if trial_state:
             sink.tag({STATE_TAG: trial_state})
         sink.finish(progress, state, summary)

@@ -3,7 +3,8 @@
 `last.pt` holds everything a run needs to continue bit for bit: weights, optimizer,
 schedule, random generators and `Progress` (the epoch reached, the history, early
 stopping, the MLflow run, the noise-scale averages). A run continues only from a
-state of the same data (params and split content), model and training params;
+state of the same data (params and split content), model, training and sweep params
+(a sweep trial never takes another run's checkpoint, finished or not, for its own);
 other sections may change between a kill and a resume, and the change is recorded.
 """
 
@@ -21,7 +22,7 @@ from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import BEST_CHECKPOINT, LAST_CHECKPOINT
 from cifar_rounds.core.params import Params
 
-IDENTITY_SECTIONS = ("model", "train")  # a change here (or in the split's bytes) starts a fresh run
+IDENTITY_SECTIONS = ("model", "train", "sweep")  # a change here (or in the split's bytes) starts a fresh run
 
 
 @dataclass
@@ -65,8 +66,8 @@ class Resume:
 
 
 def run_identity(params: Params, split_digest: str) -> str:
-    """What a resumed run must share with the killed one: model and train params, and the split's bytes
-    (which the data params only describe: a re-split with the same params may differ)."""
+    """What a resumed run must share with the killed one: model, train and sweep params (which trial it is),
+    and the split's bytes (which the data params only describe: a re-split with the same params may differ)."""
     text = params.digest(*IDENTITY_SECTIONS) + split_digest
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -94,7 +95,9 @@ def find_resume(path: Path, identity: str) -> Resume:
         return Resume(None)
     state = load_checkpoint(path)
     if state.get("params_digest") != identity:
-        print(f"train: {path} was made with other data, model or train params; starting fresh")
+        print(
+            f"train: {path} was made as another sweep trial, or with other data, model or train params; starting fresh"
+        )
         return Resume(None, state.get("progress", {}).get("run_id"))
     return Resume(state)
 

@@ -43,7 +43,7 @@ HISTORY_FIELDS = (
     "hessian_trace",
     "stability_bound",  # diagnostics; blank when off or not due
 )
-RESUMABLE_SECTIONS = ("diagnostics", "tracking", "sweep")  # may change between a kill and a resume: recorded
+RESUMABLE_SECTIONS = ("diagnostics", "tracking")  # may change between a kill and a resume: recorded
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -119,7 +119,7 @@ class RunSink:
         tracker = Tracker.start(params, conditions, progress.run_id)
         sink = cls(tracker, params, out, num_classes)
         tracker.supersede(
-            resume.superseded_run, f"superseded: new data, model or train params; fresh run {tracker.run_id}"
+            resume.superseded_run, f"superseded: new data, model, train or sweep params; fresh run {tracker.run_id}"
         )
         if progress.epoch:
             print(
