@@ -285,6 +285,31 @@ def test_the_queue_status_table_is_read_and_anything_else_is_not():
         assert parse_queue_status(garbled) is None, garbled
 
 
+def test_a_task_left_running_by_a_worker_that_exited_is_orphaned_then_lost_and_retried(tmp_path, monkeypatch):
+    """DVC's queue can hand a task to a worker that is shutting down: Running forever, with no worker active."""
+    from cifar_rounds.search import sweep as driver
+
+    d = _git_driver(tmp_path, monkeypatch)
+    t = d.study.ask()
+    t.set_user_attr("queue", d.queue)
+    table = QUEUE_STATUS.replace("1 active", "0 active")
+    monkeypatch.setattr(
+        driver.subprocess,
+        "run",
+        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table if "queue" in cmd else "", ""),
+    )
+    assert driver.queue_states({"r3-t000"}) == {"r3-t000": driver.ORPHANED}
+    assert driver.settle(d) == [t.number]  # a worker may be starting: waited for LOST_AFTER_S first
+    monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
+    assert driver.settle(d) == []
+    (retry,) = [u for u in d.study.get_trials() if u.user_attrs.get("retry_of") == t.number]
+    assert d.study.trials[t.number].state.name == "FAIL" and retry.params == d.study.trials[t.number].params
+    monkeypatch.setattr(
+        driver.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, QUEUE_STATUS, "")
+    )
+    assert driver.queue_states({"r3-t000"}) == {"r3-t000": "Running"}  # with a worker active it is running
+
+
 def test_a_sweep_trial_never_takes_another_runs_checkpoint_for_its_own(tmp_path):
     """A finished workspace run with the trial's very model and train params is not this trial's run."""
     from cifar_rounds.training.checkpoint import find_resume, run_identity, save_atomic

@@ -44,6 +44,9 @@ WORKERS_LOG = Path(".dvc/tmp/sweep-workers.log")  # what `dvc queue start` and i
 QUEUE_STATUS_TRIES, QUEUE_STATUS_PAUSE_S = 3, 5.0  # `dvc queue status` asked again after a failure
 
 
+ORPHANED = "Orphaned"  # Running in DVC's queue, with no worker active to run it
+
+
 def parse_queue_status(out: str) -> dict[str, str] | None:
     """Name -> status of each task in `dvc queue status`'s output; None if the output is not its table."""
     lines = [line for line in out.splitlines() if line.strip()]
@@ -68,7 +71,14 @@ def queue_states(names: set[str]) -> dict[str, str]:
         result = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True)
         states = parse_queue_status(result.stdout) if result.returncode == 0 else None
         if states is not None:
-            return {name: state for name, state in states.items() if name in names}
+            # a task left Running by a worker that exited (DVC's queue can hand a task to a worker that is
+            # shutting down): with no worker active, nothing will ever end it
+            idle = "Worker status: 0 active" in result.stdout
+            return {
+                name: ORPHANED if idle and state == "Running" else state
+                for name, state in states.items()
+                if name in names
+            }
         if attempt < QUEUE_STATUS_TRIES:
             time.sleep(QUEUE_STATUS_PAUSE_S)
     said = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1][:200]
@@ -97,9 +107,10 @@ def settle(d: Driver) -> list[int]:
 
     A trial is concluded from its result when the queue says Success or its experiment is saved (the
     queue may have dropped the entry, e.g. `dvc queue remove --success`). It is lost when it failed, or
-    when the queue has not known it for LOST_AFTER_S and nothing is saved. A lost trial that an earlier
-    driver left RUNNING (`d.inherited`: a killed driver or worker) is also queued again with the same
-    values, once: the FAIL is then not counted against the budget.
+    when the queue has not known it, or has shown it Running with no worker active, for LOST_AFTER_S and
+    nothing is saved. A lost trial that an earlier driver left RUNNING (`d.inherited`: a killed driver or
+    worker), or that the queue orphaned, is also queued again with the same values, once: the FAIL is then
+    not counted against the budget.
     """
     import optuna
 
@@ -110,6 +121,8 @@ def settle(d: Driver) -> list[int]:
     ended = [t for t in running if states.get(d.trial_name(t.number)) not in ("Queued", "Running")]
     saved = saved_experiments(repo_root()) if ended else set()
     alive = [t.number for t in running if t not in ended]
+    for number in alive:
+        d.missing.pop(number, None)  # seen in the queue again: a later absence starts its own count
     for t in ended:
         name, state = d.trial_name(t.number), states.get(d.trial_name(t.number))
         if not d.still_running(t.number):
@@ -117,10 +130,11 @@ def settle(d: Driver) -> list[int]:
         if state == "Success" or name in saved:
             print(f"sweep: trial {t.number} ({name}) {conclude(d.study, t.number).lower()}")
             continue
-        if state is None and d.missing_for(t.number) < LOST_AFTER_S:
-            alive.append(t.number)  # perhaps between the queue's lists: looked at again next time
+        if state in (None, ORPHANED) and d.missing_for(t.number) < LOST_AFTER_S:
+            alive.append(t.number)  # perhaps between the queue's lists, or a worker starting: looked at again
             continue
-        retry = t.number in d.inherited and "retry_of" not in t.user_attrs
+        # lost by a killed driver or worker, or by the queue itself: tried again once with the same values
+        retry = (t.number in d.inherited or state == ORPHANED) and "retry_of" not in t.user_attrs
         if retry:
             attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
             d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
