@@ -63,7 +63,7 @@ def test_report_states_peak_memory_and_throughput_of_both_rounds():
 
 def test_report_flags_rounds_trained_under_different_conditions():
     fp32, bf16 = (
-        Round(label, [Replicate(label, repo_params(), {"device": "cpu", "precision": p}, [], [])])
+        Round(label, [Replicate(label, repo_params(), {}, [], [], {"device": "cpu", "precision": p})])
         for label, p in (("a", "fp32"), ("b", "bf16"))
     )
     lines = condition_lines(fp32, bf16)
