@@ -158,10 +158,10 @@ def assert_record_true(client: MlflowClient, run_id: str) -> None:
     (version,) = client.search_model_versions(f"name = '{MODEL}' AND run_id = '{run_id}'")
     assert version.source == f"models:/{ready.model_id}"
     assert metric_steps_repeated(client, run_id) == {}
-    assert [k for k, n in Counter((m.key, m.step) for m in ready.metrics).items() if n > 1] == []
+    assert [k for k, n in Counter((m.key, m.step) for m in ready.metrics or []).items() if n > 1] == []
 
 
-@pytest.mark.timeout(2400)  # about 40 short processes: 6 minutes on 2 idle cores, far more on busy ones
+@pytest.mark.timeout(2400)  # 38 short processes: measured 9 minutes on 2 cores shared with other work
 def test_a_kill_anywhere_in_the_final_logging_or_the_evaluation_is_completed_by_the_rerun(project):
     trained = kill_sweep(project, "train", ("sink.RunSink", "finish"))
     evaluated = kill_sweep(project, "evaluate", ("evaluate", "log_evaluation"))  # on the runs `trained` left
