@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,17 @@ def make_project(target: Path, archive: tuple[Path, str], **overrides: object) -
     init_project(REPO, target, params)
     run(["git", "add", "-A"], target)
     run(["git", "commit", "-qm", "baseline"], target)
+    return target
+
+
+def repository_copy(target: Path) -> Path:
+    """The repository's files (tracked and new, as git lists them) with this .venv linked: a fresh clone, set up."""
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    (target / ".venv").symlink_to(REPO / ".venv")
     return target
 
 

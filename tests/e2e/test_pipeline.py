@@ -85,7 +85,9 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert r.data.tags["precision"] == ("bf16" if resolved is torch.bfloat16 else "fp32")
     metrics = read_json(project / "metrics.json")
     assert metrics["mlflow_run_id"] == r.info.run_id
-    assert (metrics["device"], metrics["precision"]) == ("cpu", r.data.tags["precision"])  # for the round report
+    conditions = read_json(project / "reports/run_conditions.json")  # for the round report; not among the metrics
+    assert (conditions["device"], conditions["precision"]) == ("cpu", r.data.tags["precision"])
+    assert "device" not in metrics and conditions["eval_precision"] == "fp32"
     c = client(project)
     for key in (
         "train_loss",

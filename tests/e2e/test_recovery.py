@@ -140,6 +140,22 @@ def test_a_kill_during_the_final_logging_completes_it_without_training_again(pro
     assert torch.load(project / "models_b1/last.pt", weights_only=True)["progress"]["finalized"]
 
 
+def test_a_kill_between_the_final_logging_and_the_final_state_leaves_no_run_running(project):
+    # after the run's last write, while the system metrics stop and the run ends
+    killed_train(project, "end", "tracking.Tracker", "finish", before="True")
+    run_id = torch.load(project / "models_end/last.pt", weights_only=True)["progress"]["run_id"]
+    # the moment `last.pt` is saved final
+    killed_train(project, "fin", "sink", "save_atomic", after="args[0].get('progress', {}).get('finalized')")
+    state = torch.load(project / "models_fin/last.pt", weights_only=True)
+    assert state["progress"]["finalized"] and not (project / "reports/fin.json").exists()
+    assert store(project).get_run(state["progress"]["run_id"]).info.status == "FINISHED"  # ended before it
+    for tag, rid in (("end", run_id), ("fin", state["progress"]["run_id"])):
+        train(project, tag)
+        assert read_json(project / f"reports/{tag}.json")["mlflow_run_id"] == rid
+        assert store(project).get_run(rid).info.status == "FINISHED", tag
+        assert [m.step for m in store(project).get_metric_history(rid, "stopped_epoch")] == [EPOCHS], tag
+
+
 def test_kills_while_the_model_is_logged_or_registered_leave_one_model_and_one_version(project):
     good = set_params(project, **{"tracking.log_model": True})
     try:
@@ -381,6 +397,8 @@ def evaluate(project, tag: str, summary: str) -> subprocess.CompletedProcess:
             f"reports/{tag}-predictions.csv",
             "--confusion-png",
             f"reports/{tag}.png",
+            "--conditions",
+            f"reports/{tag}-conditions.json",
         ],
         project,
         check=False,

@@ -24,7 +24,7 @@ SPLIT = "data/split.npz"
 SUMMARY = "reports/summary.json"
 TRAIN = ["--split", SPLIT, "--models", "models", "--history", "reports/h.csv", "--summary", "reports/s.json"]
 EVALUATE = ["--split", SPLIT, "--models", "models", "--summary", SUMMARY, "--metrics", "m.json"]
-EVALUATE += ["--predictions", "reports/p.csv", "--confusion-png", "reports/c.png"]
+EVALUATE += ["--predictions", "reports/p.csv", "--confusion-png", "reports/c.png", "--conditions", "reports/rc.json"]
 SPLIT_ARGS = ["--raw", "data/raw", "--out", "data/out.npz"]
 
 # (command, its arguments, the file it is given, the kinds of file it must refuse there)
@@ -47,6 +47,7 @@ CASES = [
     ("cifar_rounds.stages.evaluate", EVALUATE, "m.json", ("folder",)),
     ("cifar_rounds.stages.evaluate", EVALUATE, "reports/p.csv", ("folder",)),
     ("cifar_rounds.stages.evaluate", EVALUATE, "reports/c.png", ("folder",)),
+    ("cifar_rounds.stages.evaluate", EVALUATE, "reports/rc.json", ("folder",)),
     ("cifar_rounds.stages.demo", ["--dir", "demo"], "demo", ("binary", "empty")),
 ]
 # and the params file each command reads from the working folder

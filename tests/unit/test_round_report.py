@@ -64,7 +64,7 @@ def test_report_states_peak_memory_and_throughput_of_both_rounds():
 
 def test_report_flags_rounds_trained_under_different_conditions():
     fp32, bf16 = (
-        Round(label, [Replicate(label, repo_params(), {"device": "cpu", "precision": p}, [], [])])
+        Round(label, [Replicate(label, repo_params(), {}, [], [], {"device": "cpu", "precision": p})])
         for label, p in (("a", "fp32"), ("b", "bf16"))
     )
     lines = condition_lines(fp32, bf16)
@@ -98,13 +98,15 @@ GOOD_METRICS = {
     "mlflow_run_id": "abc",
 }
 HISTORY = "epoch,train_accuracy,val_accuracy,train_loss,val_loss,learning_rate\n1,0.5,0.4,1.2,1.3,0.05\n"
-PATHS = ArtifactPaths("metrics.json", "reports/history.csv", "reports/test_predictions.csv")
+PATHS = ArtifactPaths(
+    "metrics.json", "reports/history.csv", "reports/test_predictions.csv", "reports/run_conditions.json"
+)
 
 
 def _parsed(metrics: object, history: str = HISTORY) -> Replicate:
     params = yaml.safe_dump(repo_params().model_dump())
     return parse_replicate(
-        "round-1-s0", params, json.dumps(metrics), history, "index,actual,predicted\n0,cat,dog\n", PATHS
+        "round-1-s0", params, json.dumps(metrics), history, "index,actual,predicted\n0,cat,dog\n", None, PATHS
     )
 
 

@@ -17,13 +17,13 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.core.names import EVALUATION_ARTIFACTS
+from cifar_rounds.core.names import EVALUATION_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import PARAMS_FILE, Params, ParamsError, params_from_text
 from cifar_rounds.tracking.store import open_client
 
@@ -35,6 +35,7 @@ class Replicate:
     metrics: dict
     history: list[dict[str, float]]
     predictions: list[tuple[str, str]]  # (actual, predicted) per test image, in test-set order
+    conditions: dict[str, str] = field(default_factory=dict)  # how it trained (RUN_CONDITIONS)
 
     @property
     def correct(self) -> np.ndarray:
@@ -70,6 +71,7 @@ class ArtifactPaths:
     metrics: str
     history: str
     predictions: str
+    conditions: str
 
     @classmethod
     def from_dvc(cls, root: Path) -> ArtifactPaths:
@@ -80,7 +82,8 @@ class ArtifactPaths:
         metrics = next(o.def_path for o in outs["evaluate"] if o.metric)
         history = next(o.def_path for o in outs["train"] if o.def_path.endswith(".csv"))  # its one CSV output
         predictions = next(o.def_path for o in outs["evaluate"] if o.plot)
-        return cls(metrics, history, predictions)
+        conditions = next(o.def_path for o in outs["evaluate"] if o.def_path.endswith(".json") and not o.metric)
+        return cls(metrics, history, predictions, conditions)
 
 
 def number(row: dict, key: str) -> float:
@@ -129,7 +132,7 @@ def history_problem(rows: list[dict]) -> str | None:
 
 
 def parse_replicate(
-    label: str, params: str, metrics: str, history: str, predictions: str, paths: ArtifactPaths
+    label: str, params: str, metrics: str, history: str, predictions: str, conditions: str | None, paths: ArtifactPaths
 ) -> Replicate:
     """A replicate from its files' texts; anything the analysis cannot read is one line naming `label` and what."""
     try:
@@ -142,6 +145,8 @@ def parse_replicate(
             parsed,
             [{k: number(r, k) for k in r} for r in rows],
             preds,
+            # runs evaluated before the conditions had a file of their own kept them in the metrics
+            json.loads(conditions) if conditions else {k: parsed[k] for k in RUN_CONDITIONS if k in parsed},
         )
     except (json.JSONDecodeError, KeyError, ValueError, ParamsError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -173,7 +178,11 @@ def dvc_replicate(root: Path, rev: str, paths: ArtifactPaths) -> Replicate | Non
             raise StageError(
                 f"{rev}: a revision without {path}; run the pipeline there first (dvc repro), or name a round that ran"
             ) from None
-    return parse_replicate(rev, *texts, paths)
+    try:
+        conditions = dvc.api.read(paths.conditions, repo=str(root), rev=rev)
+    except (DvcException, FileNotFoundError):  # evaluated before the conditions had a file
+        conditions = None
+    return parse_replicate(rev, *texts, conditions, paths)
 
 
 def dvc_experiment_names(root: Path) -> list[str]:
@@ -229,7 +238,12 @@ def mlflow_replicate(params: Params, run, paths: ArtifactPaths) -> Replicate:
             f"MLflow run {run.info.run_name!r} ({run.info.run_id}, {run.info.status}) has no "
             "evaluation; it did not finish the pipeline"
         ) from None
-    return parse_replicate(run.info.run_name, *texts, paths)
+    name = f"{EVALUATION_ARTIFACTS}/{Path(paths.conditions).name}"
+    try:
+        conditions = Path(client.download_artifacts(run.info.run_id, name)).read_text()
+    except Exception:  # MlflowException, OSError: evaluated before the conditions had a file
+        conditions = None
+    return parse_replicate(run.info.run_name, *texts, conditions, paths)
 
 
 def one_per_run(name: str, replicates: list[Replicate]) -> Round:

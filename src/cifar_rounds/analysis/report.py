@@ -83,7 +83,7 @@ def condition_lines(base: Round, cand: Round) -> list[str]:
 
     def conditions(r: Round) -> dict[str, str]:
         return {
-            k: ", ".join(sorted({str(rep.metrics.get(k, "not recorded")) for rep in r.replicates}))
+            k: ", ".join(sorted({str(rep.conditions.get(k, "not recorded")) for rep in r.replicates}))
             for k in RUN_CONDITIONS
         }
 

@@ -19,6 +19,7 @@ from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.inputs import folder
 from cifar_rounds.core.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.stages.headline import print_headline
 
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", "src", "MLproject", "conda.yaml", "rounds", "sweeps")
 ARCHIVE = "cifar-10-synthetic.tar.gz"
@@ -100,10 +101,11 @@ def main() -> None:
     md5 = write_archive(archive, args.train_size, args.test_size, seed=0)
     init_project(Path.cwd(), target, offline_params(params, archive, md5, {}))
     commit_all(target, "offline demo: pipeline and params")  # a real repository: diffs, rounds and tags work
+    dvc("config", "--local", "core.autostage", "true", cwd=target)  # DVC stages what it writes: no "git add" advice
     dvc("repro", cwd=target)
     commit_all(target, "offline demo: a run of the pipeline")
-    dvc("metrics", "show", cwd=target)
-    print(f"offline run complete in {target}; MLflow: mlflow ui --backend-store-uri sqlite:///{target}/mlflow.db")
+    print(f"offline run complete in {target}:")
+    print_headline(target, load_params(target / PARAMS_FILE))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Stage `evaluate`: the best checkpoint on test, validation and (un-augmented) train data.
 
-Writes the DVC metrics file, per-example test predictions (also the DVC
-confusion plot) and a confusion-matrix PNG, and logs them to the training
-run in MLflow; the metrics also to the run's LoggedModel, when it logged one.
+Writes the DVC metrics file (numbers only), the run conditions, per-example test
+predictions (also the DVC confusion plot) and a confusion-matrix PNG, and logs them
+to the training run in MLflow; the metrics also to the run's LoggedModel, when it
+logged one. The model is scored as it is served: in fp32, in the default layout,
+whatever precision it trained in.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from cifar_rounds.tracking.run import Tracker
 from cifar_rounds.training.checkpoint import load_weights
 from cifar_rounds.training.engine import predict, scores
 from cifar_rounds.training.model import build_model
-from cifar_rounds.training.runtime import amp_dtype, configure_cpu, memory_format, select_device
+from cifar_rounds.training.runtime import configure_cpu, select_device
+
+EVAL_PRECISION = "fp32"  # what the logged model computes in when served: the metrics are that model's
 
 
 def test_set_digest(images: np.ndarray, labels: np.ndarray) -> str:
@@ -43,11 +47,10 @@ def score(
     labels: np.ndarray,
     batch_size: int,
     device: torch.device,
-    dtype: torch.dtype | None,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """{loss, accuracy} of a set, and its predictions."""
+    """{loss, accuracy} of a set in fp32, and its predictions."""
     x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    losses, preds = predict(model, eval_batches(x, y, batch_size), device, dtype)
+    losses, preds = predict(model, eval_batches(x, y, batch_size), device, None)
     return scores(losses, preds, y), preds.numpy()
 
 
@@ -99,22 +102,26 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", type=Path, required=True, help="per-example test predictions CSV")
     parser.add_argument("--confusion-png", type=Path, required=True, help="confusion-matrix figure to write")
+    parser.add_argument("--conditions", type=Path, required=True, help="JSON: the run conditions to write")
     args = parser.parse_args()
     input_file(args.split, "the split stage's .npz")
     input_folder(args.models, "the train stage's checkpoint folder")
     input_file(args.summary, "the train stage's summary JSON")
-    for path, what in ((args.metrics, "the metrics JSON"), (args.predictions, "the predictions CSV")):
+    for path, what in (
+        (args.metrics, "the metrics JSON"),
+        (args.predictions, "the predictions CSV"),
+        (args.confusion_png, "the confusion-matrix PNG"),
+        (args.conditions, "the run conditions JSON"),
+    ):
         output_file(path, what)
-    output_file(args.confusion_png, "the confusion-matrix PNG")
     params = load_params()
     device = select_device(params.train.device)
     configure_cpu(device)
-    dtype = amp_dtype(params.train.precision, device)
+    torch.backends.cudnn.allow_tf32 = False  # on by default for convolutions: fp32 means fp32 here
     summary = read_summary(args.summary)
     split = Split.load(args.split)
     names = split.label_names
-    width = params.model.width
-    model = build_model(width, len(names), device, memory_format(width, device))
+    model = build_model(params.model.width, len(names), device, torch.contiguous_format)  # as it is logged
     load_weights(args.models / BEST_CHECKPOINT, model, params.model.width)
 
     bs = params.train.eval_batch_size
@@ -123,7 +130,7 @@ def main() -> None:
         "val": (split.val_images, split.val_labels),
         "train": (split.train_images, split.train_labels),
     }
-    results = {name: score(model, *arrays, bs, device, dtype) for name, arrays in sets.items()}
+    results = {name: score(model, *arrays, bs, device) for name, arrays in sets.items()}
     test_preds = results["test"][1]
     confusion = confusion_matrix(split.test_labels, test_preds, len(names))
     metrics = {
@@ -134,12 +141,12 @@ def main() -> None:
         "per_class_accuracy": per_class_accuracy(confusion, names),
         "test_set_digest": test_set_digest(split.test_images, split.test_labels),
         "mlflow_run_id": summary["mlflow_run_id"],
-        **{k: summary.get(k, "not recorded") for k in RUN_CONDITIONS},  # the training run's, for the round report
     }
     write_json(metrics, args.metrics)
+    write_json(run_conditions(summary), args.conditions)
     write_predictions(args.predictions, split.test_labels, test_preds, names)
     plot_confusion(confusion, names, args.confusion_png, f"test accuracy {metrics['test_accuracy']:.2%}")
-    log_evaluation(Tracker.attach(params, summary["mlflow_run_id"]), metrics, args)
+    log_evaluation(Tracker.attach(params, summary["mlflow_run_id"]), metrics, summary, args)
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} -> {args.metrics}")
 
 
@@ -151,17 +158,32 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
-def log_evaluation(tracker: Tracker, metrics: dict, args: argparse.Namespace) -> None:
+def run_conditions(summary: dict) -> dict[str, str]:
+    """How the run trained (RUN_CONDITIONS, from its summary) and the precision it was scored in."""
+    return {**{k: summary.get(k, "not recorded") for k in RUN_CONDITIONS}, "eval_precision": EVAL_PRECISION}
+
+
+def evaluation_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers evaluate measured, under their MLflow names (the epochs are the train stage's to log)."""
     # train_/val_ already name the per-epoch series; the best model's values get their own names
     flat = {
         f"final_{k}" if k.startswith(("train_", "val_")) else k: v
         for k, v in metrics.items()
-        if isinstance(v, (int, float))
+        if isinstance(v, (int, float)) and k not in ("best_epoch", "stopped_epoch")
     }
     flat.update({f"test_accuracy/{n}": v for n, v in metrics["per_class_accuracy"].items() if v is not None})
-    # the run's metrics, and with a logged model also that model's (the Models page shows them)
-    tracker.log_metrics(flat, step=metrics["stopped_epoch"], model_id=tracker.logged_model_id())
-    for path in (args.metrics, args.predictions, args.confusion_png):
+    return flat
+
+
+def log_evaluation(tracker: Tracker, metrics: dict, summary: dict, args: argparse.Namespace) -> None:
+    """The run's metrics, and with a logged model also that model's (the Models page shows them), once each."""
+    model_id = tracker.logged_model_id()
+    tracker.log_new_metrics(evaluation_metrics(metrics), step=metrics["stopped_epoch"], model_id=model_id)
+    precisions = {"training_precision": summary.get("precision", "not recorded"), "eval_precision": EVAL_PRECISION}
+    tracker.set_tags({"eval_precision": EVAL_PRECISION})  # the run's `precision` tag is the training's
+    if model_id is not None:
+        tracker.set_model_tags(model_id, precisions)
+    for path in (args.metrics, args.conditions, args.predictions, args.confusion_png):
         tracker.log_artifact(path, EVALUATION_ARTIFACTS)
 
 

@@ -116,6 +116,7 @@ def fit(
         if trial_state:
             sink.tag({STATE_TAG: trial_state})
         sink.finish(progress, state, summary)
+    sink.finalize(progress, state, summary)  # the run has ended (and its system metrics with it)
     return summary
 
 

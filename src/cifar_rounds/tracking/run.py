@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -40,13 +41,9 @@ from cifar_rounds.tracking.store import git_commit, open_client, patiently, repo
 if TYPE_CHECKING:
     import torch
 
-STORE_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
-HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 END_REASON_TAG = "cifar_rounds.end_reason"
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # split part -> MLflow input context
-VERSION_TAGS = ("round", "seed", "dvc_exp_name", "git_commit")  # run tags each registered version carries
 T = TypeVar("T")
 
 
@@ -207,6 +204,24 @@ class Tracker:
         for i in range(0, len(batch), MAX_BATCH):
             self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH]))
 
+    def log_new_metrics(self, metrics: dict[str, float], step: int, model_id: str | None = None) -> None:
+        """`log_metrics` of those values the run does not already hold at `step`.
+
+        A stage that is rerun (after a kill between its logging and DVC's lock file, or forced)
+        logs nothing twice; a value that changed is logged, so the latest is the last measured.
+        """
+        held = {key: self.values_at(key, step) for key in metrics}
+        new = {k: v for k, v in metrics.items() if not any(same_value(float(v), h) for h in held[k])}
+        if new:
+            self.log_metrics(new, step, model_id=model_id)
+
+    def values_at(self, key: str, step: int) -> list[float]:
+        """The values logged for `key` at `step`."""
+        history = patiently(
+            lambda: self.client.get_metric_history(self.run_id, key), "reading the run", self.patience_s
+        )
+        return [m.value for m in history if m.step == step]
+
     def last_step(self, key: str) -> int:
         """The highest step logged for `key` (0 if none): where a resumed run picks up logging."""
         history = patiently(
@@ -242,8 +257,16 @@ class Tracker:
         """The id of this run's READY LoggedModel (its best model), or None when it has none."""
         return ready_model_id(self.client, self.run_id, self._call)
 
+    def set_model_tags(self, model_id: str, tags: dict[str, str]) -> None:
+        self._call("tagging the model", lambda: self.client.set_logged_model_tags(model_id, tags))
+
     def finish(self, status: str = "FINISHED") -> None:
         self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def same_value(a: float, b: float) -> bool:
+    """Equal, or both NaN (MLflow stores NaN as it was logged)."""
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 class NullTracker:
@@ -255,6 +278,7 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics, step, series=None) -> None: ...
+    def log_new_metrics(self, metrics, step, model_id=None) -> None: ...
     def last_step(self, key: str) -> int:
         return 0
 

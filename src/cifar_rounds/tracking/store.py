@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
@@ -30,6 +32,7 @@ from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
 
 STORE_FILE = "mlflow.db"
+STORE_LOCK = f".{STORE_FILE}.lock"  # beside it: held while the store is created, migrated or rebased
 ARTIFACTS_DIR = "mlartifacts"
 HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 SQLITE = "sqlite:///"
@@ -120,21 +123,53 @@ def check_reachable(uri: str, source: str) -> None:
         ) from None
 
 
-def rebase_moved_store(db: Path, root: Path, patience_s: float) -> None:
+# Where MLflow keeps the absolute paths it reads artifacts from (model_versions.source only for
+# path-registered versions; ours are `models:/<id>`). Params, tags and dataset sources also hold
+# paths, but as a record of what a run used: they are left as they were.
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),  # the Default experiment's too (`<root>/mlruns/0`, a plain path)
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def rebase_moved_store(db: Path, root: Path, patience_s: float) -> bool:
     """After the repository was moved or copied, point the local store's artifact paths into it.
 
-    Experiments and runs keep absolute artifact URIs; a copy would otherwise keep writing
-    into the original (or fail where it is gone). Only the default store at the root is rebased.
+    Experiments, runs, logged models and registered versions keep absolute paths; a copy would
+    otherwise read its models from the original, write into it, or fail where it is gone. Only
+    the default store at the root is rebased. Returns whether anything had moved.
     """
     here = (root / ARTIFACTS_DIR).as_uri()
     with patient_sqlite(db, patience_s) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "experiments" not in tables:
-            return
-        for (old,) in con.execute("SELECT artifact_location FROM experiments").fetchall():
-            if old and old.endswith(f"/{ARTIFACTS_DIR}") and old != here and old.startswith("file://"):
-                _replace_prefix(con, tables, old, here)
-                print(f"tracking: the repository moved; artifact paths now under {root / ARTIFACTS_DIR}")
+            return False
+        old_roots = {
+            old.removesuffix(f"/{ARTIFACTS_DIR}")
+            for (old,) in con.execute("SELECT artifact_location FROM experiments").fetchall()
+            if old and old.endswith(f"/{ARTIFACTS_DIR}") and old != here and old.startswith("file://")
+        }
+        for old_root in old_roots:  # as a URI (artifact locations) and as a path (the Default experiment's)
+            for before, after in ((old_root, root.as_uri()), (url2pathname(urlparse(old_root).path), str(root))):
+                _replace_prefix(con, tables, before, after)
+    if old_roots:
+        print(f"tracking: the repository moved; artifact paths now under {root / ARTIFACTS_DIR}")
+    return bool(old_roots)
+
+
+def relocate_store(root: Path, patience_s: float) -> bool:
+    """The repository's own store rebased after a move or copy, as the stages do on opening it; whether it moved."""
+    db = root / STORE_FILE
+    if not db.exists():
+        raise StageError(f"{db}: no MLflow store here; nothing to relocate")
+    with FileLock(str(root / STORE_LOCK)):
+        try:
+            return rebase_moved_store(db, root, patience_s)
+        except sqlite3.DatabaseError as error:
+            raise StageError(f"{db}: not a usable MLflow store ({error})") from None
 
 
 @contextmanager
@@ -161,12 +196,14 @@ def patient_sqlite(db: Path, patience_s: float) -> Iterator[sqlite3.Connection]:
 
 
 def _replace_prefix(con: sqlite3.Connection, tables: set[str], old: str, new: str) -> None:
-    columns = {"experiments": "artifact_location", "runs": "artifact_uri", "logged_models": "artifact_location"}
-    for table, column in columns.items():
+    """`old` (a folder) replaced by `new` at the start of every artifact path under it."""
+    for table, column in ARTIFACT_COLUMNS:
         if table in tables:
+            # substr, not LIKE: a path's own '_' and '%' would be wildcards
             con.execute(
-                f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR {column} LIKE ?",
-                (new, len(old) + 1, old, old + "/%"),
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                (new, len(old) + 1, old, len(old) + 1, old + "/"),
             )
 
 
@@ -192,7 +229,7 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
     local = uri.startswith("sqlite:")
     default_store = uri == f"sqlite:///{root / STORE_FILE}"
     # Two queue workers starting at once would both run the sqlite schema migration.
-    with FileLock(str(root / f".{STORE_FILE}.lock")) if local else nullcontext():
+    with FileLock(str(root / STORE_LOCK)) if local else nullcontext():
         try:
             if default_store and (root / STORE_FILE).exists():
                 rebase_moved_store(root / STORE_FILE, root, params.tracking.store_patience_s)

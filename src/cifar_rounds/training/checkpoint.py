@@ -35,7 +35,7 @@ class Progress:
     run_id: str | None = None
     finished: bool = False  # training is over (last epoch or early stop)
     pruned: bool = False  # it ended because the sweep's pruner stopped this trial
-    finalized: bool = False  # and so is its final logging (model, artifacts, run status)
+    finalized: bool = False  # and so is its final logging (model, artifacts), and the run has ended
     last_grad_norm_steps: dict[int, float] = field(default_factory=dict)  # the last epoch's logged series
     noise: dict = field(default_factory=dict)  # NoiseScale's moving averages
     settings: dict[str, str] = field(default_factory=dict)  # digests of the sections that may change on resume

@@ -2,7 +2,7 @@
 
 `params.yaml` says what to train; these functions decide how this machine runs
 it, and `run_conditions` records what they decided (MLflow tags, the train
-summary, metrics.json and the round report), since `dvc params diff` cannot
+summary, reports/run_conditions.json and the round report), since `dvc params diff` cannot
 show a change of machine.
 """
 

@@ -4,7 +4,8 @@ The training loop hands every epoch to one sink. Rank 0 writes through a `RunSin
 other ranks get a `NullSink`, so the loop has no rank checks. The order within an
 epoch is fixed: checkpoint first, then history, then MLflow; a kill in between is
 repaired on resume (`backfill`). A finished run is finalised once: if a kill lands
-during its final logging, the next start completes that logging and trains nothing.
+during its final logging or before the run has ended, the next start completes that
+logging, ends the run and trains nothing.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class NullSink:
     def epoch(self, progress: Progress, record: dict, state: dict, best: dict | None) -> None: ...
 
     def finish(self, progress: Progress, state: dict, summary: dict) -> None: ...
+
+    def finalize(self, progress: Progress, state: dict, summary: dict) -> None: ...
 
 
 class RunSink:
@@ -174,7 +177,7 @@ class RunSink:
             self.bar.update(1)
 
     def finish(self, progress: Progress, state: dict, summary: dict) -> None:
-        """Rebuild what is derived from the state, complete the final logging once, then the summary."""
+        """Rebuild what is derived from the state and complete the final logging (the run then ends)."""
         if self.bar is not None:
             self.bar.close()
         train = self.params.train
@@ -184,6 +187,14 @@ class RunSink:
         self._ensure_best(state, summary["best_epoch"])
         if not progress.finalized:
             self._log_final(summary, state)
+
+    def finalize(self, progress: Progress, state: dict, summary: dict) -> None:
+        """Once the run has ended: the state marked final, then the summary.
+
+        Marked only now, so that a kill before the run's end leaves a state whose next start
+        completes the final logging and ends the run, rather than one that trusts it ended.
+        """
+        if not progress.finalized:
             progress.finalized = True
             save_atomic({**state, "progress": asdict(progress)}, self.out.last)
         write_json(summary, self.out.summary)
@@ -210,7 +221,8 @@ class RunSink:
     def _log_final(self, summary: dict, state: dict) -> None:
         """Checkpoints (named by epoch), the history, and the best model as a LoggedModel and registered version."""
         t = self.tracker
-        t.log_metrics(
+        # logged here only (evaluate does not repeat them), once however often the final logging restarts
+        t.log_new_metrics(
             {"best_epoch": summary["best_epoch"], "stopped_epoch": summary["stopped_epoch"]}, summary["stopped_epoch"]
         )
         t.log_artifact(self.out.best, CHECKPOINT_ARTIFACTS, best_artifact_name(summary["best_epoch"]))

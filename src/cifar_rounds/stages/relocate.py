@@ -1,0 +1,39 @@
+"""`python -m cifar_rounds.stages.relocate`: after copying or moving the repository, point its MLflow store into it.
+
+The store (`mlflow.db`) keeps absolute paths to `mlartifacts/`. Every stage and report rebases
+them when it opens the store; run this first where MLflow itself is the first to read it in the
+copy (`mlflow models serve`, `mlflow.pytorch.load_model`, `mlflow ui`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.params import load_params
+from cifar_rounds.tracking.store import (
+    ARTIFACTS_DIR,
+    SQLITE,
+    STORE_FILE,
+    relocate_store,
+    repo_root,
+    tracking_uri,
+    uri_source,
+)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    params = load_params()
+    root = repo_root()
+    uri = tracking_uri(params, root)
+    if uri != f"{SQLITE}{root / STORE_FILE}":
+        raise StageError(
+            f"{uri_source(params)}: the store is {uri}, not this repository's {STORE_FILE}: it did not move"
+        )
+    if not relocate_store(root, params.tracking.store_patience_s):
+        print(f"relocate: {root / STORE_FILE} already points into {root / ARTIFACTS_DIR}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
