@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import with_overrides
 from cifar_rounds.stages import train
-from cifar_rounds.tracking.run import Tracker, terminated_on_exit
+from cifar_rounds.tracking.lifecycle import terminated_on_exit
+from cifar_rounds.tracking.run import Tracker
 from cifar_rounds.training.checkpoint import find_resume
 
 from helpers import BAD, env, make_project, read_json, repo_params, run

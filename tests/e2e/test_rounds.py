@@ -17,6 +17,8 @@ from cifar_rounds.search.spec import load_sweep
 
 from helpers import SEED_CHANGES, make_project, run
 
+# the module's rounds (3 seeds each of two rounds) are trained once, inside the first test's time
+pytestmark = pytest.mark.timeout(2700)
 SEEDS = 3  # @champion moves only with 3 distinct seeds per side
 EPOCHS = 3
 LAX_CRITERIA = {"report.min_test_accuracy": 0.0, "report.max_train_test_gap": 1.0, "report.max_val_loss_rise": 1000.0}

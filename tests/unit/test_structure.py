@@ -68,6 +68,7 @@ NOT_DECIDING = {
     "tracking.run": "logs params, metrics, artifacts and the model to MLflow; no output file depends on it",
     "tracking.store": "finds and opens the MLflow store, waiting while it is busy",
     "tracking.registry": "logs and registers the model in MLflow",
+    "tracking.lifecycle": "samples system metrics into the run and ends it on any exit",
 }
 
 

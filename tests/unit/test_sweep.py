@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.analysis.proposals import proposals
 from cifar_rounds.analysis.replicates import Replicate, Round
 from cifar_rounds.analysis.rounds import load_preset, preset_names
-from cifar_rounds.core.params import ParamsError, SweepParams, dump_params, with_overrides, write_yaml
+from cifar_rounds.core.params import ParamsError, SweepParams, dump_params, with_overrides
+from cifar_rounds.core.yamlio import write_yaml
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.trial import NoTrial, StudyTrial, conclude, open_trial
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cifar_rounds.analysis.replicates import Replicate, Round, number
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
-from cifar_rounds.core.params import load_params, with_overrides, write_yaml
+from cifar_rounds.core.params import load_params, with_overrides
+from cifar_rounds.core.yamlio import write_yaml
 
 MEMORISED = 0.99  # train accuracy from which the train-validation gap is memorisation, not underfitting
 BATCH_HEADROOM = 4.0  # B_simple this many times the batch: a larger batch costs little per sample

@@ -23,16 +23,8 @@ from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.inputs import read_text
 from cifar_rounds.core.interrupts import Interrupts, interrupts_caught
-from cifar_rounds.core.params import (
-    PARAMS_FILE,
-    Params,
-    ParamsError,
-    flatten,
-    load_params,
-    params_from_text,
-    read_yaml,
-    with_overrides,
-)
+from cifar_rounds.core.params import PARAMS_FILE, Params, ParamsError, load_params, params_from_text, with_overrides
+from cifar_rounds.core.yamlio import flatten, read_yaml
 
 PRESETS_DIR = Path("rounds")
 EXAMPLE = "-S train.num_epochs=3 -S train.lr_milestones=[1,2]"
@@ -194,8 +186,8 @@ def run_preset(args: argparse.Namespace) -> None:
         run_all(runs, mode, interrupts)
     if args.queue and runs:
         print(
-            "queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); on a CPU, "
-            "give each its share of the cores: OMP_NUM_THREADS=1 dvc queue start -j 2 on 2 cores"
+            "queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); each training "
+            "takes its share of the machine's GPUs or CPU cores by itself"
         )
 
 

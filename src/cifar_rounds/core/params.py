@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from cifar_rounds.core.errors import ParamsError
 from cifar_rounds.core.inputs import FileArgumentError, read_text
+from cifar_rounds.core.yamlio import flatten, read_yaml, unflatten
 
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_TRAIN_SIZE = 50_000
@@ -217,17 +218,6 @@ class Params(Section):
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def all_field_names() -> list[str]:
     """Every dotted field name the params file must hold."""
     return [f"{section}.{name}" for section, f in Params.model_fields.items() for name in f.annotation.model_fields]
@@ -272,17 +262,6 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
     return parse_params(unflatten({**flat, **overrides}), Path("overrides"))
 
 
-def unflatten(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def load_params(path: Path = PARAMS_FILE) -> Params:
     try:
         text = read_text(Path(path), "a params file (YAML sections, as params.yaml)")
@@ -293,27 +272,6 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     return params_from_text(text, Path(path))
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (as DVC does), instead of keeping the last."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(text: str, source: Path) -> object:
-    """Parsed YAML; invalid YAML or a duplicate key is a one-line ParamsError naming `source`."""
-    try:
-        return yaml.load(text, Loader=UniqueKeyLoader)
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
-
-
 def params_from_text(text: str, source: Path) -> Params:
     """Validate params.yaml content read from elsewhere (a git revision, an MLflow artifact)."""
     return parse_params(read_yaml(text, source), source)
@@ -321,12 +279,6 @@ def params_from_text(text: str, source: Path) -> Params:
 
 def dump_params(params: Params, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-
-
-def write_yaml(tree: dict, path: Path, header: str = "") -> None:
-    """A YAML file of plain values (a preset), with an optional comment header."""
-    comment = "".join(f"# {line}\n" for line in header.splitlines())
-    Path(path).write_text(comment + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None))
 
 
 def main() -> None:

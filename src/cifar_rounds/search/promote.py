@@ -18,7 +18,8 @@ from pathlib import Path
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.files import atomic_path
-from cifar_rounds.core.params import ParamsError, unflatten, with_overrides, write_yaml
+from cifar_rounds.core.params import ParamsError, with_overrides
+from cifar_rounds.core.yamlio import unflatten, write_yaml
 from cifar_rounds.search.spec import NAME_PATTERN
 from cifar_rounds.search.study import Driver, counts
 

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cifar_rounds.core.params import Params, ParamsError, read_yaml, with_overrides
+from cifar_rounds.core.params import Params, ParamsError, with_overrides
+from cifar_rounds.core.yamlio import read_yaml
 
 SWEEPS_DIR = Path("sweeps")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a study name that is also a valid DVC experiment prefix

@@ -14,7 +14,6 @@ retried with the same values, and their MLflow runs are ended KILLED.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -186,16 +185,6 @@ def queue_next(d: Driver) -> bool:
     return True
 
 
-def worker_env(workers: int) -> dict[str, str]:
-    """The queue workers' environment: each of `workers` concurrent trials gets its share of the CPU cores.
-
-    By default every torch process starts a thread per core; several on one CPU oversubscribe it,
-    and their spin-waiting threads slow each other many times over. An OMP_NUM_THREADS already
-    set is kept. (GPU trials are not affected.)
-    """
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), **os.environ}
-
-
 def start_workers(workers: int) -> None:
     """`dvc queue start -j workers`, detached: its forked workers must not hold pipes the driver waits on.
 
@@ -211,7 +200,6 @@ def start_workers(workers: int) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=worker_env(workers),
         )
 
 

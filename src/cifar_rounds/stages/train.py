@@ -24,7 +24,8 @@ from cifar_rounds.core.names import TRAINER_LOCK
 from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.search.trial import STATE_TAG, NoTrial, open_trial
-from cifar_rounds.tracking.run import dataset_inputs, system_metrics
+from cifar_rounds.tracking.lifecycle import system_metrics
+from cifar_rounds.tracking.run import dataset_inputs
 from cifar_rounds.tracking.store import repo_root, tracking_uri
 from cifar_rounds.training.checkpoint import (
     Outputs,

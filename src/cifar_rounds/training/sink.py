@@ -23,7 +23,8 @@ from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.files import atomic_path, write_json
 from cifar_rounds.core.names import CHECKPOINT_ARTIFACTS, PARAMS_ARTIFACTS
 from cifar_rounds.core.params import PARAMS_FILE, Params
-from cifar_rounds.tracking.run import NullTracker, Tracker, terminated_on_exit
+from cifar_rounds.tracking.lifecycle import terminated_on_exit
+from cifar_rounds.tracking.run import NullTracker, Tracker
 from cifar_rounds.training.checkpoint import Outputs, Progress, Resume, best_weights, load_checkpoint, save_atomic
 from cifar_rounds.training.model import build_model
 
