@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import free_port, serving
+from helpers import tracking_server
 
 
 def pytest_configure(config) -> None:
@@ -37,24 +36,7 @@ def archive(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    url = f"http://127.0.0.1:{free_port()}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        url.rsplit(":", 1)[1],
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path}/server.db",
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-    ]
-    with serving(cmd, tmp_path, f"{url}/health", 90):
+    with tracking_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as url:
         yield url
 
 

@@ -102,6 +102,30 @@ def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **ext
                 proc.wait()
 
 
+@contextmanager
+def tracking_server(backend: str, artifacts: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over `backend`, artifacts in `artifacts`; started and stopped here; its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        url.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str(artifacts),
+    ]
+    with serving(cmd, artifacts.parent, f"{url}/health", 180):
+        yield url
+
+
 # the seven values round 2 of the founding analysis changes from round 1
 SEED_CHANGES = {
     "train.learning_rate",

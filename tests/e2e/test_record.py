@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -23,7 +24,7 @@ from cifar_rounds.data.augment import eval_batches
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import make_project, read_json, repository_copy, run
+from helpers import free_port, make_project, read_json, repository_copy, run, serving
 
 MODEL = "cifar-rounds-resnet18"
 TINY = {
@@ -272,6 +273,21 @@ print(model(torch.zeros(2, 3, 32, 32)).shape)
         [sys.executable, "-c", textwrap.dedent(load)], tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{copy}/mlflow.db"
     )
     assert result.stdout.strip().endswith("torch.Size([2, 10])"), result.stderr[-3000:]
+
+    # served from the copy, as `mlflow models serve` runs it
+    url = f"http://127.0.0.1:{free_port()}"
+    serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
+    serve += ["--env-manager", "local", "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1], "-w", "1"]
+    with serving(serve, copy, f"{url}/ping", 180, MLFLOW_TRACKING_URI=f"sqlite:///{copy}/mlflow.db"):
+        body = json.dumps({"inputs": torch.zeros(2, 3, 32, 32).tolist()}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert torch.tensor(json.loads(response.read())["predictions"]).shape == (2, 10)
+
+    # and the report reads the run's evaluation from the copy's own artifacts
+    run_id = read_json(copy / "metrics.json")["mlflow_run_id"]
+    run([sys.executable, "-m", "cifar_rounds.analysis.report", run_id, run_id, "--out", "reports/copy.md"], copy)
+    assert run_id in (copy / "reports" / "copy.md").read_text()
 
 
 def store_paths(project) -> list[str]:

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import env, free_port, make_project, run, serving
+from helpers import env, free_port, make_project, run, tracking_server
 
 PG_USER = "cifar-rounds-pg"  # PostgreSQL refuses to run as root: as root, the server runs as this user
 TRIALS = 4
@@ -120,29 +120,6 @@ def postgresql() -> Postgres:
         if server is not None:
             server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextmanager
-def tracking_server(backend: str, artifacts: Path) -> str:
-    url = f"http://127.0.0.1:{free_port()}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        url.rsplit(":", 1)[1],
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        backend,
-        "--artifacts-destination",
-        str(artifacts),
-    ]
-    with serving(cmd, artifacts.parent, f"{url}/health", 180):
-        yield url
 
 
 def machine(origin: Path, target: Path) -> Path:
