@@ -19,7 +19,8 @@ OVERRIDES = {"train.weight_decay": 0.0, "train.learning_rate": 0.01, "train.pati
 
 def every_proposal() -> Replicate:
     """A replicate of round-2 that crosses every proposal's line: memorised, stopped early, small batch, sharp."""
-    params = with_overrides(load_params(), {**load_preset("round-2"), "tracking.round": "round-2", **OVERRIDES})
+    values = {**load_preset("round-2"), "tracking.round": "round-2", "tracking.preset": "round-2", **OVERRIDES}
+    params = with_overrides(load_params(), values)
     history = [
         {
             "epoch": e,

@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     input_file(args.split, "the split stage's .npz")
     input_folder(args.models, "the train stage's checkpoint folder")
-    input_file(args.summary, "the train stage's summary JSON")
+    input_file(args.summary, "the train stage's summary JSON (rerun the train stage to write it)")
     for path, what in (
         (args.metrics, "the metrics JSON"),
         (args.predictions, "the predictions CSV"),
