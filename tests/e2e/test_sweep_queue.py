@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import env, make_project, read_json, run
+from helpers import env, make_project, read_json, run, wait_for_queue_workers_to_exit
 
 TRIAL_SETTINGS = {
     "data.val_size": 100,
@@ -94,16 +94,6 @@ def _kill_a_running_trial(project: Path) -> str:
     raise AssertionError("no trial was queued or running to be killed")
 
 
-def _wait_for_workers_to_exit(project: Path) -> None:
-    """DVC's queue workers (started through the sweep) leave by themselves once the queue is empty."""
-    deadline = time.time() + 120
-    while (
-        "Worker status: 0 active, 0 idle" not in run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout
-    ):
-        assert time.time() < deadline
-        time.sleep(2)
-
-
 def share_with_two_running(spans: list[tuple[int, int]]) -> float:
     """Of the time from the first span's start to the last one's end, the share covered by two spans or more."""
     events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # an end before a start
@@ -147,7 +137,7 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     driver.wait()
     killed = _kill_a_running_trial(project)  # and a worker's experiment, SIGKILLed through DVC
     out = run(cmd + ["--promote", "s-best"], project).stdout
-    _wait_for_workers_to_exit(project)
+    wait_for_queue_workers_to_exit(project)
 
     trials = _trials(project)
     retried = [t for t in trials if t.user_attrs.get("retried")]

@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import sys
-import time
-from pathlib import Path
 
 import dvc.api
 import optuna
@@ -18,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import REPO, make_project, read_json, run
+from helpers import REPO, make_project, read_json, run, wait_for_queue_workers_to_exit
 
 FIXED = {"train.num_epochs": 3, "train.lr_milestones": [2], "train.patience": 3}
 SWEEP = {
@@ -42,16 +40,6 @@ QUICK = {
 }
 
 
-def _wait_for_workers_to_exit(project: Path) -> None:
-    """DVC's queue workers (started through the sweep) leave by themselves once the queue is empty."""
-    deadline = time.time() + 120
-    while (
-        "Worker status: 0 active, 0 idle" not in run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout
-    ):
-        assert time.time() < deadline
-        time.sleep(2)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_trial_with_the_committed_runs_values_trains_and_reports_its_monitors_best_epoch(tmp_path):
@@ -67,7 +55,7 @@ def test_a_trial_with_the_committed_runs_values_trains_and_reports_its_monitors_
     last_pt = (project / "models" / "last.pt").read_bytes()
 
     out = run([sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/w.yaml"], project).stdout
-    _wait_for_workers_to_exit(project)
+    wait_for_queue_workers_to_exit(project)
 
     (trial,) = optuna.load_study(study_name="w", storage=f"sqlite:///{project}/optuna.db").trials
     assert trial.params == {"train.learning_rate": 0.05, "train.batch_size": "96"}  # the committed values
