@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -534,3 +536,30 @@ def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, 
         assert configuration(trial) == configuration(ran), path.stem
     patience = yaml.safe_load((tmp_path / "next" / "patience.yaml").read_text())["space"]["train.patience"]
     assert patience["low"] <= ran["train.patience"] <= patience["high"]
+
+
+def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_left(tmp_path, monkeypatch):
+    from cifar_rounds.core.errors import StageError
+    from cifar_rounds.search import sweep as driver
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setattr(driver, "QUEUE_PAUSE_S", 0.0)
+    lock = tmp_path / ".git" / "index.lock"
+    lock.parent.mkdir()
+    lock.touch()
+    answers = []
+
+    def dvc(cmd, **kwargs):  # git's index stays locked while the lock file is there
+        answers.append(lock.exists())
+        locked = "ERROR: unexpected error - the index is locked; this might be due to a concurrent process\n"
+        return subprocess.CompletedProcess(cmd, 255 if lock.exists() else 0, "", locked if lock.exists() else "")
+
+    monkeypatch.setattr(driver.subprocess, "run", dvc)
+    # a fresh lock is another process's: waited for, never removed, and in the end one line
+    with pytest.raises(StageError, match="dvc exp run --queue failed for s-t004: ERROR: unexpected error - the index"):
+        driver.queue_experiment("s-t004", {})
+    assert answers == [True] * driver.QUEUE_TRIES and lock.exists()
+    os.utime(lock, (time.time() - 60, time.time() - 60))  # left by a killed process
+    answers.clear()
+    driver.queue_experiment("s-t004", {})
+    assert answers == [True, False] and not lock.exists()

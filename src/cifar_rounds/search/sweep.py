@@ -36,6 +36,8 @@ from cifar_rounds.tracking.run import END_REASON_TAG
 from cifar_rounds.tracking.store import repo_root
 
 POLL_S = 5.0
+QUEUE_TRIES, QUEUE_PAUSE_S = 6, 5.0  # queueing waits this long in all for a git index another process holds
+STALE_LOCK_S = 30.0  # git holds .git/index.lock for moments: one this old was left by a killed process
 # DVC moves a finished experiment between its queue's lists: for a moment the queue knows it under no
 # state, before or after its experiment is saved. Only an entry missing this long (and unsaved) is lost.
 LOST_AFTER_S = 30.0
@@ -175,14 +177,31 @@ def queue_next(d: Driver) -> bool:
         print(f"sweep: trial {trial.number} has invalid values ({error}); marked FAIL")
         d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return True
-    result = subprocess.run(
-        exp_run_command(d.trial_name(trial.number), values, ["--queue"]), capture_output=True, text=True
-    )
-    if result.returncode != 0:
+    try:
+        queue_experiment(d.trial_name(trial.number), values)
+    except StageError:
         d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        raise StageError(f"dvc exp run --queue failed for {d.trial_name(trial.number)}: {result.stderr.strip()[-300:]}")
+        raise
     print(f"sweep: queued trial {trial.number} as {d.trial_name(trial.number)}")
     return True
+
+
+def queue_experiment(name: str, values: dict[str, object]) -> None:
+    """`dvc exp run --queue`, waiting out a git index that another process holds (a worker saving its
+    experiment); an index lock old enough to be a killed process's (a driver killed while queueing) goes."""
+    for attempt in range(1, QUEUE_TRIES + 1):
+        result = subprocess.run(exp_run_command(name, values, ["--queue"]), capture_output=True, text=True)
+        locked = "index is locked" in result.stderr
+        if result.returncode == 0 or not locked or attempt == QUEUE_TRIES:
+            break
+        lock = repo_root() / ".git" / "index.lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            print(f"sweep: removed {lock}, left {STALE_LOCK_S:.0f} s and more ago by a process that was killed")
+        time.sleep(QUEUE_PAUSE_S)
+    if result.returncode != 0:
+        said = [line for line in result.stderr.splitlines() if line.strip() and "dvc.org/support" not in line]
+        raise StageError(f"dvc exp run --queue failed for {name}: {(said or ['no output'])[-1][:200]}")
 
 
 def start_workers(workers: int) -> None:
