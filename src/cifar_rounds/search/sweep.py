@@ -46,6 +46,7 @@ QUEUE_STATUS_TRIES, QUEUE_STATUS_PAUSE_S = 3, 5.0  # `dvc queue status` asked ag
 
 
 ORPHANED = "Orphaned"  # Running in DVC's queue, with no worker active to run it
+ORPHANED_ATTR, MAX_ORPHANED = "orphaned", 3  # how often a trial's values were orphaned; retried up to this
 
 
 def parse_queue_status(out: str) -> dict[str, str] | None:
@@ -134,11 +135,15 @@ def settle(d: Driver) -> list[int]:
         if state in (None, ORPHANED) and d.missing_for(t.number) < LOST_AFTER_S:
             alive.append(t.number)  # perhaps between the queue's lists, or a worker starting: looked at again
             continue
-        # lost by a killed driver or worker, or by the queue itself: tried again once with the same values
-        retry = (t.number in d.inherited or state == ORPHANED) and "retry_of" not in t.user_attrs
+        # lost by a killed driver or worker: tried again once with the same values; orphaned by the queue
+        # itself (no fault of the trial's): tried again up to MAX_ORPHANED times
+        orphaned = t.user_attrs.get(ORPHANED_ATTR, 0) + (state == ORPHANED)
+        retry = (state == ORPHANED and orphaned <= MAX_ORPHANED) or (
+            t.number in d.inherited and "retry_of" not in t.user_attrs
+        )
         if retry:
             attrs = {k: v for k, v in t.user_attrs.items() if k != QUEUE_ATTR}
-            d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+            d.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number, ORPHANED_ATTR: orphaned})
             d.mark_retried(t.number)
         print(
             f"sweep: trial {t.number} ({name}) {'was lost' if state is None else state.lower()}"
@@ -230,7 +235,9 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     d.inherited = {t.number for t in d.study.get_trials(deepcopy=False) if t.state == running and d.ours(t)}
     alive = settle(d)
     while True:
-        while len(alive) < workers and queue_next(d):
+        # one trial more than the workers waits in the queue: a worker that finds the queue empty shuts down,
+        # and one handed a task as it shuts down orphans it (a DVC race); the busy share gains too
+        while len(alive) < workers + 1 and queue_next(d):
             alive = settle(d)
         if not alive:
             break
