@@ -3,8 +3,8 @@
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or
 any database URL, which lets drivers on several machines share one study). The
 driver asks the study for a trial, queues it as the named DVC experiment
-STUDY-t007 with every value set (`-S`), and keeps `--workers` trials in DVC's
-queue at a time. The train stage reports each epoch to its trial and stops when
+STUDY-t007 with every value set (`-S`), and keeps `--workers` trials running in
+DVC's queue and one more waiting. The train stage reports each epoch to its trial and stops when
 the pruner says so; it tells the study the result. Each trial is one MLflow run
 under the sweep's parent run. Killed and run again, the driver continues the
 same study: trials left RUNNING whose experiment is gone are marked FAIL and
