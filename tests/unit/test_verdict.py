@@ -13,13 +13,12 @@ from cifar_rounds.analysis.seeds import (
     power_limit,
     recommended_seeds,
 )
+from cifar_rounds.analysis.summary import format_mean_std, mean_std
 from cifar_rounds.analysis.verdict import (
     compare_configs,
     difference_variance,
-    format_mean_std,
     mcnemar_exact,
     mcnemar_interval,
-    mean_std,
     seeds_verdict,
     t_pvalue,
     t_quantile,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 from cifar_rounds.analysis.replicates import Replicate, Round
-from cifar_rounds.analysis.verdict import MeanStd, mean_std, t_quantile
+from cifar_rounds.analysis.summary import MeanStd, mean_std
+from cifar_rounds.analysis.verdict import t_quantile
 from cifar_rounds.core.params import ReportParams
 
 # Distinct seeds per side before @champion moves. With 2 the configuration verdict is slightly

@@ -37,7 +37,8 @@ from cifar_rounds.analysis.criteria import passes, policy_lines, seeds_line, val
 from cifar_rounds.analysis.details import round_section
 from cifar_rounds.analysis.proposals import next_round_lines
 from cifar_rounds.analysis.replicates import ArtifactPaths, Round, find_round, number
-from cifar_rounds.analysis.verdict import Verdict, compare_configs, format_mean_std, mean_std, wilson_interval
+from cifar_rounds.analysis.summary import format_mean_std, mean_std
+from cifar_rounds.analysis.verdict import Verdict, compare_configs, wilson_interval
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
