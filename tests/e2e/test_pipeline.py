@@ -81,6 +81,10 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(project):
     assert r.data.params == {k: str(v) for k, v in params.flat().items()}
     assert {"git_commit", "device", "torch_version", "params_digest"} <= r.data.tags.keys()
     assert r.data.tags["params_digest"] == params.digest()
+    # where it ran on the machine: a leased CPU place (training/lease.py), in the tags and the summary
+    summary = read_json(project / "reports/train_summary.json")
+    assert r.data.tags["device_index"] == summary["device_index"] == "cpu"
+    assert r.data.tags["device_slots"].endswith("CPU training(s) at start")
     resolved = amp_dtype(params.train.precision, torch.device("cpu"))
     assert r.data.tags["precision"] == ("bf16" if resolved is torch.bfloat16 else "fp32")
     metrics = read_json(project / "metrics.json")
