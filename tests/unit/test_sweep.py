@@ -181,19 +181,19 @@ def test_a_study_name_used_by_another_space_is_refused(tmp_path, monkeypatch):
     )
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path}/optuna.db"
-    study, _, created = open_study(first, url)
+    study, _, created = open_study(first, url, 60.0)
     assert created
     study.set_user_attr("space_digest", first.digest())
-    assert open_study(first, url)[2] is False  # the same space continues
+    assert open_study(first, url, 60.0)[2] is False  # the same space continues
     with pytest.raises(StageError, match="study 'r3' .* was created from another search space"):
-        open_study(wider, url)
+        open_study(wider, url, 60.0)
 
 
 def test_a_run_without_a_sweep_imports_no_optuna():
     code = (
         "import sys; from cifar_rounds.search.trial import open_trial; from "
         "cifar_rounds.core.params import SweepParams; "
-        "t = open_trial(SweepParams(study=None, trial=None, storage=None)); "
+        "t = open_trial(SweepParams(study=None, trial=None, storage=None), 60.0); "
         "assert t.report(1, {'val_accuracy': 0.5}) is False and t.tags() == {}; print('optuna' in sys.modules)"
     )
     assert run([sys.executable, "-c", code], REPO).stdout.strip() == "False"
@@ -392,14 +392,14 @@ def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_co
     # two good trials complete; train.monitor (val_loss) chose epoch 3 in both: their checkpoints are evaluated
     for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):
         number = study.ask().number
-        trial = open_trial(SweepParams(study="s", trial=number, storage=url))
+        trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
         assert isinstance(trial, StudyTrial)
         assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
         assert trial.finish(pruned=False, best_epoch=3) == "COMPLETE"
         assert study.trials[number].state.name == "RUNNING"  # until the driver sees the experiment succeed
         assert conclude(study, number) == "COMPLETE"
     number = study.ask().number
-    trial = open_trial(SweepParams(study="s", trial=number, storage=url))
+    trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
     assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up: never pruned
     assert trial.report(2, {"val_accuracy": 0.1}) is True  # far below the median at epoch 2
     assert trial.finish(pruned=True, best_epoch=1) == "PRUNED" and conclude(study, number) == "PRUNED"
@@ -409,7 +409,7 @@ def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_co
     # the value at the monitor's best epoch (0.6), not the best of all epochs (0.7)
     assert states == [("COMPLETE", 0.6), ("COMPLETE", 0.8), ("PRUNED", 0.1), ("FAIL", None)]
     # a finished trial is not reported to again (an applied experiment rerun later)
-    assert isinstance(open_trial(SweepParams(study="s", trial=0, storage=url)), NoTrial)
+    assert isinstance(open_trial(SweepParams(study="s", trial=0, storage=url), 60.0), NoTrial)
 
 
 def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
@@ -417,7 +417,7 @@ def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
 
     _, url = _study_with_pruner(tmp_path, monkeypatch)
     with pytest.raises(StageError, match="sweep: study 'nope' has no trial 3"):
-        open_trial(SweepParams(study="nope", trial=3, storage=url))
+        open_trial(SweepParams(study="nope", trial=3, storage=url), 60.0)
 
 
 def _replicate(

@@ -11,14 +11,17 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from mlflow.exceptions import MlflowException
 
 from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
 from cifar_rounds.search.spec import Sweep
+from cifar_rounds.search.storage import patient_storage, shown
 from cifar_rounds.search.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, study_storage
 from cifar_rounds.tracking.store import open_client, patiently, repo_root
 
@@ -90,28 +93,26 @@ class Driver:
         return values
 
 
-def open_storage(url: str, attempts: int = 5):
-    """Optuna's storage at `url`. Drivers starting together on a new database race to create its tables:
-    the one that loses retries, and finds them made."""
-    import optuna
-
+def open_storage(url: str, patience_s: float, attempts: int = 5):
+    """Optuna's storage at `url`, each call retried while the database is unreachable. Drivers starting
+    together on a new database race to create its tables: the one that loses retries, and finds them made."""
     for attempt in range(attempts):
         try:
-            return optuna.storages.get_storage(url)
+            return patient_storage(url, patience_s, wait_to_open=False)
         except Exception as error:
             first = str(error).splitlines()[0][:160]
             if attempt + 1 < attempts and ("duplicate key" in first or "already exists" in first):
                 time.sleep(1.0 + attempt)
                 continue
-            raise StageError(f"sweep storage: cannot open {url} ({first})") from None
+            raise StageError(f"sweep storage: cannot open {shown(url)} ({first})") from None
 
 
-def open_study(sweep: Sweep, url: str, driver: str = ""):
+def open_study(sweep: Sweep, url: str, patience_s: float, driver: str = ""):
     """Create or continue the study; a study of the same name with another space is refused."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(url)
+    storage = open_storage(url, patience_s)
     study = optuna.create_study(
         storage=storage,
         study_name=sweep.study,
@@ -125,7 +126,7 @@ def open_study(sweep: Sweep, url: str, driver: str = ""):
     known = study.user_attrs.get(DIGEST_ATTR)
     if known is not None and known != sweep.digest():
         raise StageError(
-            f"study {sweep.study!r} in {url} was created from another search space "
+            f"study {sweep.study!r} in {shown(url)} was created from another search space "
             f"(space digest {known}, this file's {sweep.digest()}); choose another `study:` name"
         )
     return study, storage, known is None
@@ -156,7 +157,7 @@ def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
 
 def new_driver(sweep: Sweep, base: Params) -> Driver:
     url, queue = study_storage(sweep.storage, repo_root()), f"{socket.gethostname()}:{repo_root()}"
-    study, storage, created = open_study(sweep, url, queue)
+    study, storage, created = open_study(sweep, url, base.tracking.store_patience_s, queue)
     client, parent = start_parent_run(sweep, base, study)
     if created:
         study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
@@ -169,7 +170,7 @@ def new_driver(sweep: Sweep, base: Params) -> Driver:
                 skip_if_exists=True,
             )
         study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
-    print(f"sweep: study {sweep.study!r} in {url}; MLflow parent run {parent}")
+    print(f"sweep: study {sweep.study!r} in {shown(url)}; MLflow parent run {parent}")
     return Driver(sweep, base, study, storage, client, parent, queue)
 
 
@@ -195,4 +196,8 @@ def sweep_run_ended(d: Driver) -> Iterator[None]:
         status = "KILLED"
         raise
     finally:
-        d.store("ending the sweep's run", lambda: d.client.set_terminated(d.parent_run_id, status))
+        if status == "FAILED":  # the error may be the store's own: tried once, and the next driver ends it
+            with suppress(MlflowException):
+                d.client.set_terminated(d.parent_run_id, status)
+        else:
+            d.store("ending the sweep's run", lambda: d.client.set_terminated(d.parent_run_id, status))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import SweepParams
+from cifar_rounds.search.storage import patient_storage, shown
 from cifar_rounds.tracking.store import repo_root, root_sqlite_url
 
 STUDY_FILE = "optuna.db"
@@ -91,8 +92,9 @@ def conclude(study, number: int) -> str:
     return state.name
 
 
-def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
-    """The trial params.yaml names, if it is still running; one line and no reporting otherwise."""
+def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
+    """The trial params.yaml names, if it is still running; one line and no reporting otherwise. Its storage
+    calls wait for an unreachable database for up to `patience_s` seconds."""
     if sp.study is None:
         return NoTrial()
     import optuna
@@ -103,13 +105,15 @@ def open_trial(sp: SweepParams) -> NoTrial | StudyTrial:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = study_storage(sp.storage, repo_root())
     try:
-        storage = optuna.storages.get_storage(url)
+        storage = patient_storage(url, patience_s, wait_to_open=True)  # the database may restart mid-sweep
         study_id = storage.get_study_id_from_name(sp.study)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, sp.trial)
     except KeyError:
-        raise StageError(f"sweep: study {sp.study!r} has no trial {sp.trial} in {url}") from None
-    except Exception as error:  # an unreachable database: say which, in one line
-        raise StageError(f"sweep.storage: cannot open {url} ({str(error).splitlines()[0][:160]})") from None
+        raise StageError(f"sweep: study {sp.study!r} has no trial {sp.trial} in {shown(url)}") from None
+    except StageError:
+        raise
+    except Exception as error:  # not a database: say which, in one line
+        raise StageError(f"sweep.storage: cannot open {shown(url)} ({str(error).splitlines()[0][:160]})") from None
     attrs = storage.get_study_user_attrs(study_id)
     pruner = TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build()
     study = optuna.Study(study_name=sp.study, storage=storage, pruner=pruner)

@@ -76,7 +76,8 @@ def fit(
         if world.is_main
         else NullSink()
     )
-    trial = open_trial(params.sweep) if world.is_main and not progress.finalized else NoTrial()  # rank 0 reports
+    reports = world.is_main and not progress.finalized  # rank 0 reports to the trial
+    trial = open_trial(params.sweep, params.tracking.store_patience_s) if reports else NoTrial()
     sink.tag(trial.tags())
     sink.tag(rank_nodes(world))
     placement = lease.conditions() if lease is not None else {}

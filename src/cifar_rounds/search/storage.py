@@ -1,0 +1,108 @@
+"""The study's storage, as the driver and the trials open it: every call waits out a database that went away.
+
+A shared study lives in a database server (PostgreSQL, MySQL) that may restart during a night's
+sweep. Each storage call that finds the database unreachable (a connection refused or cut, a
+locked sqlite file) is tried again, with one line printed per outage, for up to
+`tracking.store_patience_s`, the patience the MLflow store gets; past that the process stops with
+one line naming the storage, and the same command continues the study. Every other error is
+raised as it is. Optuna is imported only here and only when a storage is opened.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from cifar_rounds.core.errors import StageError
+
+RETRY_CAP_S = 5.0  # the longest pause between two tries: a database back is used within seconds
+T = TypeVar("T")
+
+
+def shown(url: str) -> str:
+    """The URL as messages show it: without its password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def unreachable(error: BaseException) -> str | None:
+    """The first line of the database error in `error`'s chain that waiting can cure; None if there is none."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (OperationalError, InterfaceError)) or (
+            isinstance(seen, DBAPIError) and seen.connection_invalidated
+        ):
+            return str(seen).strip().splitlines()[0][:160]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def retried(call: Callable[[], T], url: str, patience_s: float) -> T:
+    """`call()`, tried again while the database is unreachable, for up to `patience_s` seconds."""
+    deadline, delay, told = time.monotonic() + patience_s, 0.5, False
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            why = unreachable(error)
+            if why is None:
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StageError(
+                    f"sweep: the study's storage {shown(url)} stayed unreachable for {patience_s:.0f} s ({why}); "
+                    "run the same command again to continue the study"
+                ) from None
+            if not told:
+                print(
+                    f"sweep: the study's storage {shown(url)} is unreachable ({why}); retrying for up to "
+                    f"{patience_s:.0f} s (tracking.store_patience_s)",
+                    flush=True,
+                )
+                told = True
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_CAP_S)
+
+
+@functools.cache
+def patient_storage_class() -> type:
+    """A BaseStorage whose every public call is `retried` on the storage it wraps (built once, on first use:
+    Optuna is imported only by sweeps)."""
+    from optuna.storages import BaseStorage
+
+    def delegate(name: str) -> Callable:
+        def call(self, *args, **kwargs):
+            return retried(lambda: getattr(self.inner, name)(*args, **kwargs), self.url, self.patience_s)
+
+        call.__name__ = name
+        return call
+
+    class PatientStorage(BaseStorage):
+        def __init__(self, inner: BaseStorage, url: str, patience_s: float) -> None:
+            self.inner, self.url, self.patience_s = inner, url, patience_s
+
+    for name, member in vars(BaseStorage).items():
+        if callable(member) and not name.startswith("_"):
+            setattr(PatientStorage, name, delegate(name))
+    return abc.update_abstractmethods(PatientStorage)
+
+
+def patient_storage(url: str, patience_s: float, wait_to_open: bool):
+    """Optuna's storage at `url`, each call retried. A driver starting opens it at once (a wrong URL is one
+    line now, not after the patience); a trial, started mid-sweep, waits for the database to open it too."""
+    import optuna
+
+    def opened():
+        return optuna.storages.get_storage(url)
+
+    inner = retried(opened, url, patience_s) if wait_to_open else opened()
+    return patient_storage_class()(inner, url, patience_s)
