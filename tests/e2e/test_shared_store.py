@@ -6,27 +6,22 @@ experiments travel through a shared git and DVC remote to a third clone, which c
 """
 
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-import pgserver
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import env, free_port, make_project, run, tracking_server
+from helpers import env, make_project, run, tracking_server
+from pg import postgresql
 
-PG_USER = "cifar-rounds-pg"  # PostgreSQL refuses to run as root: as root, the server runs as this user
 TRIALS = 4
 SMALL = {
     "data.val_size": 60,
@@ -40,86 +35,6 @@ SMALL = {
     "tracking.log_model": False,
     "tracking.system_metrics_interval_s": 0,
 }
-
-
-def server_user() -> str | None:
-    """The unprivileged user the server runs as when this process is root (created once); None otherwise."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(PG_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", PG_USER], check=True)
-    return PG_USER
-
-
-class Postgres:
-    """A PostgreSQL server on 127.0.0.1 from pgserver's binaries, in a folder its user owns; started and stopped
-    (by its own process group) by the test."""
-
-    def __init__(self, folder: Path) -> None:
-        user = server_user()
-        package = Path(pgserver.__file__).parent
-        self.folder, self.bin = folder, folder / "pgserver" / "pginstall" / "bin"
-        # copies the server's user can read (the checkout may not be); the binaries find their libraries
-        # relative to themselves ($ORIGIN/../../../pgserver.libs)
-        shutil.copytree(package / "pginstall", folder / "pgserver" / "pginstall")
-        shutil.copytree(package.parent / "pgserver.libs", folder / "pgserver.libs")
-        self.as_user = ["runuser", "-u", user, "--"] if user else []
-        if user:
-            for path in [folder, *folder.rglob("*")]:
-                shutil.chown(path, user)
-        self.port, self.proc = free_port(), None
-        initdb = [*self.as_user, self.bin / "initdb", "-D", folder / "data", "-U", "postgres", "--auth=trust"]
-        subprocess.run(initdb, check=True, capture_output=True)
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
-
-    def start(self) -> None:
-        log = open(self.folder / "server.log", "a")
-        data, port = self.folder / "data", str(self.port)
-        cmd = [*self.as_user, self.bin / "postgres", "-D", data, "-h", "127.0.0.1", "-p", port, "-k", self.folder]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        deadline = time.time() + 60
-        ready = [self.bin / "pg_isready", "-h", "127.0.0.1", "-p", port]
-        while subprocess.run(ready, capture_output=True).returncode != 0:
-            assert self.proc.poll() is None and time.time() < deadline, self.log()
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown of this server and its workers only
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def create(self, database: str) -> None:
-        psql = [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
-        subprocess.run([*psql, "-qc", f"CREATE DATABASE {database}"], check=True, capture_output=True)
-
-    def log(self) -> str:
-        return (self.folder / "server.log").read_text()[-2000:]
-
-
-@contextmanager
-def postgresql() -> Postgres:
-    folder = Path(tempfile.mkdtemp(prefix="cifar-rounds-pg-"))
-    server = None
-    try:
-        server = Postgres(folder)
-        server.start()
-        for database in ("optuna", "mlflow"):
-            server.create(database)
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def machine(origin: Path, target: Path) -> Path:
@@ -150,6 +65,8 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
             "pruner": {"kind": "none"},
         }
         (first / "sweeps" / "team.yaml").write_text(yaml.safe_dump(sweep))
+        # the same search from one machine with the same total workers, for the wall-time comparison
+        (first / "sweeps" / "solo.yaml").write_text(yaml.safe_dump({**sweep, "study": "solo"}))
         run(["git", "add", "-A"], first)
         run(["git", "commit", "-qm", "team sweep"], first)
         run(["git", "remote", "add", "origin", str(origin)], first)
@@ -184,6 +101,11 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
         assert len(counted) == TRIALS and all(t.state.name == "COMPLETE" for t in counted)  # the budget, across both
         machines = {t.user_attrs["queue"] for t in counted}
         print("trials per machine:", {q: sum(t.user_attrs["queue"] == q for t in counted) for q in machines})
+        started = time.time()
+        run([*cmd[:3], "sweeps/solo.yaml", "--workers", "2"], first, **shared)
+        solo = optuna.load_study(study_name="solo", storage=pg.url("optuna"))
+        assert [t.state.name for t in solo.trials] == ["COMPLETE"] * TRIALS
+        print(f"one driver, two workers: the study's {TRIALS} trials in {time.time() - started:.0f} s")
         client = MlflowClient(server)
         experiment = client.get_experiment_by_name("cifar-rounds").experiment_id
         runs = [r for r in client.search_runs([experiment], "tags.sweep = 'team'") if "sweep.trial" in r.data.tags]

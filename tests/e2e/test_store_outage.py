@@ -1,0 +1,166 @@
+"""A sweep on a shared PostgreSQL survives the database going away: waited out within the patience; past it,
+every process stops in one line naming the storage, and the same command continues the study."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.search.trial import BEST_EPOCH_ATTR as BEST_EPOCH
+
+from helpers import env, make_project, run, tracking_server
+from pg import postgresql
+
+OUTAGE_S, PATIENCE_S = 15, 45  # a restart the processes wait out; a patience a longer outage exceeds
+SMALL = {
+    "data.val_size": 60,
+    "model.width": 8,
+    "train.batch_size": 60,
+    "train.num_epochs": 2,
+    "train.lr_milestones": [1],
+    "train.patience": 2,
+    "diagnostics.noise_scale": False,
+    "diagnostics.sharpness": False,
+    "tracking.log_model": False,
+    "tracking.system_metrics_interval_s": 0,
+}
+TRIALS = 4  # two caught by the short outage, then two more, one of which the long outage stops
+QUIET_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # MLflow's own retries (4 min by default) kept short
+
+
+def study_trials(url: str) -> list:
+    """The study's trials; none before the driver has created it."""
+    try:
+        return optuna.load_study(study_name="night", storage=url).trials
+    except Exception:  # no tables yet, or no study
+        return []
+
+
+def wait_for(what: str, condition, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(1)
+
+
+def queue_busy(project: Path) -> bool:
+    status = run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout.splitlines()
+    return any(line.endswith(("Running", "Queued")) for line in status)
+
+
+def trial_logs(project: Path, numbers) -> dict[int, str]:
+    """What each trial's experiment printed (`dvc queue logs`)."""
+    logs = {}
+    for n in numbers:
+        result = run([sys.executable, "-m", "dvc", "queue", "logs", f"night-t{n:03d}"], project, check=False)
+        logs[n] = result.stdout + result.stderr
+    return logs
+
+
+def stall_after(client: MlflowClient, run_id: str, restarted: float) -> tuple[float, float]:
+    """The run's longest pause between two epochs beyond its median one, and how long after the restart its
+    next epoch was logged (seconds)."""
+    stamps = sorted(m.timestamp / 1000 for m in client.get_metric_history(run_id, "val_accuracy"))
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    after = [s - restarted for s in stamps if s > restarted]
+    return gaps[-1] - gaps[len(gaps) // 2], (after[0] if after else float("nan"))
+
+
+@pytest.mark.timeout(2400)
+def test_a_database_outage_is_waited_out_and_one_past_the_patience_stops_everything_in_one_line_then_resumes(
+    tmp_path,
+):
+    archive = tmp_path / "a.tar.gz"
+    md5 = write_archive(archive, train_size=600, test_size=100, seed=5)
+    project = make_project(tmp_path / "p", (archive, md5), **{**SMALL, "tracking.store_patience_s": PATIENCE_S})
+    with postgresql() as pg, tracking_server(pg.url("mlflow"), tmp_path / "artifacts") as server:
+        schedule = {"train.num_epochs": 20, "train.lr_milestones": [14], "train.patience": 20}
+        sweep = {
+            "study": "night",
+            "baseline": "round-2",
+            "trials": TRIALS,
+            "storage": pg.url("optuna"),
+            "fixed": schedule,
+            "space": {"train.learning_rate": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+            "sampler": {"kind": "random", "seed": 2},
+            "pruner": {"kind": "none"},
+        }
+        (project / "sweeps" / "night.yaml").write_text(yaml.safe_dump(sweep))
+        run(["git", "add", "-A"], project)
+        run(["git", "commit", "-qm", "night sweep"], project)
+        shared = env(MLFLOW_TRACKING_URI=server, **QUIET_CLIENT)
+        cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/night.yaml", "--workers", "2"]
+        log = open(tmp_path / "driver.log", "w+")
+        driver = subprocess.Popen(cmd, cwd=project, env=shared, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            # 1. shorter than the patience, while two trials train: waited out
+            wait_for(
+                "a trial's first epoch", lambda: any(t.intermediate_values for t in study_trials(pg.url("optuna")))
+            )
+            caught = {t.number for t in study_trials(pg.url("optuna")) if t.intermediate_values}
+            pg.stop()
+            time.sleep(OUTAGE_S)
+            pg.start()
+            restarted = time.time()
+
+            # 2. longer than the patience, once the trials it caught have trained and a later one trains
+            def later_trial_training() -> bool:
+                trials = study_trials(pg.url("optuna"))
+                done = {t.number for t in trials if BEST_EPOCH in t.user_attrs}
+                return caught <= done and any(t.intermediate_values and t.number not in done for t in trials)
+
+            wait_for("the caught trials to end and a later one to train", later_trial_training)
+            pg.stop()
+            driver.wait(timeout=PATIENCE_S + 120)
+            wait_for("the queue's trainings to stop", lambda: not queue_busy(project), 600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            pg.start()
+        log.seek(0)
+        first_out = log.read()
+        assert driver.returncode == 1, first_out[-3000:]
+        storage_url = pg.url("optuna")
+        # once per outage it met (the driver touches the storage every few seconds, and may miss a short one)
+        assert first_out.count("is unreachable") in (1, 2), first_out[-3000:]
+        last = first_out.strip().splitlines()[-1]
+        assert last.startswith("error: sweep: the study's storage") and storage_url in last, last
+        assert "Traceback" not in first_out
+        logs = trial_logs(project, range(len(study_trials(storage_url))))
+        said = {n: (logs[n].count("is unreachable"), logs[n].count("MLflow store is busy")) for n in logs}
+        assert all(max(c) <= 1 for n, c in said.items() if n in caught), said  # one line per store and outage
+        assert any(sum(said[n]) >= 1 for n in caught), logs  # a training waited the short outage out, saying so
+        assert not any("Traceback" in text for text in logs.values()), logs
+        stopped = {n: [line for line in logs[n].splitlines() if line.startswith("error:")] for n in logs}
+        assert any(stopped.values()), logs  # a training the long outage caught stopped...
+        for lines in stopped.values():  # ...in one line naming the storage or the server
+            assert len(lines) <= 1 and all(storage_url in line or server in line for line in lines), lines
+
+        # the same command resumes: the trials the long outage stopped are run again, nothing twice
+        resumed = run(cmd, project, **{**QUIET_CLIENT, "MLFLOW_TRACKING_URI": server})
+        study = optuna.load_study(study_name="night", storage=storage_url)
+        counted = [t for t in study.trials if not t.user_attrs.get("retried")]
+        assert len(counted) == TRIALS and {t.state.name for t in counted} == {"COMPLETE"}, resumed.stdout[-3000:]
+        client = MlflowClient(server)
+        experiment = client.get_experiment_by_name("cifar-rounds").experiment_id
+        runs = client.search_runs([experiment], "tags.sweep = 'night'")
+        assert "RUNNING" not in {r.info.status for r in runs}
+        finished = sorted(
+            int(r.data.tags["sweep.trial"])
+            for r in runs
+            if r.info.status == "FINISHED" and "sweep.trial" in r.data.tags
+        )
+        assert finished == sorted(t.number for t in counted)  # each counted trial one finished run, none twice
+        for n in sorted(caught):
+            run_id = next(r.info.run_id for r in runs if r.data.tags.get("sweep.trial") == str(n))
+            stall, lag = stall_after(client, run_id, restarted)
+            print(
+                f"a {OUTAGE_S} s outage: trial {n} paused {stall:.1f} s beyond its median epoch; "
+                f"its next epoch came {lag:.1f} s after the restart"
+            )
