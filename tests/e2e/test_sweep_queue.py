@@ -19,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.search.report import share_running
 
 from helpers import env, make_project, read_json, run, wait_for_queue_workers_to_exit
 
@@ -92,22 +93,6 @@ def _kill_a_running_trial(project: Path) -> str:
             )
         time.sleep(2)
     raise AssertionError("no trial was queued or running to be killed")
-
-
-def share_with_two_running(spans: list[tuple[int, int]]) -> float:
-    """Of the time from the first span's start to the last one's end, the share covered by two spans or more."""
-    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # an end before a start
-    busy, running, before = 0, 0, events[0][0]
-    for at, step in events:
-        busy += (at - before) if running >= 2 else 0
-        running, before = running + step, at
-    return busy / (events[-1][0] - events[0][0])
-
-
-def test_the_busy_share_counts_the_time_two_spans_overlap():
-    assert share_with_two_running([(0, 10), (0, 10)]) == 1.0
-    assert share_with_two_running([(0, 10), (5, 20), (10, 20)]) == 0.75  # 5 to 10 and 10 to 20, of 20
-    assert share_with_two_running([(0, 5), (5, 10)]) == 0.0  # one after the other
 
 
 @pytest.mark.slow
@@ -203,13 +188,18 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
         history = client.get_metric_history(by_trial[str(t.number)].info.run_id, "val_accuracy")
         assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
     # the workers kept busy: the share of the time (from the first training's start) that two trainings ran
-    share = share_with_two_running([(r.info.start_time, r.info.end_time) for r in runs])
+    share = share_running([(r.info.start_time, r.info.end_time) for r in runs], 2)
     print(f"sweep with 2 workers: two trainings running {share:.0%} of the time after the first started")
     assert share > 0.0
     assert {by_trial[str(t.number)].data.tags["sweep.trial_state"] for t in pruned} == {"PRUNED"}
 
     report = (project / "reports" / "sweep-s.md").read_text()
-    assert "## Parameter importances" in report and "saved by pruning" in report and "| round-2 | trial" in report
+    assert (
+        "## Parameter importances" in report
+        and "saved by pruning" in report
+        and "(`--workers 2`)" in report
+        and "| round-2 | trial" in report
+    )
     best = max((t for t in finished if t.state.name == "COMPLETE"), key=lambda t: t.value)
     preset = yaml.safe_load((project / "rounds" / "s-best.yaml").read_text())
     assert preset["train"]["learning_rate"] == best.params["train.learning_rate"]

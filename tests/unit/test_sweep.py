@@ -563,3 +563,73 @@ def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_le
     answers.clear()
     driver.queue_experiment("s-t004", {})
     assert answers == [True, False] and not lock.exists()
+
+
+def test_the_busy_share_counts_the_time_k_spans_overlap():
+    from cifar_rounds.search.report import most_running, share_running
+
+    assert share_running([(0, 10), (0, 10)], 2) == 1.0
+    assert share_running([(0, 10), (5, 20), (10, 20)], 2) == 0.75  # 5 to 10 and 10 to 20, of 20
+    assert share_running([(0, 5), (5, 10)], 2) == 0.0  # one after the other: a handover is no overlap
+    assert share_running([(0, 5), (5, 10)], 1) == 1.0
+    assert share_running([(0, 10), (2, 8), (4, 6), (20, 30)], 3) == 2 / 30
+    assert share_running([], 2) is None and share_running([(3, 3)], 1) is None
+    assert most_running([(0, 10), (2, 8), (4, 6), (20, 30)]) == 3 and most_running([(0, 5), (5, 10)]) == 1
+
+
+def test_the_sweep_report_states_the_share_of_time_its_workers_trained(tmp_path, monkeypatch):
+    from cifar_rounds.search.report import write_sweep_report
+
+    d = _git_driver(tmp_path, monkeypatch)
+    experiment = d.client.get_run(d.parent_run_id).info.experiment_id
+    t0 = 1_700_000_000_000
+    # two workers: trials 0 and 1 from 0 to 60 s, trial 2 from 70 to 130 s, trial 3 from 60 to 120 s
+    for trial, (start, end, status) in enumerate(
+        [(0, 60, "FINISHED"), (0, 60, "FINISHED"), (70, 130, "FINISHED"), (60, 120, "FINISHED"), (0, 130, "KILLED")]
+    ):
+        tags = {"sweep": "r3", "sweep.trial": str(trial)}
+        run_id = d.client.create_run(experiment, start_time=t0 + start * 1000, tags=tags).info.run_id
+        d.client.set_terminated(run_id, status, end_time=t0 + end * 1000)  # a KILLED run: not a training's end
+    other = d.client.create_run(experiment, start_time=t0, tags={"sweep": "other", "sweep.trial": "0"}).info.run_id
+    d.client.set_terminated(other, "FINISHED", end_time=t0 + 130_000)
+
+    text = write_sweep_report(d, 2, tmp_path / "reports").read_text()
+    # two ran from 0 to 60 s and from 70 to 120 s: 110 s of the 130 s
+    assert "2 trainings ran 85% of the 2.2 min from the first training's start to the last one's end" in text
+    assert "(`--workers 2`); at most 2 at once (4 finished trainings)." in text
+    unknown = write_sweep_report(d, None, tmp_path / "reports").read_text()
+    assert "2 or more trainings ran 85% of the 2.2 min" in unknown
+
+
+def test_the_driver_keeps_each_workers_next_trial_queued_and_starts_workers_only_when_needed(monkeypatch):
+    """Workers ending together each find their next trial; `dvc queue start` (a DVC process) is not run each poll."""
+    from types import SimpleNamespace
+
+    from cifar_rounds.search import sweep as driver
+
+    queue, budget, seen = [], iter(range(10)), []  # the trials queued or running; when workers were started
+    polled = []
+
+    def queue_next(d):
+        number = next(budget, None)
+        if number is not None:
+            queue.append(number)
+        return number is not None
+
+    def settle(d):
+        if polled and queue:
+            polled.pop()
+            queue.pop(0)  # a trial ends at every poll
+        return list(queue)
+
+    d = SimpleNamespace(study=SimpleNamespace(get_trials=lambda deepcopy: []), ours=lambda t: True)
+    monkeypatch.setattr(driver, "queue_next", queue_next)
+    monkeypatch.setattr(driver, "settle", settle)
+    monkeypatch.setattr(driver, "start_workers", lambda workers: seen.append(len(queue)))
+    monkeypatch.setattr(driver, "counts", lambda study: {})
+    monkeypatch.setattr(driver.time, "sleep", lambda s: polled.append(s))
+    polls = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(driver.time, "monotonic", lambda: next(polls))
+    driver.drive(d, workers=2, poll_s=5)
+    # 2 running and 2 waiting; the workers started as each trial was queued, not at the 4 polls (20 s) after
+    assert seen == [4] * 7

@@ -1,4 +1,5 @@
-"""The sweep report: trials ranked, the best against the baseline, history, importances, pruning's savings.
+"""The sweep report: trials ranked, the best against the baseline, history, importances, pruning's savings,
+and how busy the workers were (from the trials' MLflow runs).
 
 Written to `reports/sweep-STUDY.md` and `.png`, and logged to the sweep's parent MLflow run.
 """
@@ -13,6 +14,7 @@ from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import SWEEP_REPORT_ARTIFACTS
 from cifar_rounds.core.params import with_overrides
+from cifar_rounds.search.trial import SWEEP_TAG, TRIAL_TAG
 
 if TYPE_CHECKING:
     from cifar_rounds.search.study import Driver
@@ -101,7 +103,62 @@ def pruning_lines(d: Driver, trials: list) -> list[str]:
     ]
 
 
-def render(d: Driver) -> str:
+def share_running(spans: list[tuple[int, int]], k: int) -> float | None:
+    """Of the time from the first span's start to the last one's end, the share covered by k spans or more.
+
+    A span ending when another starts does not overlap it. None without any time to share.
+    """
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # an end before a start
+    if not events or events[-1][0] == events[0][0]:
+        return None
+    covered, running, before = 0, 0, events[0][0]
+    for at, step in events:
+        covered += (at - before) if running >= k else 0
+        running, before = running + step, at
+    return covered / (events[-1][0] - events[0][0])
+
+
+def most_running(spans: list[tuple[int, int]]) -> int:
+    """The most spans running at one moment."""
+    running, most = 0, 0
+    for _, step in sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans]):
+        running += step
+        most = max(most, running)
+    return most
+
+
+def training_spans(d: Driver) -> list[tuple[int, int]]:
+    """Start and end (ms) of each trial's finished MLflow run: the trainings (a run ended KILLED ended when a
+    driver found its trial lost, not when it stopped training)."""
+    experiment = d.store("reading the sweep's run", lambda: d.client.get_run(d.parent_run_id).info.experiment_id)
+    runs = d.store(
+        "finding the trials' runs",
+        lambda: d.client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = '{d.sweep.study}'"),
+    )
+    return [
+        (r.info.start_time, r.info.end_time)
+        for r in runs
+        if TRIAL_TAG in r.data.tags and r.info.status == "FINISHED" and r.info.end_time is not None
+    ]
+
+
+def busy_lines(spans: list[tuple[int, int]], workers: int | None) -> list[str]:
+    """The share of the time from the first training's start to the last one's end that `workers` trainings ran
+    (2 or more when the workers are not known), and the most that ran at once."""
+    k = workers or 2
+    share = share_running(spans, k)
+    if share is None:
+        return ["No two trainings' times to compare yet."]
+    minutes = (max(e for _, e in spans) - min(s for s, _ in spans)) / 60_000
+    return [
+        f"{k if workers else f'{k} or more'} trainings ran {share:.0%} of the {minutes:.1f} min from the first "
+        f"training's start to the last one's end"
+        + (f" (`--workers {workers}`)" if workers else "")
+        + f"; at most {most_running(spans)} at once ({len(spans)} finished trainings)."
+    ]
+
+
+def render(d: Driver, workers: int | None = None) -> str:
     trials = [
         t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
     ]
@@ -129,6 +186,10 @@ def render(d: Driver) -> str:
         "## Pruning",
         "",
         *pruning_lines(d, trials),
+        "",
+        "## Workers",
+        "",
+        *busy_lines(training_spans(d), workers),
         "",
         f"![optimisation history](sweep-{d.sweep.study}.png)",
         "",
@@ -165,12 +226,13 @@ def plot_history(d: Driver, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_sweep_report(d: Driver, folder: Path = REPORTS_DIR) -> Path:
+def write_sweep_report(d: Driver, workers: int | None = None, folder: Path = REPORTS_DIR) -> Path:
+    """The report; `workers`: the trainings the driver kept running at once, if it ran any."""
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"sweep-{d.sweep.study}.md"
     plot_history(d, out.with_suffix(".png"))
     with atomic_path(out) as tmp:
-        tmp.write_text(render(d))
+        tmp.write_text(render(d, workers))
     for path in (out, out.with_suffix(".png")):
         d.store("logging the report", lambda: d.client.log_artifact(d.parent_run_id, str(path), SWEEP_REPORT_ARTIFACTS))
     c = {s: sum(t.state.name == s for t in d.study.get_trials(deepcopy=False)) for s in ("COMPLETE", "PRUNED", "FAIL")}
