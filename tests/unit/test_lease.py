@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.training.lease import SLOTS_ENV, cpu_holders, cpu_threads, lease_cpu, needs_lease, slots_per_gpu
+from cifar_rounds.training.lease import (
+    SLOTS_ENV,
+    TRAININGS_ENV,
+    cpu_holders,
+    cpu_threads,
+    lease_cpu,
+    needs_lease,
+    slots_per_gpu,
+    trainings_cap,
+)
 
 from helpers import env
 
@@ -18,11 +27,15 @@ from helpers import env
 HOLDER = """
 import sys, time
 from pathlib import Path
-from cifar_rounds.training.lease import lease_cpu, lease_gpu
+from cifar_rounds.training.lease import lease_cpu, lease_gpu, training_place
 folder, kind, devices, slots = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-lease = lease_gpu(devices, slots, folder, say=lambda line: print("WAIT " + line, flush=True)) if kind == "gpu" \\
-    else lease_cpu(folder)
-print(f"HELD {lease.index} {lease.slot}", flush=True)
+say = lambda line: print("WAIT " + line, flush=True)
+if kind == "place":  # one of a project's `devices` training places; the project is the fifth argument
+    handle = training_place(devices, sys.argv[5], folder, say=say)
+    print(f"HELD {handle.name.rsplit('.', 2)[-2]} 0", flush=True)
+else:
+    lease = lease_gpu(devices, slots, folder, say=say) if kind == "gpu" else lease_cpu(folder)
+    print(f"HELD {lease.index} {lease.slot}", flush=True)
 time.sleep(600)
 """
 
@@ -33,8 +46,8 @@ class Holders:
     def __init__(self, folder: Path) -> None:
         self.folder, self.procs = folder, []
 
-    def start(self, kind: str = "gpu", devices: int = 1, slots: int = 1) -> subprocess.Popen:
-        cmd = [sys.executable, "-c", HOLDER, str(self.folder), kind, str(devices), str(slots)]
+    def start(self, kind: str = "gpu", devices: int = 1, slots: int = 1, project: str = "") -> subprocess.Popen:
+        cmd = [sys.executable, "-c", HOLDER, str(self.folder), kind, str(devices), str(slots), project]
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -77,6 +90,27 @@ def test_a_training_waits_with_one_line_and_a_killed_holder_frees_its_slot(holde
     os.killpg(first.pid, signal.SIGKILL)  # the lock dies with its process
     first.wait()
     assert held(waiting) == (0, 0)
+
+
+def test_a_projects_trainings_are_capped_and_a_spare_waits_for_a_place_that_a_kill_frees(holders):
+    first, second = (holders.start(kind="place", devices=2, project="/repo/a") for _ in range(2))
+    first_place, second_place = held(first)[0], held(second)[0]
+    assert {first_place, second_place} == {0, 1}
+    spare = holders.start(kind="place", devices=2, project="/repo/a")
+    line = spare.stdout.readline()
+    assert line.startswith("WAIT train: the project's 2 training place(s) are held") and TRAININGS_ENV in line
+    assert held(holders.start(kind="place", devices=2, project="/repo/b")) == (0, 0)  # other projects: not capped
+    os.killpg(first.pid, signal.SIGKILL)  # the place dies with its process
+    first.wait()
+    assert held(spare)[0] == first_place
+
+
+def test_a_bad_trainings_cap_is_one_line_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(TRAININGS_ENV, "0")
+    with pytest.raises(StageError, match=TRAININGS_ENV):
+        trainings_cap()
+    monkeypatch.delenv(TRAININGS_ENV)
+    assert trainings_cap() is None
 
 
 def test_cpu_trainings_each_get_their_share_of_the_cores(holders, tmp_path):

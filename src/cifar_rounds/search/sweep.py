@@ -3,8 +3,8 @@
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or
 any database URL, which lets drivers on several machines share one study). The
 driver asks the study for a trial, queues it as the named DVC experiment
-STUDY-t007 with every value set (`-S`), and keeps `--workers` trials running in
-DVC's queue and as many waiting. The train stage reports each epoch to its trial and stops when
+STUDY-t007 with every value set (`-S`), and keeps `--workers` trials training
+through DVC's queue, one more getting ready to train and one per worker waiting. The train stage reports each epoch to its trial and stops when
 the pruner says so; it tells the study the result. Each trial is one MLflow run
 under the sweep's parent run. Killed and run again, the driver continues the
 same study: trials left RUNNING whose experiment is gone are marked FAIL and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from cifar_rounds.search.trial import (
 )
 from cifar_rounds.tracking.run import END_REASON_TAG
 from cifar_rounds.tracking.store import repo_root
+from cifar_rounds.training.lease import TRAININGS_ENV
 
 POLL_S = 5.0
 # `dvc queue start` is a DVC process (a second of CPU the trainings lose): run when a trial was queued, else
@@ -214,8 +216,11 @@ def queue_experiment(name: str, values: dict[str, object]) -> None:
 
 
 def start_workers(workers: int) -> None:
-    """`dvc queue start -j workers`, detached: its forked workers must not hold pipes the driver waits on.
+    """`dvc queue start -j workers+1`, detached: its forked workers must not hold pipes the driver waits on.
 
+    The one worker more gets its experiment through DVC's set-up and the stages before training while
+    the others train; the project's trainings are capped at `workers` (TRAININGS_ENV), so it then waits
+    for a training place, and starts the moment a training ends, while that worker evaluates.
     Idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while.
     Their output goes to WORKERS_LOG, appended.
     """
@@ -223,16 +228,18 @@ def start_workers(workers: int) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         subprocess.run(
-            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)],
+            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers + 1)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, TRAININGS_ENV: str(workers)},
         )
 
 
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
-    """Keep `workers` trials running and as many queued until the budget is spent and every trial has ended."""
+    """Keep `workers` trials training, one more preparing and one per worker queued, until the budget is spent
+    and every trial has ended."""
     import optuna
 
     running = optuna.trial.TrialState.RUNNING
@@ -240,11 +247,12 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     alive = settle(d)
     started = -math.inf  # when `dvc queue start` last ran
     while True:
-        # each worker's next trial waits in the queue: workers ending together each find one at once (with a
-        # single spare, the second waited for the driver to queue one: 27 s of 345 measured), and a worker that
-        # finds the queue empty shuts down, one handed a task as it shuts down orphaning it (a DVC race)
+        # the spare worker's trial, and each training worker's next one waiting in the queue: workers ending
+        # together each find one at once (with a single one queued, the second waited for the driver to queue
+        # one: 27 s of 345 measured), and a worker that finds the queue empty shuts down, one handed a task as
+        # it shuts down orphaning it (a DVC race)
         queued = False
-        while len(alive) < 2 * workers and queue_next(d):
+        while len(alive) < 2 * workers + 1 and queue_next(d):
             queued, alive = True, settle(d)
         if not alive:
             break

@@ -10,6 +10,11 @@ sets torch's threads to its share of the cores: the cores divided by the CPU tra
 place. Several trainings with a thread per core each oversubscribe the cores and spin against
 each other (18x slower in total on 2 cores, benchmarks/RESULTS.md).
 
+A sweep runs one DVC queue worker more than it trains at once, and caps its project's trainings
+(TRAININGS_ENV): the spare worker's experiment gets through DVC's set-up and the stages before training
+while the others train, then waits for a training place here, so that a worker's evaluation and DVC's
+bookkeeping overlap the others' training instead of leaving a place idle.
+
 Placement is not the model: the slots per GPU come from the environment (SLOTS_ENV), never from
 params.yaml, and the lease folder from LEASE_DIR_ENV (default: one per user in the temp folder).
 """
@@ -20,16 +25,19 @@ import fcntl
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from cifar_rounds.core.errors import StageError
+from cifar_rounds.tracking.store import repo_root
 
 SLOTS_ENV = "CIFAR_ROUNDS_SLOTS_PER_GPU"  # trainings one GPU runs at once (default 1)
 LEASE_DIR_ENV = "CIFAR_ROUNDS_LEASE_DIR"  # the machine's lease folder
-POLL_S = 2.0  # how often a training waiting for a GPU slot looks again, seconds
+TRAININGS_ENV = "CIFAR_ROUNDS_TRAININGS"  # the project's trainings that train at once (unset: no cap)
+POLL_S = 2.0  # how often a training waiting for a GPU slot or a training place looks again, seconds
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Lease:
     slots: int  # slots per GPU (1 for the CPU)
     folder: Path
     handle: IO  # the locked file: closing it (or the process ending) frees the place
+    place: IO | None = None  # the project's training place, where its trainings are capped
 
     def conditions(self) -> dict[str, str]:
         """The placement as run conditions (tags, summary, report): which device, shared how."""
@@ -51,6 +60,8 @@ class Lease:
 
     def release(self) -> None:
         self.handle.close()
+        if self.place is not None:
+            self.place.close()
 
 
 def lease_folder() -> Path:
@@ -66,6 +77,16 @@ def slots_per_gpu() -> int:
     text = os.environ.get(SLOTS_ENV, "1")
     if not text.isdigit() or int(text) < 1:
         raise StageError(f"{SLOTS_ENV}: expected a whole number of trainings per GPU, at least 1 (got {text!r})")
+    return int(text)
+
+
+def trainings_cap() -> int | None:
+    """The project's trainings allowed at once (a sweep sets it for its queue workers); None: no cap."""
+    text = os.environ.get(TRAININGS_ENV)
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise StageError(f"{TRAININGS_ENV}: expected a whole number of trainings at once, at least 1 (got {text!r})")
     return int(text)
 
 
@@ -94,6 +115,21 @@ def lease_gpu(devices: int, slots: int, folder: Path, say: Callable[[str], None]
                 f"train: all {devices} GPU(s) x {slots} slot(s) are held by other trainings; waiting for one "
                 f"(slots per GPU: {SLOTS_ENV})"
             )
+            waiting = True
+        time.sleep(POLL_S)
+
+
+def training_place(cap: int, project: str, folder: Path, say: Callable[[str], None] = print) -> IO:
+    """One of the project's `cap` training places, held until the process ends; waits while all are held."""
+    tag = zlib.crc32(project.encode())  # one set of places per project: other projects are not capped by it
+    waiting = False
+    while True:
+        for index in range(cap):
+            handle = _locked(folder / f"training-{tag:08x}.{index}.lock")
+            if handle is not None:
+                return handle
+        if not waiting:
+            say(f"train: the project's {cap} training place(s) are held ({TRAININGS_ENV}); waiting for one")
             waiting = True
         time.sleep(POLL_S)
 
@@ -132,8 +168,11 @@ def take_lease(use_cuda: bool, gpus: int) -> Lease | None:
     """This training's place on the machine, or None where it is placed already (pinned, or torchrun)."""
     if not needs_lease(dict(os.environ)):
         return None
-    folder = lease_folder()
-    return lease_gpu(gpus, slots_per_gpu(), folder) if use_cuda else lease_cpu(folder)
+    folder, cap = lease_folder(), trainings_cap()
+    place = None if cap is None else training_place(cap, str(repo_root()), folder)
+    lease = lease_gpu(gpus, slots_per_gpu(), folder) if use_cuda else lease_cpu(folder)
+    lease.place = place
+    return lease
 
 
 def share_cores(lease: Lease | None) -> None:
