@@ -538,6 +538,27 @@ def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, 
     assert patience["low"] <= ran["train.patience"] <= patience["high"]
 
 
+def test_the_proposed_sweeps_trial_budget_is_the_reports_option_a_positive_whole_number(tmp_path, monkeypatch):
+    from cifar_rounds.analysis.proposals import SWEEP_TRIALS, next_round_lines, trial_budget
+    from cifar_rounds.core.errors import StageError
+
+    monkeypatch.chdir(REPO)  # the presets
+    rep = every_proposal()
+    for trials, folder in ((SWEEP_TRIALS, tmp_path / "default"), (2, tmp_path / "two")):
+        next_round_lines(Round("round-2", [rep, rep]), folder, trials)
+        files = sorted(folder.glob("*.yaml"))
+        assert len(files) == 4 and all(load_sweep(f, repo_params(), load_preset).trials == trials for f in files)
+    refusal = "error: --sweep-trials {!r}: expected a positive whole number of trials per proposed sweep\n"
+    for text in ("0", "2.5", ""):
+        with pytest.raises(StageError) as refused:
+            trial_budget(text)
+        assert f"error: {refused.value}\n" == refusal.format(text)
+    for text in ("-3", "twelve"):  # from the command line: one line, before anything is read
+        cmd = [sys.executable, "-m", "cifar_rounds.analysis.report", "a", "b", "--sweep-trials", text]
+        result = run(cmd, tmp_path, check=False)
+        assert result.returncode == 1 and result.stderr == refusal.format(text), result.stderr
+
+
 def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_left(tmp_path, monkeypatch):
     from cifar_rounds.core.errors import StageError
     from cifar_rounds.search import sweep as driver
@@ -563,3 +584,4 @@ def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_le
     answers.clear()
     driver.queue_experiment("s-t004", {})
     assert answers == [True, False] and not lock.exists()
+
