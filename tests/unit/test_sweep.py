@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -585,3 +586,34 @@ def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_le
     driver.queue_experiment("s-t004", {})
     assert answers == [True, False] and not lock.exists()
 
+
+def test_a_task_whose_process_runs_is_not_orphaned_when_its_worker_shuts_down(tmp_path, monkeypatch):
+    """A worker whose monitor asked while it was busy shuts down after its task, answering no inspection: the
+    queue shows 0 active workers while the task's own process still trains it."""
+    from cifar_rounds.search import sweep as driver
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    table = QUEUE_STATUS.replace("1 active", "0 active")
+    monkeypatch.setattr(driver.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table, ""))
+    record = tmp_path / driver.TASK_PROCESSES / "1a2b3c4d5e" / "1a2b3c4d5e.json"
+    record.parent.mkdir(parents=True)
+    for pid, returncode, state in (
+        (os.getpid(), None, "Running"),  # alive, not ended: running
+        (os.getpid(), 0, driver.ORPHANED),  # ended
+        (int(ended.stdout), None, driver.ORPHANED),  # gone without recording its end
+    ):
+        record.write_text(json.dumps({"pid": pid, "returncode": returncode}))
+        assert driver.queue_states({"r3-t000"}) == {"r3-t000": state}, (pid, returncode)
+
+
+def test_a_trial_ended_by_the_driver_while_it_trains_stops_in_one_line(tmp_path, monkeypatch):
+    from cifar_rounds.core.errors import StageError
+
+    study, url = _study_with_pruner(tmp_path, monkeypatch)
+    number = study.ask().number
+    trial = open_trial(SweepParams(study="s", trial=number, storage=url))
+    assert trial.report(1, {"val_accuracy": 0.5}) is False
+    study.tell(number, state=optuna.trial.TrialState.FAIL)  # the driver took it for lost
+    with pytest.raises(StageError, match=rf"^sweep: trial {number} of 's' was ended \(FAIL\) while this run trained"):
+        trial.report(2, {"val_accuracy": 0.6})

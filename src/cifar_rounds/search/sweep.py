@@ -14,6 +14,8 @@ retried with the same values, and their MLflow runs are ended KILLED.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -45,7 +47,9 @@ WORKERS_LOG = Path(".dvc/tmp/sweep-workers.log")  # what `dvc queue start` and i
 QUEUE_STATUS_TRIES, QUEUE_STATUS_PAUSE_S = 3, 5.0  # `dvc queue status` asked again after a failure
 
 
-ORPHANED = "Orphaned"  # Running in DVC's queue, with no worker active to run it
+ORPHANED = "Orphaned"  # Running in DVC's queue, with no worker active to run it, and no process of its own
+# DVC's record of each task's process, by the task's revision: run/<rev>/<rev>.json, returncode null until it ends
+TASK_PROCESSES = Path(".dvc/tmp/exps/run")
 ORPHANED_ATTR, MAX_ORPHANED = "orphaned", 3  # how often a trial's values were orphaned; retried up to this
 
 
@@ -63,6 +67,36 @@ def parse_queue_status(out: str) -> dict[str, str] | None:
     return {words[1]: words[-1] for words in rows if len(words) >= 4}
 
 
+def task_ids(out: str) -> dict[str, str]:
+    """Name -> task (the revision's first characters) of each named task in `dvc queue status`'s table."""
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return {words[1]: words[0] for words in rows if len(words) >= 4}
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
+def task_process_running(task: str) -> bool:
+    """Whether the queue task has a process that has not ended. A worker that starts shutting down (its monitor
+    found no task, e.g. asked while busy on a loaded machine) still runs its task, but answers no inspection:
+    `dvc queue status` then shows 0 active workers, and only the process tells the task is alive."""
+    for record in (repo_root() / TASK_PROCESSES).glob(f"{task}*/*.json"):
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):  # being written: looked at again at the next poll
+            return True
+        if info.get("returncode") is None and process_alive(int(info["pid"])):
+            return True
+    return False
+
+
 def queue_states(names: set[str]) -> dict[str, str]:
     """DVC queue status (Queued, Running, Success, Failed) of the named experiments that the queue knows.
 
@@ -74,10 +108,10 @@ def queue_states(names: set[str]) -> dict[str, str]:
         states = parse_queue_status(result.stdout) if result.returncode == 0 else None
         if states is not None:
             # a task left Running by a worker that exited (DVC's queue can hand a task to a worker that is
-            # shutting down): with no worker active, nothing will ever end it
-            idle = "Worker status: 0 active" in result.stdout
+            # shutting down): with no worker active and no process of its own, nothing will ever end it
+            idle, tasks = "Worker status: 0 active" in result.stdout, task_ids(result.stdout)
             return {
-                name: ORPHANED if idle and state == "Running" else state
+                name: ORPHANED if idle and state == "Running" and not task_process_running(tasks[name]) else state
                 for name, state in states.items()
                 if name in names
             }
@@ -109,10 +143,10 @@ def settle(d: Driver) -> list[int]:
 
     A trial is concluded from its result when the queue says Success or its experiment is saved (the
     queue may have dropped the entry, e.g. `dvc queue remove --success`). It is lost when it failed, or
-    when the queue has not known it, or has shown it Running with no worker active, for LOST_AFTER_S and
-    nothing is saved. A lost trial that an earlier driver left RUNNING (`d.inherited`: a killed driver or
-    worker), or that the queue orphaned, is also queued again with the same values, once: the FAIL is then
-    not counted against the budget.
+    when the queue has not known it, or has shown it Running with no worker active and no process of its
+    own, for LOST_AFTER_S and nothing is saved. A lost trial that an earlier driver left RUNNING
+    (`d.inherited`: a killed driver or worker), or that the queue orphaned, is also queued again with the
+    same values, once: the FAIL is then not counted against the budget.
     """
     import optuna
 
