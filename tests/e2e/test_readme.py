@@ -46,11 +46,11 @@ AT_TINY_SETTINGS = {
     "dvc metrics diff round-1-s0 round-2-s0": "e2e/test_rounds.py::test_dvc_compares_the_two_rounds",
     "python -m cifar_rounds.analysis.report round-1 round-2": "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements",
     "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
-    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --no-run --promote round-3": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
-    "python -m cifar_rounds.analysis.rounds run round-3 --seeds 5": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
+    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --no-run --promote round-3": "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written",
+    "python -m cifar_rounds.analysis.rounds run round-3 --seeds 5": "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written",
     "python -m cifar_rounds.analysis.report round-2 round-3": "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements",
     "python -m cifar_rounds.analysis.report round-1 round-2 --move-aliases": "e2e/test_rounds.py::test_move_aliases_moves_round_aliases_to_best_seeds_by_validation_and_decides_the_champion",
-    "python -m cifar_rounds.analysis.report round-2 round-3 --move-aliases": "e2e/test_rounds.py::test_move_aliases_moves_round_aliases_to_best_seeds_by_validation_and_decides_the_champion",
+    "python -m cifar_rounds.analysis.report round-2 round-3 --move-aliases": "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written",
 }
 # As written these need what one test machine lacks: 8 GPUs, a team's server host, a shared remote, a clone URL.
 # The named test runs the same flow on 127.0.0.1, a local remote and a local clone.

@@ -1,11 +1,16 @@
 """The seed's two rounds as DVC experiments, compared by DVC, MLflow and the round report."""
 
+import csv
+import io
 import json
 import re
+import shlex
 import statistics
 
 import dvc.api
+import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.proposals import proposals
@@ -15,13 +20,17 @@ from cifar_rounds.core.params import load_params
 from cifar_rounds.data.synthetic import write_archive
 from cifar_rounds.search.spec import load_sweep
 
-from helpers import SEED_CHANGES, make_project, run
+from helpers import SEED_CHANGES, make_project, run, wait_for_queue_workers_to_exit
 
 # the module's rounds (3 seeds each of two rounds) are trained once, inside the first test's time
 pytestmark = pytest.mark.timeout(2700)
 SEEDS = 3  # @champion moves only with 3 distinct seeds per side
 EPOCHS = 3
 LAX_CRITERIA = {"report.min_test_accuracy": 0.0, "report.max_train_test_gap": 1.0, "report.max_val_loss_rise": 1000.0}
+# round-2 stops early, before its last milestone (epoch 2 of 3): patience 1, and a min_delta that no epoch's val_loss
+# beats (a 10-class cross-entropy starts near ln 10 = 2.3). Its report then proposes a longer patience, by
+# construction, with a sweep file that the loop test runs; both rounds still differ in all seven values
+EARLY_STOP = ["-S", "train.patience=1", "-S", "train.min_delta=10"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,7 @@ def rounds_project(tmp_path_factory):
     project = make_project(
         tmp / "p", (archive, md5), **{"data.val_size": 50, "model.width": 8, "train.lr_milestones": [1], **LAX_CRITERIA}
     )
-    for preset in ("round-1", "round-2"):
+    for preset, overrides in (("round-1", []), ("round-2", EARLY_STOP)):
         run(
             [
                 "python",
@@ -45,6 +54,7 @@ def rounds_project(tmp_path_factory):
                 str(SEEDS),
                 "--epochs",
                 str(EPOCHS),
+                *overrides,
             ],
             project,
         )
@@ -323,10 +333,8 @@ def test_a_failed_or_refused_round_leaves_params_yaml_byte_for_byte_and_names_fo
 @pytest.mark.slow
 def test_overrides_force_and_queue_work_as_the_readme_shows(rounds_project):
     rounds = ["python", "-m", "cifar_rounds.analysis.rounds", "run"]
-    run(
-        [*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short"],
-        rounds_project,
-    )
+    short = ["-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", *EARLY_STOP]  # round-2's, and shorter
+    run([*rounds, "round-2", *short, "-n", "r2-short"], rounds_project)
     shown = json.loads(run(["dvc", "params", "diff", "round-2-s0", "r2-short", "--json"], rounds_project).stdout)
     # only what -S changed, and the round (its name, no planned seeds): the seed is 0 again, not the last
     # replicate's (round-2-s1 ran last)
@@ -341,12 +349,102 @@ def test_overrides_force_and_queue_work_as_the_readme_shows(rounds_project):
         and shown["params.yaml"]["train.lr_milestones"]["new"] == "[1]"
     )
     before = run(["dvc", "exp", "show", "--json"], rounds_project).stdout.count('"r2-short"')
-    run(
-        [*rounds, "round-2", "-S", "train.num_epochs=2", "-S", "train.lr_milestones=[1]", "-n", "r2-short", "--force"],
-        rounds_project,
-    )  # replaced, not refused
+    run([*rounds, "round-2", *short, "-n", "r2-short", "--force"], rounds_project)  # replaced, not refused
     assert run(["dvc", "exp", "show", "--json"], rounds_project).stdout.count('"r2-short"') == before
     run([*rounds, "round-2", "--seeds", "2", "--queue", "--epochs", "2", "-n", "r2q"], rounds_project)
     status = run(["dvc", "queue", "status"], rounds_project).stdout
     assert "r2q-s0" in status and "r2q-s1" in status and status.count("Queued") == 2
     run(["dvc", "queue", "remove", "--queued"], rounds_project)  # not started: nothing else to stop
+
+
+def moves_as_printed(project, args: list[str]) -> str:
+    """Run the report with --move-aliases; the aliases must have moved exactly as it printed. Its stdout."""
+    before = aliases_of(project)
+    out = run(["python", "-m", "cifar_rounds.analysis.report", *args, "--move-aliases"], project).stdout
+    name = load_params(project / "params.yaml").tracking.registered_model
+    moved = {a: int(v) for a, v in re.findall(rf"^moved {re.escape(name)}@(\S+) -> version (\d+)$", out, re.M)}
+    assert aliases_of(project) == {**before, **moved}, out
+    return out
+
+
+def champion_line_holds(project, report: str) -> str:
+    """The report's @champion line, checked against where the alias is now."""
+    line = next(x for x in report.splitlines() if x.startswith("- @champion"))
+    held = aliases_of(project).get("champion")
+    if line.startswith("- @champion ->"):
+        assert line.startswith(f"- @champion -> version {held} "), line
+    else:
+        assert line.startswith(f"- @champion stays at {f'version {held}' if held else 'no version'}"), line
+    return line
+
+
+@pytest.mark.slow
+def test_the_readme_loop_runs_on_the_files_the_report_writes_as_written(rounds_project):
+    """report -> proposals -> sweep -> promote -> replicate -> report -> champion, as the README describes it."""
+    project, client = rounds_project, MlflowClient(f"sqlite:///{rounds_project}/mlflow.db")
+    name = load_params(project / "params.yaml").tracking.registered_model
+    if "champion" in aliases_of(project):  # the loop starts with no champion, whatever an earlier report did
+        client.delete_registered_model_alias(name, "champion")
+
+    # the report: @champion to the better round, and the proposals' sweep files, of 2 trials each
+    moves_as_printed(project, ["round-1", "round-2", "--sweep-trials", "2"])
+    report = (project / "reports/round-round-1-vs-round-2.md").read_text()
+    assert champion_line_holds(project, report).startswith("- @champion -> version ")  # crowned
+    section = report.split("## Next round (after round-2)")[1]
+    # round-2 stopped early (EARLY_STOP): the patience proposal, and the command that runs its file
+    command = re.search(r"search: `(python -m cifar_rounds\.search\.sweep \S+/patience\.yaml)`", section).group(1)
+    sweep_file = project / command.split()[-1]
+    written = sweep_file.read_bytes()
+    spec = yaml.safe_load(written)
+    assert (spec["trials"], spec["baseline"], spec["enqueue"]) == (2, "round-2", ["round-2"])
+    # the trials are round-2 as it ran: its shortened schedule and early-stop values fixed, patience searched
+    assert spec["fixed"] == {"train.num_epochs": 3, "train.lr_milestones": [1, 2], "train.min_delta": 10.0}
+    assert spec["space"]["train.patience"]["low"] <= 1 and spec["space"]["train.patience"]["high"] >= 35
+
+    # the sweep, by the command the report printed: its file as written
+    run(shlex.split(command), project)
+    wait_for_queue_workers_to_exit(project)
+    assert sweep_file.read_bytes() == written
+    study = optuna.load_study(study_name=spec["study"], storage=f"sqlite:///{project}/optuna.db")
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 2 and any(t.state.name == "COMPLETE" for t in finished)
+    # a trial the queue orphaned (DVC hands a task to a worker that is exiting) is the only FAIL: retried
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    assert all(t.number in retried for t in study.trials if t not in finished), study.trials
+    for t in finished:
+        exp = f"{spec['study']}-t{t.number:03d}"
+        ran = yaml.safe_load(dvc.api.read("params.yaml", repo=str(project), rev=exp))["train"]
+        assert (ran["patience"], ran["num_epochs"], ran["min_delta"]) == (t.params["train.patience"], 3, 10.0)
+        history = list(csv.DictReader(io.StringIO(dvc.api.read("reports/history.csv", repo=str(project), rev=exp))))
+        assert [int(row["epoch"]) for row in history] == sorted(t.intermediate_values)  # trained what it reported
+        if t.state.name == "COMPLETE":  # the objective: validation accuracy at the epoch evaluation used
+            best = _metrics(project, exp)["best_epoch"]
+            assert t.value == pytest.approx(float(history[best - 1]["val_accuracy"]))
+    assert (project / f"reports/sweep-{spec['study']}.md").exists()
+
+    # promoted: the best COMPLETE trial's searched value on the baseline preset, nothing of the sweep's fixed values
+    out = run([*shlex.split(command), "--no-run", "--promote", "round-3"], project).stdout
+    best = study.trials[int(re.search(r"^sweep: promoted trial (\d+) to rounds/round-3\.yaml", out, re.M).group(1))]
+    assert best.state.name == "COMPLETE"
+    assert best.value == max(t.value for t in study.trials if t.state.name == "COMPLETE")
+    promoted = yaml.safe_load((project / "rounds/round-3.yaml").read_text())
+    round_2 = yaml.safe_load((project / "rounds/round-2.yaml").read_text())
+    assert promoted == {"train": {**round_2["train"], "patience": best.params["train.patience"]}}
+
+    # replicated with the earlier rounds' short schedule, then compared: the aliases move as the report says
+    replicate = ["python", "-m", "cifar_rounds.analysis.rounds", "run", "round-3", "--seeds", str(SEEDS)]
+    run([*replicate, "--epochs", str(EPOCHS)], project)
+    moves_as_printed(project, ["round-2", "round-3"])
+    report = (project / "reports/round-round-2-vs-round-3.md").read_text()
+    assert "| `train.min_delta` | 10.0 | 0.0005 |" in report  # round-3 is the preset's, not the early stop's
+    best_seed = max((_metrics(project, r) for r in replicas("round-3")), key=lambda m: m["val_accuracy"])
+    assert client.get_model_version_by_alias(name, "round-3").run_id == best_seed["mlflow_run_id"]
+    # the champion's round against round-3: round-2's, or round-1's as the report then advises
+    holder = next(r for r in ("round-1", "round-2") if aliases_of(project)[r] == aliases_of(project)["champion"])
+    line = champion_line_holds(project, report)
+    if holder == "round-1":
+        assert "report the champion's round against round-3" in line, line
+        moves_as_printed(project, ["round-1", "round-3"])
+        line = champion_line_holds(project, (project / "reports/round-round-1-vs-round-3.md").read_text())
+    assert f"{holder}, the champion's round" in line or "round-3 does not pass" in line, line  # decided on the verdict
+    assert (aliases_of(project)["champion"] == aliases_of(project)["round-3"]) == line.startswith("- @champion ->")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -243,6 +244,7 @@ def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for
 def test_a_failing_queue_status_is_asked_again_then_stops_the_driver_leaving_the_trials_running(tmp_path, monkeypatch):
     """Read as an empty queue, a failed `dvc queue status` would have every running trial taken for lost."""
     from cifar_rounds.core.errors import StageError
+    from cifar_rounds.search import queue as dvcq
     from cifar_rounds.search import sweep as driver
 
     d = _git_driver(tmp_path, monkeypatch)  # a git repository without DVC: `dvc queue status` fails here
@@ -252,10 +254,10 @@ def test_a_failing_queue_status_is_asked_again_then_stops_the_driver_leaving_the
     training = d.client.create_run(experiment, tags={"sweep": "r3", "sweep.trial": str(t.number)}).info.run_id
     d.inherited = {t.number}
     monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
-    monkeypatch.setattr(driver, "QUEUE_STATUS_PAUSE_S", 0.0)
+    monkeypatch.setattr(dvcq, "QUEUE_STATUS_PAUSE_S", 0.0)
     asked = []
     real_run = subprocess.run
-    monkeypatch.setattr(driver.subprocess, "run", lambda cmd, **kw: asked.append(cmd) or real_run(cmd, **kw))
+    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: asked.append(cmd) or real_run(cmd, **kw))
 
     with pytest.raises(StageError) as error:
         driver.settle(d)
@@ -279,7 +281,7 @@ Worker status: 1 active, 0 idle
 
 
 def test_the_queue_status_table_is_read_and_anything_else_is_not():
-    from cifar_rounds.search.sweep import parse_queue_status
+    from cifar_rounds.search.queue import parse_queue_status
 
     states = parse_queue_status(QUEUE_STATUS)
     assert states["r3-t000"] == "Running" and states["r3-t001"] == "Success" and len(states) == 3
@@ -290,6 +292,7 @@ def test_the_queue_status_table_is_read_and_anything_else_is_not():
 
 def test_a_task_left_running_by_a_worker_that_exited_is_orphaned_then_lost_and_retried(tmp_path, monkeypatch):
     """DVC's queue can hand a task to a worker that is shutting down: Running forever, with no worker active."""
+    from cifar_rounds.search import queue as dvcq
     from cifar_rounds.search import sweep as driver
 
     d = _git_driver(tmp_path, monkeypatch)
@@ -297,20 +300,18 @@ def test_a_task_left_running_by_a_worker_that_exited_is_orphaned_then_lost_and_r
     t.set_user_attr("queue", d.queue)
     table = QUEUE_STATUS.replace("1 active", "0 active")
     monkeypatch.setattr(
-        driver.subprocess,
+        dvcq.subprocess,
         "run",
         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table if "queue" in cmd else "", ""),
     )
-    assert driver.queue_states({"r3-t000"}) == {"r3-t000": driver.ORPHANED}
+    assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": dvcq.ORPHANED}
     assert driver.settle(d) == [t.number]  # a worker may be starting: waited for LOST_AFTER_S first
     monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
     assert driver.settle(d) == []
     (retry,) = [u for u in d.study.get_trials() if u.user_attrs.get("retry_of") == t.number]
     assert d.study.trials[t.number].state.name == "FAIL" and retry.params == d.study.trials[t.number].params
-    monkeypatch.setattr(
-        driver.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, QUEUE_STATUS, "")
-    )
-    assert driver.queue_states({"r3-t000"}) == {"r3-t000": "Running"}  # with a worker active it is running
+    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, QUEUE_STATUS, ""))
+    assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": "Running"}  # with a worker active it is running
 
 
 def test_a_sweep_trial_never_takes_another_runs_checkpoint_for_its_own(tmp_path):
@@ -538,12 +539,33 @@ def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, 
     assert patience["low"] <= ran["train.patience"] <= patience["high"]
 
 
+def test_the_proposed_sweeps_trial_budget_is_the_reports_option_a_positive_whole_number(tmp_path, monkeypatch):
+    from cifar_rounds.analysis.proposals import SWEEP_TRIALS, next_round_lines, trial_budget
+    from cifar_rounds.core.errors import StageError
+
+    monkeypatch.chdir(REPO)  # the presets
+    rep = every_proposal()
+    for trials, folder in ((SWEEP_TRIALS, tmp_path / "default"), (2, tmp_path / "two")):
+        next_round_lines(Round("round-2", [rep, rep]), folder, trials)
+        files = sorted(folder.glob("*.yaml"))
+        assert len(files) == 4 and all(load_sweep(f, repo_params(), load_preset).trials == trials for f in files)
+    refusal = "error: --sweep-trials {!r}: expected a positive whole number of trials per proposed sweep\n"
+    for text in ("0", "2.5", ""):
+        with pytest.raises(StageError) as refused:
+            trial_budget(text)
+        assert f"error: {refused.value}\n" == refusal.format(text)
+    for text in ("-3", "twelve"):  # from the command line: one line, before anything is read
+        cmd = [sys.executable, "-m", "cifar_rounds.analysis.report", "a", "b", "--sweep-trials", text]
+        result = run(cmd, tmp_path, check=False)
+        assert result.returncode == 1 and result.stderr == refusal.format(text), result.stderr
+
+
 def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_left(tmp_path, monkeypatch):
     from cifar_rounds.core.errors import StageError
-    from cifar_rounds.search import sweep as driver
+    from cifar_rounds.search import queue as dvcq
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(driver, "QUEUE_PAUSE_S", 0.0)
+    monkeypatch.setattr(dvcq, "QUEUE_PAUSE_S", 0.0)
     lock = tmp_path / ".git" / "index.lock"
     lock.parent.mkdir()
     lock.touch()
@@ -554,14 +576,14 @@ def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_le
         locked = "ERROR: unexpected error - the index is locked; this might be due to a concurrent process\n"
         return subprocess.CompletedProcess(cmd, 255 if lock.exists() else 0, "", locked if lock.exists() else "")
 
-    monkeypatch.setattr(driver.subprocess, "run", dvc)
+    monkeypatch.setattr(dvcq.subprocess, "run", dvc)
     # a fresh lock is another process's: waited for, never removed, and in the end one line
     with pytest.raises(StageError, match="dvc exp run --queue failed for s-t004: ERROR: unexpected error - the index"):
-        driver.queue_experiment("s-t004", {})
-    assert answers == [True] * driver.QUEUE_TRIES and lock.exists()
+        dvcq.queue_experiment("s-t004", {})
+    assert answers == [True] * dvcq.QUEUE_TRIES and lock.exists()
     os.utime(lock, (time.time() - 60, time.time() - 60))  # left by a killed process
     answers.clear()
-    driver.queue_experiment("s-t004", {})
+    dvcq.queue_experiment("s-t004", {})
     assert answers == [True, False] and not lock.exists()
 
 
@@ -633,3 +655,35 @@ def test_the_driver_keeps_each_workers_next_trial_queued_and_starts_workers_only
     driver.drive(d, workers=2, poll_s=5)
     # 2 training, 1 preparing and 2 waiting; the workers started as each trial was queued, not at each poll
     assert seen == [5] * 6
+
+
+def test_a_task_whose_process_runs_is_not_orphaned_when_its_worker_shuts_down(tmp_path, monkeypatch):
+    """A worker whose monitor asked while it was busy shuts down after its task, answering no inspection: the
+    queue shows 0 active workers while the task's own process still trains it."""
+    from cifar_rounds.search import queue as dvcq
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    table = QUEUE_STATUS.replace("1 active", "0 active")
+    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table, ""))
+    record = tmp_path / dvcq.TASK_PROCESSES / "1a2b3c4d5e" / "1a2b3c4d5e.json"
+    record.parent.mkdir(parents=True)
+    for pid, returncode, state in (
+        (os.getpid(), None, "Running"),  # alive, not ended: running
+        (os.getpid(), 0, dvcq.ORPHANED),  # ended
+        (int(ended.stdout), None, dvcq.ORPHANED),  # gone without recording its end
+    ):
+        record.write_text(json.dumps({"pid": pid, "returncode": returncode}))
+        assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": state}, (pid, returncode)
+
+
+def test_a_trial_ended_by_the_driver_while_it_trains_stops_in_one_line(tmp_path, monkeypatch):
+    from cifar_rounds.core.errors import StageError
+
+    study, url = _study_with_pruner(tmp_path, monkeypatch)
+    number = study.ask().number
+    trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
+    assert trial.report(1, {"val_accuracy": 0.5}) is False
+    study.tell(number, state=optuna.trial.TrialState.FAIL)  # the driver took it for lost
+    with pytest.raises(StageError, match=rf"^sweep: trial {number} of 's' was ended \(FAIL\) while this run trained"):
+        trial.report(2, {"val_accuracy": 0.6})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cifar_rounds.analysis.replicates import Replicate, Round, number
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
+from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import load_params, with_overrides
 from cifar_rounds.core.yamlio import write_yaml
 
@@ -24,6 +25,7 @@ MEMORISED = 0.99  # train accuracy from which the train-validation gap is memori
 BATCH_HEADROOM = 4.0  # B_simple this many times the batch: a larger batch costs little per sample
 EDGE = 0.8  # lambda_max at this fraction of the stability bound: the learning rate is at its edge
 FIRST_WEIGHT_DECAY = 5e-4  # proposed where the round had none: the usual weight decay of ResNets on CIFAR-10
+SWEEP_TRIALS = 12  # each proposed sweep's trial budget, the enqueued preset included (report --sweep-trials)
 # the sections whose values make a trial's configuration; train.seed is the replicate, not the configuration
 CONFIGURATION = ("data", "model", "train")
 NOT_CONFIGURATION = frozenset({"train.seed"})
@@ -169,7 +171,14 @@ def study_name(round_name: str, slug: str) -> str:
     return f"{stem or 'round'}-{slug}"
 
 
-def sweep_tree(p: Proposal, r: Round, preset: str) -> dict:
+def trial_budget(text: str) -> int:
+    """`--sweep-trials`: a positive whole number; one line otherwise."""
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise StageError(f"--sweep-trials {text!r}: expected a positive whole number of trials per proposed sweep")
+    return int(text)
+
+
+def sweep_tree(p: Proposal, r: Round, preset: str, trials: int) -> dict:
     """The sweep file's content: the round's configuration as it ran, the proposal's space around both values."""
     base = with_overrides(load_params(), load_preset(preset)).flat()  # what a trial starts from
     ran = r.first.params.flat()
@@ -181,7 +190,7 @@ def sweep_tree(p: Proposal, r: Round, preset: str) -> dict:
     return {
         "study": study_name(r.name, p.slug),
         "baseline": preset,
-        "trials": 12,
+        "trials": trials,
         "enqueue": [preset],
         "fixed": fixed,
         "space": {k: covering(d, [ran[k], base[k]]) for k, d in p.space.items()},
@@ -189,7 +198,7 @@ def sweep_tree(p: Proposal, r: Round, preset: str) -> dict:
     }
 
 
-def write_sweep_file(p: Proposal, r: Round, folder: Path) -> Path | None:
+def write_sweep_file(p: Proposal, r: Round, folder: Path, trials: int) -> Path | None:
     """A sweep around the proposal, on top of the round's preset; None when the round is not a preset."""
     preset = r.first.params.tracking.preset
     if preset is None or not (PRESETS_DIR / f"{preset}.yaml").exists():
@@ -200,12 +209,12 @@ def write_sweep_file(p: Proposal, r: Round, folder: Path) -> Path | None:
         f"Proposed after {r.name}: {p.action}.\nEvidence: {p.evidence}.\n"
         f"fixed: the values {r.name} ran with where they differ from the preset {preset}."
     )
-    write_yaml(sweep_tree(p, r, preset), path, header)
+    write_yaml(sweep_tree(p, r, preset, trials), path, header)
     return path
 
 
-def next_round_lines(r: Round, folder: Path) -> list[str]:
-    """The report's "next round" section: each proposal, its evidence and the file that runs it."""
+def next_round_lines(r: Round, folder: Path, trials: int = SWEEP_TRIALS) -> list[str]:
+    """The report's "next round" section: each proposal, its evidence and the file that runs it (`trials` trials)."""
     found = proposals(r)
     if not found:
         return [
@@ -217,7 +226,7 @@ def next_round_lines(r: Round, folder: Path) -> list[str]:
     lines = ["", f"## Next round (after {r.name})", ""]
     for p in found:
         values = " ".join(f"-S {k}={v:.4g}" if isinstance(v, float) else f"-S {k}={v}" for k, v in p.overrides.items())
-        path = write_sweep_file(p, r, folder)
+        path = write_sweep_file(p, r, folder, trials)
         run = (
             f"`python -m cifar_rounds.search.sweep {path}`"
             if path

@@ -35,7 +35,7 @@ from cifar_rounds.analysis.champion import (
 )
 from cifar_rounds.analysis.criteria import passes, policy_lines, seeds_line, values
 from cifar_rounds.analysis.details import round_section
-from cifar_rounds.analysis.proposals import next_round_lines
+from cifar_rounds.analysis.proposals import SWEEP_TRIALS, next_round_lines, trial_budget
 from cifar_rounds.analysis.replicates import ArtifactPaths, Round, find_round, number
 from cifar_rounds.analysis.summary import format_mean_std, mean_std
 from cifar_rounds.analysis.verdict import Verdict, compare_configs, wilson_interval
@@ -274,6 +274,8 @@ def main() -> None:
         help="move @<round> and @champion of the registered model as the report decides, and count the decision "
         "against the test set (default: read-only, the report only says where they should point)",
     )
+    # trial_budget's StageError is not argparse's: one line, from run_stage
+    parser.add_argument("--sweep-trials", type=trial_budget, default=SWEEP_TRIALS, help="trials per proposed sweep")
     args = parser.parse_args()
     if args.out:
         output_file(args.out, "the report's Markdown")
@@ -285,7 +287,8 @@ def main() -> None:
     out = args.out or Path(paths.history).parent / f"round-{safe(base.name)}-vs-{safe(cand.name)}.md"
     v = round_verdict(base, cand, params.report.significance)
     aliases = decide_aliases(params, base, cand, v, args.move_aliases)
-    next_round = next_round_lines(cand, out.with_suffix(".next"))  # writes the proposals' sweep files beside it
+    # the proposals' sweep files, written beside the report
+    next_round = next_round_lines(cand, out.with_suffix(".next"), args.sweep_trials)
     text = render(base, cand, v, params.report, aliases, out.with_suffix(".png").name, next_round)
     figure = write_report(text, [base, cand], out)
     tracker = Tracker.attach(params, cand.first.metrics["mlflow_run_id"])

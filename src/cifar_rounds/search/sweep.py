@@ -4,8 +4,9 @@ The study lives in Optuna's storage (sqlite optuna.db at the repository root, or
 any database URL, which lets drivers on several machines share one study). The
 driver asks the study for a trial, queues it as the named DVC experiment
 STUDY-t007 with every value set (`-S`), and keeps `--workers` trials training
-through DVC's queue, one more getting ready to train and one per worker waiting. The train stage reports each epoch to its trial and stops when
-the pruner says so; it tells the study the result. Each trial is one MLflow run
+through DVC's queue, one more getting ready to train and one per worker
+waiting (search/queue.py). The train stage reports each epoch to its trial and
+stops when the pruner says so; it tells the study the result. Each trial is one MLflow run
 under the sweep's parent run. Killed and run again, the driver continues the
 same study: trials left RUNNING whose experiment is gone are marked FAIL and
 retried with the same values, and their MLflow runs are ended KILLED.
@@ -15,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from cifar_rounds.analysis.rounds import exp_run_command, load_preset
+from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import ParamsError, load_params, with_overrides
 from cifar_rounds.search.promote import preset_target, promote
+from cifar_rounds.search.queue import ORPHANED, queue_experiment, queue_states, saved_experiments, start_workers
 from cifar_rounds.search.report import write_sweep_report
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.study import QUEUE_ATTR, Driver, counts, new_driver, sweep_run_ended
@@ -36,78 +35,15 @@ from cifar_rounds.search.trial import (
 )
 from cifar_rounds.tracking.run import END_REASON_TAG
 from cifar_rounds.tracking.store import repo_root
-from cifar_rounds.training.lease import TRAININGS_ENV
 
 POLL_S = 5.0
 # `dvc queue start` is a DVC process (a second of CPU the trainings lose): run when a trial was queued, else
 # this often, for workers that left (DVC's workers exit after an empty queue) or died with trials still queued
 WORKERS_CHECK_S = 60.0
-QUEUE_TRIES, QUEUE_PAUSE_S = 6, 5.0  # queueing waits this long in all for a git index another process holds
-STALE_LOCK_S = 30.0  # git holds .git/index.lock for moments: one this old was left by a killed process
 # DVC moves a finished experiment between its queue's lists: for a moment the queue knows it under no
 # state, before or after its experiment is saved. Only an entry missing this long (and unsaved) is lost.
 LOST_AFTER_S = 30.0
-WORKERS_LOG = Path(".dvc/tmp/sweep-workers.log")  # what `dvc queue start` and its workers print, from the repo root
-QUEUE_STATUS_TRIES, QUEUE_STATUS_PAUSE_S = 3, 5.0  # `dvc queue status` asked again after a failure
-
-
-ORPHANED = "Orphaned"  # Running in DVC's queue, with no worker active to run it
 ORPHANED_ATTR, MAX_ORPHANED = "orphaned", 3  # how often a trial's values were orphaned; retried up to this
-
-
-def parse_queue_status(out: str) -> dict[str, str] | None:
-    """Name -> status of each task in `dvc queue status`'s output; None if the output is not its table."""
-    lines = [line for line in out.splitlines() if line.strip()]
-    if not lines or not lines[-1].startswith("Worker status:"):
-        return None
-    tasks = lines[:-1]
-    if tasks == ["No experiment tasks in the queue."]:
-        return {}
-    if not tasks or tasks[0].split() != ["Task", "Name", "Created", "Status"]:
-        return None
-    rows = [line.split() for line in tasks[1:]]
-    return {words[1]: words[-1] for words in rows if len(words) >= 4}
-
-
-def queue_states(names: set[str]) -> dict[str, str]:
-    """DVC queue status (Queued, Running, Success, Failed) of the named experiments that the queue knows.
-
-    A failed or unreadable `dvc queue status` is asked again; one that keeps failing stops the driver:
-    read as an empty queue, it would have every running trial taken for lost.
-    """
-    for attempt in range(1, QUEUE_STATUS_TRIES + 1):
-        result = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True)
-        states = parse_queue_status(result.stdout) if result.returncode == 0 else None
-        if states is not None:
-            # a task left Running by a worker that exited (DVC's queue can hand a task to a worker that is
-            # shutting down): with no worker active, nothing will ever end it
-            idle = "Worker status: 0 active" in result.stdout
-            return {
-                name: ORPHANED if idle and state == "Running" else state
-                for name, state in states.items()
-                if name in names
-            }
-        if attempt < QUEUE_STATUS_TRIES:
-            time.sleep(QUEUE_STATUS_PAUSE_S)
-    said = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1][:200]
-    why = f"exit {result.returncode}" if result.returncode else "output not understood"
-    raise StageError(
-        f"sweep: `dvc queue status` failed {QUEUE_STATUS_TRIES} times ({why}: {said}); "
-        "the trials are left as they are: rerun the sweep to continue"
-    )
-
-
-def saved_experiments(root: Path) -> set[str]:
-    """Names of the DVC experiments saved in the repository, on any baseline: DVC saves only those that succeeded.
-
-    Their refs are refs/exps/<baseline[:2]>/<baseline[2:]>/<name>; DVC's own refs (the queue's stash,
-    the executors') have other shapes.
-    """
-    out = subprocess.run(
-        ["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root, capture_output=True, text=True
-    ).stdout
-    parts = [ref.split("/") for ref in out.split()]
-    return {p[4] for p in parts if len(p) == 5 and len(p[2]) == 2}
 
 
 def settle(d: Driver) -> list[int]:
@@ -115,10 +51,10 @@ def settle(d: Driver) -> list[int]:
 
     A trial is concluded from its result when the queue says Success or its experiment is saved (the
     queue may have dropped the entry, e.g. `dvc queue remove --success`). It is lost when it failed, or
-    when the queue has not known it, or has shown it Running with no worker active, for LOST_AFTER_S and
-    nothing is saved. A lost trial that an earlier driver left RUNNING (`d.inherited`: a killed driver or
-    worker), or that the queue orphaned, is also queued again with the same values, once: the FAIL is then
-    not counted against the budget.
+    when the queue has not known it, or has shown it Running with no worker active and no process of its
+    own, for LOST_AFTER_S and nothing is saved. A lost trial that an earlier driver left RUNNING
+    (`d.inherited`: a killed driver or worker), or that the queue orphaned, is also queued again with the
+    same values, once: the FAIL is then not counted against the budget.
     """
     import optuna
 
@@ -195,46 +131,6 @@ def queue_next(d: Driver) -> bool:
         raise
     print(f"sweep: queued trial {trial.number} as {d.trial_name(trial.number)}")
     return True
-
-
-def queue_experiment(name: str, values: dict[str, object]) -> None:
-    """`dvc exp run --queue`, waiting out a git index that another process holds (a worker saving its
-    experiment); an index lock old enough to be a killed process's (a driver killed while queueing) goes."""
-    for attempt in range(1, QUEUE_TRIES + 1):
-        result = subprocess.run(exp_run_command(name, values, ["--queue"]), capture_output=True, text=True)
-        locked = "index is locked" in result.stderr
-        if result.returncode == 0 or not locked or attempt == QUEUE_TRIES:
-            break
-        lock = repo_root() / ".git" / "index.lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-            print(f"sweep: removed {lock}, left {STALE_LOCK_S:.0f} s and more ago by a process that was killed")
-        time.sleep(QUEUE_PAUSE_S)
-    if result.returncode != 0:
-        said = [line for line in result.stderr.splitlines() if line.strip() and "dvc.org/support" not in line]
-        raise StageError(f"dvc exp run --queue failed for {name}: {(said or ['no output'])[-1][:200]}")
-
-
-def start_workers(workers: int) -> None:
-    """`dvc queue start -j workers+1`, detached: its forked workers must not hold pipes the driver waits on.
-
-    The one worker more gets its experiment through DVC's set-up and the stages before training while
-    the others train; the project's trainings are capped at `workers` (TRAININGS_ENV), so it then waits
-    for a training place, and starts the moment a training ends, while that worker evaluates.
-    Idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while.
-    Their output goes to WORKERS_LOG, appended.
-    """
-    log = repo_root() / WORKERS_LOG
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers + 1)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, TRAININGS_ENV: str(workers)},
-        )
 
 
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:

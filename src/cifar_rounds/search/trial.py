@@ -63,7 +63,15 @@ class StudyTrial:
         value = float(record[self.metric])
         if not math.isfinite(value):
             return False  # a diverged run is stopped by the loop itself
-        self.trial.report(value, epoch)
+        import optuna
+
+        try:
+            self.trial.report(value, epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:  # the sweep driver took it for lost
+            raise StageError(
+                f"sweep: trial {self.number} of {self.study.study_name!r} was ended "
+                f"({self.study.trials[self.number].state.name}) while this run trained it; its result is not recorded"
+            ) from None
         return bool(self.trial.should_prune())
 
     def finish(self, pruned: bool, best_epoch: int) -> str:
