@@ -653,7 +653,7 @@ def test_the_driver_keeps_each_workers_next_trial_queued_and_starts_workers_only
     polls = iter(range(0, 10_000, 5))
     monkeypatch.setattr(driver.time, "monotonic", lambda: next(polls))
     driver.drive(d, workers=2, poll_s=5)
-    # 2 training, 1 preparing and 2 waiting; the workers started as each trial was queued, not at each poll
+    # 2 training, 2 ready and 1 queued; the workers started as each trial was queued, not at each poll
     assert seen == [5] * 6
 
 

@@ -134,11 +134,13 @@ def queue_experiment(name: str, values: dict[str, object]) -> None:
 
 
 def start_workers(workers: int) -> None:
-    """`dvc queue start -j workers+1`, detached: its forked workers must not hold pipes the driver waits on.
+    """`dvc queue start -j 2*workers`, detached: its forked workers must not hold pipes the driver waits on.
 
-    The one worker more gets its experiment through DVC's set-up and the stages before training while
-    the others train; the project's trainings are capped at `workers` (TRAININGS_ENV), so it then waits
-    for a training place, and starts the moment a training ends, while that worker evaluates.
+    The project's trainings are capped at `workers` (TRAININGS_ENV): the other workers get their
+    experiments through DVC's set-up and the stages before training while the trainings run, then wait
+    for a training place, and start the moment one frees, while the worker that held it evaluates. As
+    many wait as train: trainings of equal length end together (one spare covered one of two places:
+    the other stayed idle 89 s, benchmarks/RESULTS.md).
     Idempotent: workers that exist are kept; DVC's workers exit when the queue has been empty a while.
     Their output goes to WORKERS_LOG, appended.
     """
@@ -146,7 +148,7 @@ def start_workers(workers: int) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         subprocess.run(
-            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers + 1)],
+            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(2 * workers)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

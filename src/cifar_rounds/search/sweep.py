@@ -4,8 +4,8 @@ The study lives in Optuna's storage (sqlite optuna.db at the repository root, or
 any database URL, which lets drivers on several machines share one study). The
 driver asks the study for a trial, queues it as the named DVC experiment
 STUDY-t007 with every value set (`-S`), and keeps `--workers` trials training
-through DVC's queue, one more getting ready to train and one per worker
-waiting (search/queue.py). The train stage reports each epoch to its trial and
+through DVC's queue, as many ready to take a training's place the moment it
+ends, and one more queued (search/queue.py). The train stage reports each epoch to its trial and
 stops when the pruner says so; it tells the study the result. Each trial is one MLflow run
 under the sweep's parent run. Killed and run again, the driver continues the
 same study: trials left RUNNING whose experiment is gone are marked FAIL and
@@ -134,8 +134,8 @@ def queue_next(d: Driver) -> bool:
 
 
 def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
-    """Keep `workers` trials training, one more preparing and one per worker queued, until the budget is spent
-    and every trial has ended."""
+    """Keep `workers` trials training, as many ready to train and one queued, until the budget is spent and
+    every trial has ended."""
     import optuna
 
     running = optuna.trial.TrialState.RUNNING
@@ -143,10 +143,9 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     alive = settle(d)
     started = -math.inf  # when `dvc queue start` last ran
     while True:
-        # the spare worker's trial, and each training worker's next one waiting in the queue: workers ending
-        # together each find one at once (with a single one queued, the second waited for the driver to queue
-        # one: 27 s of 345 measured), and a worker that finds the queue empty shuts down, one handed a task as
-        # it shuts down orphaning it (a DVC race)
+        # a trial for each of the 2 x workers queue workers (half train, half wait ready) and one queued: a
+        # worker that finds the queue empty shuts down, one handed a task as it shuts down orphaning it (a DVC
+        # race), and one whose trial waits on the driver leaves its place idle (27 s of 345 measured)
         queued = False
         while len(alive) < 2 * workers + 1 and queue_next(d):
             queued, alive = True, settle(d)

@@ -10,9 +10,9 @@ sets torch's threads to its share of the cores: the cores divided by the CPU tra
 place. Several trainings with a thread per core each oversubscribe the cores and spin against
 each other (18x slower in total on 2 cores, benchmarks/RESULTS.md).
 
-A sweep runs one DVC queue worker more than it trains at once, and caps its project's trainings
-(TRAININGS_ENV): the spare worker's experiment gets through DVC's set-up and the stages before training
-while the others train, then waits for a training place here, so that a worker's evaluation and DVC's
+A sweep runs twice as many DVC queue workers as it trains at once, and caps its project's trainings
+(TRAININGS_ENV): a worker's experiment gets through DVC's set-up and the stages before training while
+the others train, then waits for a training place here, so that a worker's evaluation and DVC's
 bookkeeping overlap the others' training instead of leaving a place idle.
 
 Placement is not the model: the slots per GPU come from the environment (SLOTS_ENV), never from
