@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.data.synthetic import write_archive
 from cifar_rounds.search.trial import BEST_EPOCH_ATTR as BEST_EPOCH
+from cifar_rounds.search.trial import STATE_TAG as STATE
 
 from helpers import env, make_project, run, tracking_server
 from pg import postgresql
@@ -151,12 +152,15 @@ def test_a_database_outage_is_waited_out_and_one_past_the_patience_stops_everyth
         experiment = client.get_experiment_by_name("cifar-rounds").experiment_id
         runs = client.search_runs([experiment], "tags.sweep = 'night'")
         assert "RUNNING" not in {r.info.status for r in runs}
+        # a trial the outage stopped after its training (its evaluation failed) keeps a FINISHED run, tagged FAIL
         finished = sorted(
             int(r.data.tags["sweep.trial"])
             for r in runs
-            if r.info.status == "FINISHED" and "sweep.trial" in r.data.tags
+            if r.info.status == "FINISHED" and "sweep.trial" in r.data.tags and r.data.tags.get(STATE) != "FAIL"
         )
         assert finished == sorted(t.number for t in counted)  # each counted trial one finished run, none twice
+        failed = {t.number for t in study.trials if t.user_attrs.get("retried")}
+        assert all(r.data.tags.get(STATE) == "FAIL" for r in runs if int(r.data.tags.get("sweep.trial", -1)) in failed)
         for n in sorted(caught):
             run_id = next(r.info.run_id for r in runs if r.data.tags.get("sweep.trial") == str(n))
             stall, lag = stall_after(client, run_id, restarted)
