@@ -15,6 +15,19 @@ import pgserver
 
 from helpers import free_port
 
+# the projects of the shared-store tests: tiny trials, nothing logged that they do not check
+SMALL = {
+    "data.val_size": 60,
+    "model.width": 8,
+    "train.batch_size": 60,
+    "train.num_epochs": 2,
+    "train.lr_milestones": [1],
+    "train.patience": 2,
+    "diagnostics.noise_scale": False,
+    "diagnostics.sharpness": False,
+    "tracking.log_model": False,
+    "tracking.system_metrics_interval_s": 0,
+}
 PG_USER = "cifar-rounds-pg"  # PostgreSQL refuses to run as root: as root, the server runs as this user
 
 

@@ -20,21 +20,9 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.data.synthetic import write_archive
 
 from helpers import env, make_project, run, tracking_server
-from pg import postgresql
+from pg import SMALL, postgresql
 
 TRIALS = 4
-SMALL = {
-    "data.val_size": 60,
-    "model.width": 8,
-    "train.batch_size": 60,
-    "train.num_epochs": 2,
-    "train.lr_milestones": [1],
-    "train.patience": 2,
-    "diagnostics.noise_scale": False,
-    "diagnostics.sharpness": False,
-    "tracking.log_model": False,
-    "tracking.system_metrics_interval_s": 0,
-}
 
 
 def machine(origin: Path, target: Path) -> Path:

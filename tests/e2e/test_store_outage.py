@@ -16,21 +16,9 @@ from cifar_rounds.search.trial import BEST_EPOCH_ATTR as BEST_EPOCH
 from cifar_rounds.search.trial import STATE_TAG as STATE
 
 from helpers import env, make_project, run, tracking_server
-from pg import postgresql
+from pg import SMALL, postgresql
 
 OUTAGE_S, PATIENCE_S = 15, 45  # a restart the processes wait out; a patience a longer outage exceeds
-SMALL = {
-    "data.val_size": 60,
-    "model.width": 8,
-    "train.batch_size": 60,
-    "train.num_epochs": 2,
-    "train.lr_milestones": [1],
-    "train.patience": 2,
-    "diagnostics.noise_scale": False,
-    "diagnostics.sharpness": False,
-    "tracking.log_model": False,
-    "tracking.system_metrics_interval_s": 0,
-}
 TRIALS = 4  # two caught by the short outage, then two more, one of which the long outage stops
 QUIET_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # MLflow's own retries (4 min by default) kept short
 

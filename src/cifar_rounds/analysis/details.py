@@ -1,4 +1,5 @@
-"""The round report's section on one round: criteria, overfitting, per-class accuracy, diagnostics, noise and sharpness.
+"""The round report's section on one round: criteria, overfitting, per-class accuracy, diagnostics, noise and sharpness;
+and its learning-curve figure, each round's mean over seeds with its min-to-max band.
 
 Criteria are judged with the workspace's thresholds (`criteria`); the rest describes the round's
 first replicate from its measurements.
@@ -7,9 +8,13 @@ first replicate from its measurements.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+import numpy as np
 
 from cifar_rounds.analysis.criteria import criteria, val_loss_minimum
 from cifar_rounds.analysis.replicates import Replicate, Round, number
+from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.params import ReportParams
 
 
@@ -107,3 +112,33 @@ def round_section(r: Round, rp: ReportParams) -> list[str]:
     out += ["", f"Diagnostics ({rep.label}):"] + [f"- {x}" for x in diagnostics(rep)]
     out += ["", f"Noise scale and sharpness ({rep.label}; Tr(H)/lambda_max is the founding analysis's B* proxy):"]
     return out + noise_and_sharpness(rep)
+
+
+def curve_band(r: Round, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs that every replicate reached, and the mean, min and max of `key` over replicates there."""
+    epochs = min(len(rep.history) for rep in r.replicates)
+    table = np.array([[row[key] for row in rep.history[:epochs]] for rep in r.replicates])
+    return np.arange(1, epochs + 1), table.mean(0), table.min(0), table.max(0)
+
+
+def plot_curves(rounds: list[Round], path: Path) -> None:
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
+    for r, colour in zip(rounds, ("tab:blue", "tab:orange")):
+        for ax, key in ((axes[0], "accuracy"), (axes[1], "loss")):
+            for split, style in (("train", "--"), ("val", "-")):
+                epochs, mean, low, high = curve_band(r, f"{split}_{key}")
+                ax.plot(epochs, mean, color=colour, ls=style, label=f"{r.name} {split}")
+                ax.fill_between(epochs, low, high, color=colour, alpha=0.15, lw=0)
+        epochs, lr, _, _ = curve_band(r, "learning_rate")
+        axes[2].step(epochs, lr, where="post", color=colour, label=r.name)  # constant within an epoch
+    for ax, title, ylabel in zip(
+        axes, ("accuracy", "loss", "learning rate"), ("accuracy (fraction)", "cross-entropy loss", "learning rate")
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")  # validation spikes would flatten everything else
+    axes[2].set_yscale("log")
+    save_figure(fig, path)

@@ -21,8 +21,6 @@ import math
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from cifar_rounds.analysis.champion import (
     Plan,
     RegistryState,
@@ -34,13 +32,12 @@ from cifar_rounds.analysis.champion import (
     reuse_line,
 )
 from cifar_rounds.analysis.criteria import passes, policy_lines, seeds_line, values
-from cifar_rounds.analysis.details import round_section
+from cifar_rounds.analysis.details import plot_curves, round_section
 from cifar_rounds.analysis.proposals import SWEEP_TRIALS, next_round_lines, trial_budget
 from cifar_rounds.analysis.replicates import ArtifactPaths, Round, find_round, number
 from cifar_rounds.analysis.summary import format_mean_std, mean_std
 from cifar_rounds.analysis.verdict import Verdict, compare_configs, wilson_interval
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.inputs import output_file
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
@@ -201,36 +198,6 @@ def render(
     out += next_round
     out += ["", "## Learning curves (mean over seeds; band: min to max)", "", f"![learning curves]({figure})", ""]
     return "\n".join(out)
-
-
-def curve_band(r: Round, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs that every replicate reached, and the mean, min and max of `key` over replicates there."""
-    epochs = min(len(rep.history) for rep in r.replicates)
-    table = np.array([[row[key] for row in rep.history[:epochs]] for rep in r.replicates])
-    return np.arange(1, epochs + 1), table.mean(0), table.min(0), table.max(0)
-
-
-def plot_curves(rounds: list[Round], path: Path) -> None:
-    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
-    for r, colour in zip(rounds, ("tab:blue", "tab:orange")):
-        for ax, key in ((axes[0], "accuracy"), (axes[1], "loss")):
-            for split, style in (("train", "--"), ("val", "-")):
-                epochs, mean, low, high = curve_band(r, f"{split}_{key}")
-                ax.plot(epochs, mean, color=colour, ls=style, label=f"{r.name} {split}")
-                ax.fill_between(epochs, low, high, color=colour, alpha=0.15, lw=0)
-        epochs, lr, _, _ = curve_band(r, "learning_rate")
-        axes[2].step(epochs, lr, where="post", color=colour, label=r.name)  # constant within an epoch
-    for ax, title, ylabel in zip(
-        axes, ("accuracy", "loss", "learning rate"), ("accuracy (fraction)", "cross-entropy loss", "learning rate")
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
-    axes[1].set_yscale("log")  # validation spikes would flatten everything else
-    axes[2].set_yscale("log")
-    save_figure(fig, path)
 
 
 def write_report(text: str, rounds: list[Round], out: Path) -> Path:
