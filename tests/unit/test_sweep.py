@@ -687,3 +687,16 @@ def test_a_trial_ended_by_the_driver_while_it_trains_stops_in_one_line(tmp_path,
     study.tell(number, state=optuna.trial.TrialState.FAIL)  # the driver took it for lost
     with pytest.raises(StageError, match=rf"^sweep: trial {number} of 's' was ended \(FAIL\) while this run trained"):
         trial.report(2, {"val_accuracy": 0.6})
+
+
+def test_the_queue_runs_as_many_workers_ready_as_training_and_caps_the_projects_trainings(tmp_path, monkeypatch):
+    from cifar_rounds.search import queue as dvcq
+    from cifar_rounds.training.lease import TRAININGS_ENV
+
+    started = []
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: started.append((cmd, kw)))
+    dvcq.start_workers(3)
+    ((cmd, kw),) = started
+    assert cmd[-4:] == ["queue", "start", "-j", "6"] and kw["env"][TRAININGS_ENV] == "3"
+    assert kw["start_new_session"] and (tmp_path / dvcq.WORKERS_LOG).exists()  # detached, its output logged

@@ -101,37 +101,34 @@ def _locked(path: Path) -> IO | None:
     return handle
 
 
+def first_free(paths: list[Path], held_line: str, say: Callable[[str], None]) -> tuple[int, IO]:
+    """The position of the first of `paths` this process locks, and its locked file; while all are held,
+    waits, saying `held_line` once."""
+    said = False
+    while True:
+        for position, path in enumerate(paths):
+            if (handle := _locked(path)) is not None:
+                return position, handle
+        if not said:
+            say(held_line)
+            said = True
+        time.sleep(POLL_S)
+
+
 def lease_gpu(devices: int, slots: int, folder: Path, say: Callable[[str], None] = print) -> Lease:
     """The first free slot, taking slot 0 of every GPU before slot 1 of any; waits while all are held."""
-    waiting = False
-    while True:
-        for slot in range(slots):
-            for index in range(devices):
-                handle = _locked(folder / f"cuda{index}.slot{slot}.lock")
-                if handle is not None:
-                    return Lease("cuda", index, slot, slots, folder, handle)
-        if not waiting:
-            say(
-                f"train: all {devices} GPU(s) x {slots} slot(s) are held by other trainings; waiting for one "
-                f"(slots per GPU: {SLOTS_ENV})"
-            )
-            waiting = True
-        time.sleep(POLL_S)
+    paths = [folder / f"cuda{index}.slot{slot}.lock" for slot in range(slots) for index in range(devices)]
+    held = f"train: all {devices} GPU(s) x {slots} slot(s) are held by other trainings; waiting for one "
+    position, handle = first_free(paths, held + f"(slots per GPU: {SLOTS_ENV})", say)
+    return Lease("cuda", position % devices, position // devices, slots, folder, handle)
 
 
 def training_place(cap: int, project: str, folder: Path, say: Callable[[str], None] = print) -> IO:
     """One of the project's `cap` training places, held until the process ends; waits while all are held."""
     tag = zlib.crc32(project.encode())  # one set of places per project: other projects are not capped by it
-    waiting = False
-    while True:
-        for index in range(cap):
-            handle = _locked(folder / f"training-{tag:08x}.{index}.lock")
-            if handle is not None:
-                return handle
-        if not waiting:
-            say(f"train: the project's {cap} training place(s) are held ({TRAININGS_ENV}); waiting for one")
-            waiting = True
-        time.sleep(POLL_S)
+    paths = [folder / f"training-{tag:08x}.{index}.lock" for index in range(cap)]
+    held = f"train: the project's {cap} training place(s) are held ({TRAININGS_ENV}); waiting for one"
+    return first_free(paths, held, say)[1]
 
 
 def lease_cpu(folder: Path) -> Lease:
