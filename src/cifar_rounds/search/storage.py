@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import abc
 import functools
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.errors import with_patience
 
 RETRY_CAP_S = 5.0  # the longest pause between two tries: a database back is used within seconds
 T = TypeVar("T")
@@ -49,28 +48,16 @@ def unreachable(error: BaseException) -> str | None:
 
 def retried(call: Callable[[], T], url: str, patience_s: float) -> T:
     """`call()`, tried again while the database is unreachable, for up to `patience_s` seconds."""
-    deadline, delay, told = time.monotonic() + patience_s, 0.5, False
-    while True:
-        try:
-            return call()
-        except Exception as error:
-            why = unreachable(error)
-            if why is None:
-                raise
-            if time.monotonic() + delay > deadline:
-                raise StageError(
-                    f"sweep: the study's storage {shown(url)} stayed unreachable for {patience_s:.0f} s ({why}); "
-                    "run the same command again to continue the study"
-                ) from None
-            if not told:
-                print(
-                    f"sweep: the study's storage {shown(url)} is unreachable ({why}); retrying for up to "
-                    f"{patience_s:.0f} s (tracking.store_patience_s)",
-                    flush=True,
-                )
-                told = True
-            time.sleep(delay)
-            delay = min(2 * delay, RETRY_CAP_S)
+    return with_patience(
+        call,
+        unreachable,
+        patience_s,
+        lambda why: f"sweep: the study's storage {shown(url)} is unreachable ({why}); retrying for up to "
+        f"{patience_s:.0f} s (tracking.store_patience_s)",
+        lambda why: f"sweep: the study's storage {shown(url)} stayed unreachable for {patience_s:.0f} s ({why}); "
+        "run the same command again to continue the study",
+        longest_pause_s=RETRY_CAP_S,
+    )
 
 
 @functools.cache

@@ -14,7 +14,6 @@ import logging
 import os
 import sqlite3
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.errors import StageError, with_patience
 from cifar_rounds.core.params import Params
 
 STORE_FILE = "mlflow.db"
@@ -86,27 +85,24 @@ def transient(error: Exception) -> bool:
 
 def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
     """`call()`, retried with backoff while the store is busy, for up to `patience_s` seconds."""
-    deadline, delay = time.monotonic() + patience_s, 0.5
-    while True:
-        try:
-            return call()
-        except MlflowException as error:
-            first = str(error).strip().splitlines()[0][:160]
-            if not transient(error):
-                raise StageError(f"tracking: {what} failed ({first})") from None
-            if time.monotonic() + delay > deadline:
-                raise StageError(
-                    f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s "
-                    f"({first}); the last checkpoint is safe: rerun to resume"
-                ) from None
-            if delay == 0.5:
-                print(
-                    f"tracking: the MLflow store is busy ({first}); retrying for up to "
-                    f"{patience_s:.0f} s (tracking.store_patience_s)",
-                    flush=True,
-                )
-            time.sleep(delay)
-            delay = min(2 * delay, 30.0)
+
+    def cure(error: Exception) -> str | None:
+        if not isinstance(error, MlflowException):
+            return None
+        first = str(error).strip().splitlines()[0][:160]
+        if not transient(error):
+            raise StageError(f"tracking: {what} failed ({first})") from None
+        return first
+
+    return with_patience(
+        call,
+        cure,
+        patience_s,
+        lambda why: f"tracking: the MLflow store is busy ({why}); retrying for up to {patience_s:.0f} s "
+        "(tracking.store_patience_s)",
+        lambda why: f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s ({why}); "
+        "the last checkpoint is safe: rerun to resume",
+    )
 
 
 def check_reachable(uri: str, source: str) -> None:
