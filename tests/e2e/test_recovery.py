@@ -4,6 +4,7 @@ Kills are deterministic: a small driver runs the real train stage with one metho
 wrapped so that the process SIGKILLs itself at the chosen moment.
 """
 
+import fcntl
 import json
 import shutil
 import signal
@@ -176,13 +177,17 @@ def test_kills_while_the_model_is_logged_or_registered_leave_one_model_and_one_v
     assert c.get_run(run_id).info.status == "FINISHED"
 
 
-def test_deleted_derived_files_are_rebuilt_from_the_state_without_training(project):
-    train(project, "b6")
+def test_deleted_derived_files_are_rebuilt_from_the_state_without_training(project, tmp_path):
+    leases = tmp_path / "leases"
+    train(project, "b6", CIFAR_ROUNDS_LEASE_DIR=str(leases))
     kept = {p: (project / p).read_bytes() for p in ("reports/b6.csv", "reports/b6.json", "models_b6/best.pt")}
     runs_before = len(store(project).search_runs([store(project).get_experiment_by_name("cifar-rounds").experiment_id]))
     for p in kept:
         (project / p).unlink()
-    out = train(project, "b6").stdout
+    # another CPU training runs during the rebuild: the summary still tells where the run trained
+    with open(leases / "cpu0.lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        out = train(project, "b6", CIFAR_ROUNDS_LEASE_DIR=str(leases)).stdout
     assert "rebuilding its outputs without training" in out and "epoch 1/" not in out
     assert (project / "reports/b6.csv").read_bytes() == kept["reports/b6.csv"]
     assert json.loads((project / "reports/b6.json").read_bytes()) == json.loads(kept["reports/b6.json"])

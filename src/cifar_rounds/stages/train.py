@@ -80,8 +80,9 @@ def fit(
     trial = open_trial(params.sweep, params.tracking.store_patience_s) if reports else NoTrial()
     sink.tag(trial.tags())
     sink.tag(rank_nodes(world))
-    placement = lease.conditions() if lease is not None else {}
-    sink.tag(placement)
+    if not progress.finalized:  # a rebuild reports where the run trained, not where it was rebuilt
+        progress.placement = lease.conditions() if lease is not None else {}
+    sink.tag(progress.placement)
     state = resume.state
     with sink.running(), node_system_metrics(params, world, from_main_rank(sink.run_id, world)):
         while not progress.finished:
@@ -112,7 +113,7 @@ def fit(
             "pruned": progress.pruned,
             "mlflow_run_id": progress.run_id,
             **progress.conditions,
-            **placement,
+            **progress.placement,
         }
         trial_state = trial.finish(progress.pruned, stopper.best_epoch)
         if trial_state:

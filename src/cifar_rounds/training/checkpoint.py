@@ -40,6 +40,7 @@ class Progress:
     noise: dict = field(default_factory=dict)  # NoiseScale's moving averages
     settings: dict[str, str] = field(default_factory=dict)  # digests of the sections that may change on resume
     conditions: dict[str, str] = field(default_factory=dict)  # run conditions, for a rebuilt summary
+    placement: dict[str, str] = field(default_factory=dict)  # the last training process's device and its sharing
 
 
 @dataclass(frozen=True)
