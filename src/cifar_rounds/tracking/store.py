@@ -83,6 +83,16 @@ def transient(error: Exception) -> bool:
     )
 
 
+def lost_insert_race(error: Exception) -> bool:
+    """Another process inserted the same new row (a dataset new to the experiment) a moment earlier: a second
+    try finds it there. PostgreSQL, sqlite and MySQL say so in their own words."""
+    text = str(error)
+    return isinstance(error, MlflowException) and any(
+        s in text
+        for s in ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
+    )
+
+
 def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
     """`call()`, retried with backoff while the store is busy, for up to `patience_s` seconds."""
 
