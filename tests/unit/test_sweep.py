@@ -700,3 +700,32 @@ def test_the_queue_runs_as_many_workers_ready_as_training_and_caps_the_projects_
     ((cmd, kw),) = started
     assert cmd[-4:] == ["queue", "start", "-j", "6"] and kw["env"][TRAININGS_ENV] == "3"
     assert kw["start_new_session"] and (tmp_path / dvcq.WORKERS_LOG).exists()  # detached, its output logged
+
+
+def test_trials_whose_training_ended_are_the_pruners_references_before_the_driver_concludes_them(tmp_path, monkeypatch):
+    # the driver concludes a trial after its evaluation and DVC's bookkeeping, or not at all while it is stopped;
+    # the trials training meanwhile are judged against those that trained to their end
+    study, url = _study_with_pruner(tmp_path, monkeypatch)
+    for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):
+        number = study.ask().number
+        trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
+        assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
+        trial.finish(pruned=False, best_epoch=3)
+    stopped = study.ask().number  # pruned, not concluded: no reference
+    trial = open_trial(SweepParams(study="s", trial=stopped, storage=url), 60.0)
+    trial.report(1, {"val_accuracy": 0.1})
+    trial.finish(pruned=True, best_epoch=1)
+    assert [t.state.name for t in study.trials] == ["RUNNING"] * 3
+    number = study.ask().number
+    trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
+    assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up
+    assert trial.report(2, {"val_accuracy": 0.68}) is False  # above the median of the two trained trials (0.675)
+    assert trial.report(3, {"val_accuracy": 0.5}) is True  # its best (0.68) below their median (0.7): pruned
+    # while one trial has trained, the pruner still waits for its startup trials
+    (tmp_path / "lone").mkdir()
+    lone, lone_url = _study_with_pruner(tmp_path / "lone", monkeypatch)
+    first = open_trial(SweepParams(study="s", trial=lone.ask().number, storage=lone_url), 60.0)
+    [first.report(e, {"val_accuracy": 0.9}) for e in (1, 2, 3)]
+    first.finish(pruned=False, best_epoch=3)
+    second = open_trial(SweepParams(study="s", trial=lone.ask().number, storage=lone_url), 60.0)
+    assert not any(second.report(e, {"val_accuracy": 0.1}) for e in (1, 2, 3))

@@ -4,11 +4,13 @@ A run is a trial when `sweep.study` and `sweep.trial` are set in params.yaml (th
 sweep driver sets them). Outside a sweep, `open_trial` returns `NoTrial`, which
 imports nothing and costs nothing. A pruned trial stops like an early stop: its
 checkpoint and history are kept. The study learns the trial's end from the sweep
-driver (`conclude`), once the whole experiment has succeeded.
+driver (`conclude`), once the whole experiment has succeeded; the pruner counts a trial
+that trained to its end among the finished ones already (`TrainedAsFinished`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -82,6 +84,46 @@ class StudyTrial:
         return "PRUNED" if pruned else "COMPLETE"
 
 
+class TrainedAsFinished:
+    """The study's pruner, shown the trials whose training ended unpruned as the finished trials they will be.
+
+    The driver tells the study a trial's end once its whole experiment has succeeded: after its evaluation
+    and DVC's bookkeeping, a minute or more after training, or, with the driver stopped, not before it runs
+    again. The next trials train meanwhile, and a median pruner that saw only the concluded trials would let
+    them run unpruned (it waits for `startup_trials` finished ones). The values such a trial reported are
+    final, so they are references as good as a concluded trial's.
+    """
+
+    def __init__(self, pruner) -> None:
+        self.pruner = pruner
+
+    def prune(self, study, trial) -> bool:
+        return self.pruner.prune(_TrainedShownFinished(study), trial)
+
+
+class _TrainedShownFinished:
+    """A study whose trials that trained to their end unpruned read COMPLETE; the rest is the study's own."""
+
+    def __init__(self, study) -> None:
+        self.study = study
+
+    def __getattr__(self, name: str):
+        return getattr(self.study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        import optuna
+
+        running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
+        shown = []
+        for trial in self.study.get_trials(deepcopy=deepcopy):
+            if trial.state == running and BEST_EPOCH_ATTR in trial.user_attrs and not trial.user_attrs.get(PRUNED_ATTR):
+                trial = copy.copy(trial)
+                trial.state = complete
+            if states is None or trial.state in states:
+                shown.append(trial)
+        return shown
+
+
 def conclude(study, number: int) -> str:
     """Tell the study how a trial whose experiment succeeded ended: PRUNED, or COMPLETE with the objective
     it reported at the epoch train.monitor selected as best (not the best over all epochs: that epoch's
@@ -123,7 +165,7 @@ def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
     except Exception as error:  # not a database: say which, in one line
         raise StageError(f"sweep.storage: cannot open {shown(url)} ({str(error).splitlines()[0][:160]})") from None
     attrs = storage.get_study_user_attrs(study_id)
-    pruner = TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build()
+    pruner = TrainedAsFinished(TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build())
     study = optuna.Study(study_name=sp.study, storage=storage, pruner=pruner)
     frozen = storage.get_trial(trial_id)
     if frozen.state != optuna.trial.TrialState.RUNNING:
