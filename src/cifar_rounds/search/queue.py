@@ -7,7 +7,6 @@ experiments are read from their git refs, which outlive the queue's entries.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,8 +25,6 @@ QUEUE_STATUS_TRIES, QUEUE_STATUS_PAUSE_S = 3, 5.0  # `dvc queue status` asked ag
 
 
 ORPHANED = "Orphaned"  # Running in DVC's queue, with no worker active to run it, and no process of its own
-# DVC's record of each task's process, by the task's revision: run/<rev>/<rev>.json, returncode null until it ends
-TASK_PROCESSES = Path(".dvc/tmp/exps/run")
 
 
 def parse_queue_status(out: str) -> dict[str, str] | None:
@@ -63,15 +60,13 @@ def process_alive(pid: int) -> bool:
 def task_process_running(task: str) -> bool:
     """Whether the queue task has a process that has not ended. A worker that starts shutting down (its monitor
     found no task, e.g. asked while busy on a loaded machine) still runs its task, but answers no inspection:
-    `dvc queue status` then shows 0 active workers, and only the process tells the task is alive."""
-    for record in (repo_root() / TASK_PROCESSES).glob(f"{task}*/*.json"):
-        try:
-            info = json.loads(record.read_text())
-        except (OSError, ValueError):  # being written: looked at again at the next poll
-            return True
-        if info.get("returncode") is None and process_alive(int(info["pid"])):
-            return True
-    return False
+    `dvc queue status` then shows 0 active workers, and only the process tells the task is alive. DVC's queue
+    records each task's process (pid, and its return code once it ends) by the task's revision."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root())) as repo:
+        processes = list(repo.experiments.celery_queue.proc.processes())
+    return any(rev.startswith(task) and info.returncode is None and process_alive(info.pid) for rev, info in processes)
 
 
 def queue_states(names: set[str]) -> dict[str, str]:
