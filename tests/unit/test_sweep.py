@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.proposals import proposals
@@ -75,6 +75,8 @@ def test_a_good_sweep_file_has_the_documented_defaults(tmp_path):
         ({"objective": {"metric": "val_loss", "direction": "maximize"}}, "val_loss is to be minimized"),
         ({"sampler": {"kind": "grid"}}, "every space entry must be categorical"),
         ({"pruner": {"kind": "hyperband"}}, "pruner"),
+        ({"pruner": {"kind": "threshold"}}, "pruner.threshold: a threshold pruner needs a lower or an upper limit"),
+        ({"pruner": {"kind": "threshold", "lower": 0.5, "upper": 0.2}}, "lower (0.5) must be below upper (0.2)"),
         ({"fixed": {"train.num_epochs": 0}}, "fixed: "),
         ({"fixed": {"train.batch_size": 64}}, "train.batch_size is both fixed and searched"),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
@@ -200,8 +202,9 @@ def test_a_run_without_a_sweep_imports_no_optuna():
     assert run([sys.executable, "-c", code], REPO).stdout.strip() == "False"
 
 
-def _git_driver(tmp_path: Path, monkeypatch, **changes):
-    """A driver of the sweep GOOD (with `changes`) in a git repository at tmp_path, with copies of the presets."""
+def _git_driver(tmp_path: Path, monkeypatch, dvc: bool = True, **changes):
+    """A driver of the sweep GOOD (with `changes`) in a git (and DVC) repository at tmp_path, with copies of the
+    presets."""
     from cifar_rounds.search.study import new_driver
 
     monkeypatch.chdir(tmp_path)
@@ -209,6 +212,8 @@ def _git_driver(tmp_path: Path, monkeypatch, **changes):
     shutil.copytree(REPO / "rounds", tmp_path / "rounds")
     (tmp_path / "params.yaml").symlink_to(REPO / "params.yaml")
     run(["git", "init", "-q"], tmp_path)
+    if dvc:
+        Repo.init(str(tmp_path)).close()
     run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], tmp_path)
     return new_driver(load_sweep(sweep_file(tmp_path, **changes), repo_params(), load_preset), repo_params())
 
@@ -247,7 +252,7 @@ def test_a_failing_queue_status_is_asked_again_then_stops_the_driver_leaving_the
     from cifar_rounds.search import queue as dvcq
     from cifar_rounds.search import sweep as driver
 
-    d = _git_driver(tmp_path, monkeypatch)  # a git repository without DVC: `dvc queue status` fails here
+    d = _git_driver(tmp_path, monkeypatch, dvc=False)  # a git repository without DVC: `dvc queue status` fails
     t = d.study.ask()
     t.set_user_attr("queue", d.queue)
     experiment = d.client.get_run(d.parent_run_id).info.experiment_id
@@ -660,20 +665,25 @@ def test_the_driver_keeps_each_workers_next_trial_queued_and_starts_workers_only
 def test_a_task_whose_process_runs_is_not_orphaned_when_its_worker_shuts_down(tmp_path, monkeypatch):
     """A worker whose monitor asked while it was busy shuts down after its task, answering no inspection: the
     queue shows 0 active workers while the task's own process still trains it."""
+    from dvc_task.proc.process import ProcessInfo
+
     from cifar_rounds.search import queue as dvcq
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run(["git", "init", "-q"], tmp_path)
+    with Repo.init(str(tmp_path)) as repo:
+        processes = repo.experiments.celery_queue.proc  # where DVC's queue records its tasks' processes
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     table = QUEUE_STATUS.replace("1 active", "0 active")
     monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table, ""))
-    record = tmp_path / dvcq.TASK_PROCESSES / "1a2b3c4d5e" / "1a2b3c4d5e.json"
-    record.parent.mkdir(parents=True)
+    rev = "1a2b3c4d5e" + "0" * 30
+    (Path(processes.wdir) / rev).mkdir(parents=True)
     for pid, returncode, state in (
         (os.getpid(), None, "Running"),  # alive, not ended: running
         (os.getpid(), 0, dvcq.ORPHANED),  # ended
         (int(ended.stdout), None, dvcq.ORPHANED),  # gone without recording its end
     ):
-        record.write_text(json.dumps({"pid": pid, "returncode": returncode}))
+        processes[rev] = ProcessInfo(pid, None, None, None, returncode)
         assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": state}, (pid, returncode)
 
 
@@ -729,3 +739,15 @@ def test_trials_whose_training_ended_are_the_pruners_references_before_the_drive
     first.finish(pruned=False, best_epoch=3)
     second = open_trial(SweepParams(study="s", trial=lone.ask().number, storage=lone_url), 60.0)
     assert not any(second.report(e, {"val_accuracy": 0.1}) for e in (1, 2, 3))
+
+
+def test_a_threshold_pruner_stops_a_trial_at_chance_after_its_warm_up_whatever_the_others_did(tmp_path, monkeypatch):
+    from cifar_rounds.search.spec import ThresholdPruner
+
+    study, url = _study_with_pruner(tmp_path, monkeypatch)
+    study.set_user_attr("pruner", ThresholdPruner(kind="threshold", lower=0.11, warmup_epochs=2).model_dump())
+    stuck = open_trial(SweepParams(study="s", trial=study.ask().number, storage=url), 60.0)  # the study's first
+    assert stuck.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up
+    assert stuck.report(2, {"val_accuracy": 0.1}) is True
+    learning = open_trial(SweepParams(study="s", trial=study.ask().number, storage=url), 60.0)
+    assert not any(learning.report(e, {"val_accuracy": a}) for e, a in ((1, 0.1), (2, 0.2), (3, 0.3)))
