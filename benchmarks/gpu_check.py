@@ -139,7 +139,7 @@ GPU = Sizes(
     sharing_args=("--device", "cuda", "--counts", "1,2,4,8", "--width", "64", "--batch-size", "96", "--steps", "40"),
     time_limit=590,  # part 5: at least 75 s
 )
-# Width 8, not 4: at 4 the CPU runtime turns oneDNN off (its AVX2 fault), and epochs crawl.
+# Width 8, not 4: at 4 the CPU's NCHW route-around of oneDNN's fault makes Hessian products crawl on AVX2.
 DRY = Sizes(
     train_images=400,
     test_images=100,

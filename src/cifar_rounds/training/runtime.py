@@ -16,8 +16,6 @@ import torch
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.names import RUN_CONDITIONS
 
-ONEDNN_FAULT_CHANNELS = range(2, 8)  # input channels at which the AVX2 kernel below corrupts memory
-
 
 def select_device(choice: str, local_rank: int = 0) -> torch.device:
     """CUDA (this process's GPU under torchrun) when available or asked for, else CPU."""
@@ -53,17 +51,28 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def onednn_faults_at(width: int, device: torch.device) -> bool:
-    """Whether oneDNN's AVX2 1x1 strided convolution (backward, weights) would corrupt memory here.
+def onednn_fault_channels() -> range:
+    """Input channels at which this CPU's oneDNN kernel (`onednn_faults_at`) corrupts memory: from 2 to one
+    below its vector width in floats (8 with AVX2, 16 with AVX-512)."""
+    return range(2, 16) if torch.cpu._is_avx512_supported() else range(2, 8)
 
-    On CPUs without AVX-512, oneDNN 3.12's `jit_avx2_1x1_convolution_bwd_weights_t` writes out of
-    bounds in channels-last layout when a stride-2 1x1 convolution has 2 to 7 input channels (a
-    heap-corruption abort with one thread, an endless spin with several). ResNet-18's projection
-    shortcuts have width, 2 x width and 4 x width input channels.
+
+def onednn_faults_at(width: int, device: torch.device) -> bool:
+    """Whether oneDNN's 1x1 strided convolution (backward, weights) would corrupt memory here.
+
+    oneDNN 3.12's channels-last kernel for a stride-2 1x1 convolution writes out of bounds when the
+    input has fewer channels than one vector register holds floats (`onednn_fault_channels`):
+    - AVX2 (`jit_avx2_1x1_convolution_bwd_weights_t`), 2 to 7 channels: a heap-corruption abort with
+      one thread, an endless spin with several;
+    - AVX-512, 2 to 15 channels: a segfault or a double free whenever the batch does not divide among
+      the intra-op threads (the noise-scale probe's half batch of 25 on 2 threads, an epoch's last
+      batch, a thread count that `lease.share_cores` changed).
+    ResNet-18's projection shortcuts have width, 2 x width and 4 x width input channels.
     """
-    if device.type != "cpu" or torch.cpu._is_avx512_supported():
+    if device.type != "cpu":
         return False
-    return any(c in ONEDNN_FAULT_CHANNELS for c in (width, 2 * width, 4 * width))
+    faulting = onednn_fault_channels()
+    return any(c in faulting for c in (width, 2 * width, 4 * width))
 
 
 def memory_format(width: int, device: torch.device) -> torch.memory_format:
@@ -103,7 +112,7 @@ def run_conditions(precision: str, width: int, device: torch.device) -> dict[str
                 torch.cuda.get_device_name(device) if not cpu else "cpu",
                 "bf16" if amp_dtype(precision, device) else "fp32",
                 ("flushed" if denormals_flushed() else "kept") if cpu else "n/a",
-                "channels_last" if memory_format(width, device) == torch.channels_last else "nchw (oneDNN AVX2 fault)",
+                "channels_last" if memory_format(width, device) == torch.channels_last else "nchw (oneDNN fault)",
             ),
         )
     )
