@@ -653,13 +653,40 @@ def test_the_driver_keeps_each_workers_next_trial_queued_and_starts_workers_only
     monkeypatch.setattr(driver, "queue_next", queue_next)
     monkeypatch.setattr(driver, "settle", settle)
     monkeypatch.setattr(driver, "start_workers", lambda workers: seen.append(len(queue)))
+    monkeypatch.setattr(driver, "stop_idle_workers", lambda: seen.append("stop"))
     monkeypatch.setattr(driver, "counts", lambda study: {})
     monkeypatch.setattr(driver.time, "sleep", lambda s: polled.append(s))
     polls = iter(range(0, 10_000, 5))
     monkeypatch.setattr(driver.time, "monotonic", lambda: next(polls))
     driver.drive(d, workers=2, poll_s=5)
-    # 2 training, 2 ready and 1 queued; the workers started as each trial was queued, not at each poll
-    assert seen == [5] * 6
+    # 2 training, 2 ready and 1 queued; the workers started as each trial was queued, not at each poll; and
+    # sent away at the end
+    assert seen == [5] * 6 + ["stop"]
+
+
+def test_the_workers_are_stopped_at_the_end_only_when_nothing_else_is_queued_or_running(tmp_path, monkeypatch):
+    """A worker whose monitor died idles for good: the driver stops the workers once the queue is done."""
+    from cifar_rounds.search import queue as dvcq
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    (tmp_path / dvcq.WORKERS_LOG).parent.mkdir(parents=True)
+    asked, table = [], ""
+    monkeypatch.setattr(
+        dvcq.subprocess,
+        "run",
+        lambda cmd, **kw: asked.append(cmd[3:]) or subprocess.CompletedProcess(cmd, 0, table, ""),
+    )
+    busy = QUEUE_STATUS
+    done = QUEUE_STATUS.replace("Running", "Success").replace("Queued", "Failed")
+    for table, stopped in (
+        (busy, False),
+        (QUEUE_STATUS.replace("Queued", "Success"), False),
+        (done, True),
+        ("", False),
+    ):
+        asked.clear()
+        assert dvcq.stop_idle_workers() is stopped
+        assert asked == [["queue", "status"]] + ([["queue", "stop"]] if stopped else [])
 
 
 def test_a_task_whose_process_runs_is_not_orphaned_when_its_worker_shuts_down(tmp_path, monkeypatch):

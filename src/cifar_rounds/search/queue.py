@@ -150,3 +150,26 @@ def start_workers(workers: int) -> None:
             start_new_session=True,
             env={**os.environ, TRAININGS_ENV: str(workers)},
         )
+
+
+def stop_idle_workers() -> bool:
+    """`dvc queue stop` once DVC's queue has nothing queued or running; whether it was asked.
+
+    A worker leaves by itself when its monitor finds the queue empty, but the monitor can die (it read a
+    broker message another process was still writing: a JSONDecodeError in the worker's log), and the
+    worker then idles until it is stopped. Workers that other queued experiments still need are left.
+    """
+    result = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True)
+    states = parse_queue_status(result.stdout) if result.returncode == 0 else None
+    if states is None or any(state in ("Queued", "Running") for state in states.values()):
+        return False
+    log = repo_root() / WORKERS_LOG
+    with open(log, "ab") as out:
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "queue", "stop"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            timeout=120,
+        )
+    return True

@@ -23,7 +23,14 @@ from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import ParamsError, load_params, with_overrides
 from cifar_rounds.search.promote import preset_target, promote
-from cifar_rounds.search.queue import ORPHANED, queue_experiment, queue_states, saved_experiments, start_workers
+from cifar_rounds.search.queue import (
+    ORPHANED,
+    queue_experiment,
+    queue_states,
+    saved_experiments,
+    start_workers,
+    stop_idle_workers,
+)
 from cifar_rounds.search.report import write_sweep_report
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.study import QUEUE_ATTR, Driver, counts, new_driver, sweep_run_ended
@@ -156,6 +163,7 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
             started = time.monotonic()
         time.sleep(poll_s)
         alive = settle(d)
+    stop_idle_workers()
     c = counts(d.study)
     print("sweep: done; " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items())))
 
