@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
 from cifar_rounds.tracking.registry import log_and_register, ready_model_id, run_version
-from cifar_rounds.tracking.store import git_commit, lost_insert_race, open_client, patiently, repo_root
+from cifar_rounds.tracking.store import after_a_lost_insert_race, git_commit, open_client, patiently, repo_root
 
 if TYPE_CHECKING:
     import torch
@@ -227,19 +227,9 @@ class Tracker:
         return max((m.step for m in history), default=0)
 
     def log_inputs(self, datasets: list[DatasetInput]) -> None:
-        """The run's datasets; logging the same ones again adds nothing. Trainings that start together (a
-        sweep's, or those a restarted database let go on) race to add a dataset new to the experiment, and
-        all but one lose; each loser's second try finds it there."""
-
-        def log() -> None:
-            try:
-                self.client.log_inputs(self.run_id, datasets=datasets)
-            except Exception as error:
-                if not lost_insert_race(error):
-                    raise
-                self.client.log_inputs(self.run_id, datasets=datasets)
-
-        self._call("logging the datasets", log)
+        """The run's datasets; logging the same ones again adds nothing, and a lost race to add one is retried."""
+        log = lambda: self.client.log_inputs(self.run_id, datasets=datasets)  # noqa: E731
+        self._call("logging the datasets", lambda: after_a_lost_insert_race(log))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, name: str | None = None) -> None:
         """Log a file, optionally under another name."""

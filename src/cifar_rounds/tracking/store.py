@@ -83,14 +83,17 @@ def transient(error: Exception) -> bool:
     )
 
 
-def lost_insert_race(error: Exception) -> bool:
-    """Another process inserted the same new row (a dataset new to the experiment) a moment earlier: a second
-    try finds it there. PostgreSQL, sqlite and MySQL say so in their own words."""
-    text = str(error)
-    return isinstance(error, MlflowException) and any(
-        s in text
-        for s in ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
-    )
+def after_a_lost_insert_race(call: Callable[[], T]) -> T:
+    """`call()`, tried once more when another process inserted the same new row a moment earlier (trainings
+    that start together add a dataset new to the experiment): the second try finds it there. PostgreSQL,
+    sqlite and MySQL say so in their own words."""
+    try:
+        return call()
+    except MlflowException as error:
+        said = ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
+        if not any(s in str(error) for s in said):
+            raise
+        return call()
 
 
 def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
