@@ -103,8 +103,9 @@ def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **ext
 
 
 @contextmanager
-def tracking_server(backend: str, artifacts: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 over `backend`, artifacts in `artifacts`; started and stopped here; its URL."""
+def tracking_server(backend: str, artifacts: Path, *options: str, **extra_env: str) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over `backend`, artifacts in `artifacts`, with more `options` (`--app-name
+    basic-auth`) and environment; started and stopped here; its URL."""
     url = f"http://127.0.0.1:{free_port()}"
     cmd = [
         sys.executable,
@@ -121,8 +122,9 @@ def tracking_server(backend: str, artifacts: Path) -> Iterator[str]:
         backend,
         "--artifacts-destination",
         str(artifacts),
+        *options,
     ]
-    with serving(cmd, artifacts.parent, f"{url}/health", 180):
+    with serving(cmd, artifacts.parent, f"{url}/health", 180, **extra_env):
         yield url
 
 

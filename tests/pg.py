@@ -87,9 +87,23 @@ class Postgres:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def psql(self, sql: str, check: bool = True, **pg_env: str) -> subprocess.CompletedProcess:
+        """`sql` run over TCP as the superuser, never prompting; libpq's settings (PGPASSWORD) from `pg_env` only."""
+        cmd = [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-w", "-qc", sql]
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "PGPASSFILE": os.devnull, **pg_env}
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, env=env)
+
     def create(self, database: str) -> None:
-        psql = [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
-        subprocess.run([*psql, "-qc", f"CREATE DATABASE {database}"], check=True, capture_output=True)
+        self.psql(f"CREATE DATABASE {database}")
+
+    def require_password(self, password: str) -> None:
+        """From now on a connection over TCP (every client's, psycopg2's too) must give the superuser's password,
+        `password`; the server's own socket stays trusted."""
+        self.psql(f"ALTER ROLE postgres PASSWORD '{password}'")
+        (self.folder / "data" / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        )
+        self.psql("SELECT pg_reload_conf()")
 
     def log(self) -> str:
         return (self.folder / "server.log").read_text()[-2000:]

@@ -127,6 +127,28 @@ def test_a_round_named_apart_from_its_preset_is_its_own_round_in_mlflow_and_the_
         assert [rep.label for rep in found.replicates] == [f"{name}-s0", f"{name}-s1"]
 
 
+def test_a_new_round_with_the_last_runs_values_trains_its_own_runs_and_a_rerun_adds_only_new_seeds(
+    project, monkeypatch
+):
+    run([*ROUNDS, "round-1", "-n", "rond", "--epochs", "2"], project)
+    kk = [*ROUNDS, "round-1", "-n", "kk", "--seeds", "2", "--epochs", "2"]
+    out = output(kk, project)
+    assert "Stage 'train' didn't change" not in out, out[-3000:]
+    runs = {(r.data.tags["round"], r.data.tags["seed"]): r for r in mlflow_runs(project)}
+    assert sorted(runs) == [("kk", "0"), ("kk", "1"), ("rond", "0")]
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    monkeypatch.chdir(project)
+    found = find_round("kk", load_params(), project, ArtifactPaths.from_dvc(project))
+    # each replicate's measurements are its own run's, tagged with its round, never rond's
+    assert [rep.metrics["mlflow_run_id"] for rep in found.replicates] == [
+        runs[("kk", "0")].info.run_id,
+        runs[("kk", "1")].info.run_id,
+    ]
+    more = output([*kk[:-4], "--seeds", "3", "--epochs", "2"], project)
+    assert more.count("skipped") == 2 and "Reproducing experiment 'kk-s2'" in more
+    assert exp_names(project) == ["kk-s0", "kk-s1", "kk-s2"]
+
+
 def test_a_revision_whose_metrics_the_report_cannot_read_is_one_line_naming_it_and_the_key(project):
     history = "epoch,train_accuracy,val_accuracy,train_loss,val_loss,learning_rate\n1,0.5,0.4,1.2,1.3,0.05\n"
     (project / "reports").mkdir(exist_ok=True)

@@ -2,8 +2,10 @@
 
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,13 +13,16 @@ import pytest
 
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.training.lease import (
+    LEASE_DIR_ENV,
     SLOTS_ENV,
     TRAININGS_ENV,
     cpu_holders,
     cpu_threads,
     lease_cpu,
+    lease_folder,
     needs_lease,
     slots_per_gpu,
+    training_place,
     trainings_cap,
 )
 
@@ -141,3 +146,97 @@ def test_bad_slots_per_gpu_is_one_line_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv(SLOTS_ENV, value)
     with pytest.raises(StageError, match=f"{SLOTS_ENV}: expected a whole number"):
         slots_per_gpu()
+
+
+@pytest.mark.parametrize("value", ["²", "1025", "30000000", "9" * 5000])
+@pytest.mark.parametrize("variable, count", [(SLOTS_ENV, slots_per_gpu), (TRAININGS_ENV, trainings_cap)])
+def test_a_count_that_is_not_ascii_digits_or_past_the_bound_is_one_line_naming_the_variable(
+    monkeypatch, variable, count, value
+):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(StageError, match=f"^{variable}: expected a whole number .*, 1 to 1024") as error:
+        count()
+    assert len(str(error.value)) < 200
+    monkeypatch.setenv(variable, "1024")  # the bound itself is a count
+    assert count() == 1024
+
+
+def test_a_project_of_many_training_places_makes_only_the_lock_files_it_tries(tmp_path):
+    started = time.monotonic()
+    training_place(1_000_000, "/repo/a", tmp_path).close()
+    assert time.monotonic() - started < 0.5  # all million paths made first took seconds and 300 MB
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def _folder_under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("")
+    return tmp_path / "afile" / "leases"
+
+
+def _lock_path_a_folder(tmp_path: Path) -> Path:
+    (tmp_path / "cpu0.lock").mkdir()
+    return tmp_path
+
+
+def _lock_path_under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "cpu0.lock").symlink_to(tmp_path / "afile" / "x")
+    return tmp_path
+
+
+def _folder_not_writable(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root writes in any folder")
+    tmp_path.chmod(0o500)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "unusable", [_folder_under_a_file, _lock_path_a_folder, _lock_path_under_a_file, _folder_not_writable]
+)
+def test_an_unusable_lease_folder_or_lock_path_is_one_line_naming_it_and_the_variable(monkeypatch, tmp_path, unusable):
+    monkeypatch.setenv(LEASE_DIR_ENV, str(unusable(tmp_path)))
+    try:
+        with pytest.raises(StageError, match=LEASE_DIR_ENV) as error:
+            lease_cpu(lease_folder())
+    finally:
+        tmp_path.chmod(0o700)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.fixture
+def default_folder(monkeypatch, tmp_path) -> Path:
+    """Where the default lease folder goes, with this test's folder as the machine's temp folder."""
+    monkeypatch.delenv(LEASE_DIR_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path / f"cifar-rounds-leases-{os.geteuid()}"
+
+
+def test_the_default_lease_folder_is_made_private_to_its_user(default_folder):
+    assert lease_folder() == default_folder
+    assert stat.S_IMODE(default_folder.stat().st_mode) == 0o700
+
+
+def _writable_by_others(folder: Path) -> None:
+    folder.mkdir()
+    folder.chmod(0o777)
+
+
+def _owned_by_another_user(folder: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a folder to another user")
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, -1)
+
+
+def _a_link_to_a_folder(folder: Path) -> None:
+    (folder.parent / "elsewhere").mkdir(mode=0o700)
+    folder.symlink_to(folder.parent / "elsewhere")
+
+
+@pytest.mark.parametrize("made_first", [_writable_by_others, _owned_by_another_user, _a_link_to_a_folder])
+def test_a_default_lease_folder_another_user_could_use_is_refused_in_one_line(default_folder, made_first):
+    made_first(default_folder)
+    with pytest.raises(StageError, match=f"^{default_folder}: the default lease folder is .*{LEASE_DIR_ENV}") as e:
+        lease_folder()
+    assert "\n" not in str(e.value)

@@ -332,9 +332,11 @@ def test_a_sweep_trial_never_takes_another_runs_checkpoint_for_its_own(tmp_path)
     assert find_resume(last, run_identity(workspace, "split")).state is not None  # the workspace run continues
     resume = find_resume(last, run_identity(trial, "split"))
     assert resume.state is None and resume.superseded_run == "ws"
-    # the next trial does not take this trial's either; tracking may change between a kill and a resume
+    # the next trial does not take this trial's either, nor another round's run; the rest of tracking may
+    # change between a kill and a resume
     assert run_identity(trial, "s") != run_identity(with_overrides(trial, {"sweep.trial": 1}), "s")
-    assert run_identity(trial, "s") == run_identity(with_overrides(trial, {"tracking.round": "x"}), "s")
+    assert run_identity(trial, "s") != run_identity(with_overrides(trial, {"tracking.round": "x"}), "s")
+    assert run_identity(trial, "s") == run_identity(with_overrides(trial, {"tracking.grad_norm_interval": 7}), "s")
 
 
 def test_promote_puts_the_searched_values_on_the_baseline_and_keeps_what_it_replaces(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 import pytest
 from mlflow.entities import Dataset, DatasetInput
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.core.errors import StageError
@@ -15,8 +16,9 @@ RACE = (
 )
 
 
-def tracker_failing_first(tmp_path, *errors: str) -> tuple[Tracker, MlflowClient, list[int]]:
-    """A tracker on a real sqlite store whose first log_inputs calls fail with `errors`, then go through."""
+def tracker_failing_first(tmp_path, *errors: str, code: int = BAD_REQUEST) -> tuple[Tracker, MlflowClient, list[int]]:
+    """A tracker on a real sqlite store whose first log_inputs calls fail with `errors` under MLflow's error `code`
+    (a server's answer to a database error it did not expect is BAD_REQUEST), then go through."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     real, calls, pending = client.log_inputs, [], list(errors)
@@ -24,7 +26,7 @@ def tracker_failing_first(tmp_path, *errors: str) -> tuple[Tracker, MlflowClient
     def log_inputs(*args, **kwargs):
         calls.append(1)
         if pending:
-            raise MlflowException(pending.pop(0), error_code="BAD_REQUEST")
+            raise MlflowException(pending.pop(0), error_code=code)
         return real(*args, **kwargs)
 
     client.log_inputs = log_inputs
@@ -49,7 +51,7 @@ def test_a_unique_key_error_that_persists_and_any_other_error_stay_one_line(tmp_
     with pytest.raises(StageError, match="^tracking: logging the datasets failed .*duplicate key"):
         tracker.log_inputs(datasets())
     assert len(calls) == 2  # once more, not forever
-    tracker, _, calls = tracker_failing_first(tmp_path / "b", "INVALID_PARAMETER_VALUE: bad digest")
+    tracker, _, calls = tracker_failing_first(tmp_path / "b", "bad digest", code=INVALID_PARAMETER_VALUE)
     with pytest.raises(StageError, match="logging the datasets failed .*bad digest"):
         tracker.log_inputs(datasets())
     assert len(calls) == 1

@@ -12,7 +12,7 @@ moves only with `MIN_CHAMPION_SEEDS` distinct seeds per side. The report only pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from mlflow.entities.model_registry import ModelVersion
@@ -22,6 +22,7 @@ from cifar_rounds.analysis.criteria import MIN_CHAMPION_SEEDS, missing_seeds
 from cifar_rounds.analysis.replicates import Round
 from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.core.errors import StageError
+from cifar_rounds.tracking.patience import patiently
 from cifar_rounds.tracking.registry import (
     CHAMPION,
     alias_version,
@@ -33,7 +34,6 @@ from cifar_rounds.tracking.registry import (
     set_model_tag,
     version_exists,
 )
-from cifar_rounds.tracking.store import patiently
 
 Side = Literal["none", "baseline", "candidate", "other"]  # where the current champion comes from
 SIDES: tuple[Side, Side] = ("baseline", "candidate")
@@ -41,6 +41,8 @@ SIDES: tuple[Side, Side] = ("baseline", "candidate")
 # and per test set (by digest) how many alias decisions it has informed
 CHAMPION_VERSION_TAG, CHAMPION_RUN_TAG = "champion.version", "champion.run_id"
 DECISIONS_TAG = "test_set_decisions.{digest}"
+# the round whose alias it is: names that MLflow's alias characters cannot tell apart (r.2, r-2) share an alias
+ALIAS_ROUND_TAG = "alias.{alias}.round"
 
 
 class Decision(NamedTuple):
@@ -163,6 +165,7 @@ class RegistryState:
     deleted_champion: tuple[str, str] | None  # (version, run id) of a champion MLflow deleted with its version
     decisions: int  # alias decisions this test set has informed so far
     digest: str
+    alias_rounds: dict[str, str] = field(default_factory=dict)  # round alias -> the round that moved it
 
     @property
     def champion_run(self) -> str | None:
@@ -183,6 +186,7 @@ def read_registry(client: MlflowClient, name: str, rounds: tuple[Round, Round], 
             deleted.add(run_id)
     alias_names = [round_alias(r.name) for r in rounds] + [CHAMPION]
     aliases = {a: alias_version(client, name, a, patience) for a in alias_names}
+    claimed = {a: (tags or {}).get(ALIAS_ROUND_TAG.format(alias=a)) for a in alias_names}
     recorded = (tags or {}).get(CHAMPION_VERSION_TAG)
     gone = aliases[CHAMPION] is None and recorded and not version_exists(client, name, recorded, patience)
     return RegistryState(
@@ -194,6 +198,7 @@ def read_registry(client: MlflowClient, name: str, rounds: tuple[Round, Round], 
         (recorded, tags[CHAMPION_RUN_TAG]) if gone else None,
         int((tags or {}).get(DECISIONS_TAG.format(digest=digest), 0)),
         digest,
+        {a: r for a, r in claimed.items() if r is not None},
     )
 
 
@@ -201,6 +206,22 @@ class Plan(NamedTuple):
     moves: list[tuple[str, ModelVersion]]  # (alias, the version it should point at)
     lines: list[str]
     tested: bool
+    claims: tuple[tuple[str, str], ...] = ()  # (alias, round) of each round alias moved
+
+
+def refuse_shared_aliases(state: RegistryState, base: Round, cand: Round) -> None:
+    """Each alias belongs to one round: a round whose alias another round holds (now or in this report) is
+    refused, naming both, before anything is planned."""
+    claims: dict[str, str] = {}
+    for r in (base, cand):
+        alias = round_alias(r.name)
+        for other in (claims.get(alias), state.alias_rounds.get(alias)):
+            if other is not None and other != r.name:
+                raise StageError(
+                    f"round {r.name!r}: its alias @{alias} belongs to round {other!r}; give one of them another "
+                    "name (a name of ASCII letters, digits, '_' and '-' is its own alias)"
+                )
+        claims[alias] = r.name
 
 
 def held(state: RegistryState, alias: str) -> str:
@@ -235,17 +256,19 @@ def round_best(state: RegistryState, r: Round) -> tuple[ModelVersion | None, str
 
 def plan_aliases(state: RegistryState, base: Round, cand: Round, passes: tuple[bool, bool], v: Verdict) -> Plan:
     """The aliases' moves and the report's lines saying what and why; nothing is moved here."""
+    refuse_shared_aliases(state, base, cand)
     waiting = [r for r in (base, cand) if missing_seeds(r)]
     if waiting:
         missing = ", ".join(f"{r.name} {missing_seeds(r)}" for r in waiting)
         return Plan([], [f"- no alias moves until both rounds have their planned seeds (missing: {missing})"], False)
-    moves, lines, best = [], [], {}
+    moves, lines, best, claims = [], [], {}, []
     for side, r in zip(SIDES, (base, cand)):
         alias = round_alias(r.name)
         best[side], text = round_best(state, r)
         now = state.aliases[alias]
         if best[side] is not None and (now is None or now.version != best[side].version):
             moves.append((alias, best[side]))
+            claims.append((alias, r.name))
             lines.append(f"- @{alias} -> {text} (was {held(state, alias)})")
         else:
             lines.append(f"- @{alias} stays at " + (text if best[side] else f"{held(state, alias)}: {text}"))
@@ -259,7 +282,7 @@ def plan_aliases(state: RegistryState, base: Round, cand: Round, passes: tuple[b
         lines.append(f"- @{CHAMPION} -> version {target.version} (was {held(state, CHAMPION)}): {d.why}")
     else:
         lines.append(f"- @{CHAMPION} stays at {held(state, CHAMPION)}: {d.why}")
-    return Plan(moves, lines, d.tested)
+    return Plan(moves, lines, d.tested, tuple(claims))
 
 
 def reuse_line(state: RegistryState, plan: Plan, applied: bool) -> str:
@@ -277,6 +300,8 @@ def apply_plan(client: MlflowClient, state: RegistryState, plan: Plan, patience:
     for alias, version in plan.moves:
         set_alias(client, state.name, alias, version.version, patience)
         done.append(f"moved {state.name}@{alias} -> version {version.version}")
+    for alias, round_name in plan.claims:
+        set_model_tag(client, state.name, ALIAS_ROUND_TAG.format(alias=alias), round_name, patience)
     champion = dict(plan.moves).get(CHAMPION) or state.aliases[CHAMPION]
     if champion is not None:  # remembered, to name it once MLflow deletes it together with its version
         set_model_tag(client, state.name, CHAMPION_VERSION_TAG, champion.version, patience)

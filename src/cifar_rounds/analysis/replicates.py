@@ -260,6 +260,11 @@ def one_per_run(name: str, replicates: list[Replicate]) -> Round:
 
 
 def find_round(ref: str, params: Params, root: Path, paths: ArtifactPaths) -> Round:
+    if not all(part.strip() for part in ref.split(",")):  # DVC and git read an empty revision as the workspace
+        raise StageError(
+            f"round {ref!r}: an empty name; name a DVC experiment, git revision, MLflow round, run name or run id "
+            "(several: A,B,C)"
+        )
     if "," in ref:
         return one_per_run(
             ref, [r for part in ref.split(",") for r in find_round(part, params, root, paths).replicates]

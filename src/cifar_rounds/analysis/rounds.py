@@ -86,6 +86,8 @@ def round_values(preset: str, name: str, sets: list[str], epochs: int | None, se
         )
     values.update(dict(parse_override(s) for s in sets))
     with_overrides(load_params(), values)  # refuse bad values before DVC touches anything
+    for key, value in values.items():  # and values DVC would not read as typed
+        override_value(key, value)
     return values
 
 
@@ -99,8 +101,19 @@ def replicates(name: str, values: dict[str, object], seeds: int | None) -> list[
     return [(f"{name}-s{seed}", {**values, "train.seed": seed}) for seed in range(seeds)]
 
 
+def override_value(key: str, value: object) -> str:
+    """`value` as DVC's -S parser (Hydra's override grammar) reads it back as typed: JSON, with other than ASCII
+    written as it is (Hydra does not read JSON's \\u escapes). Hydra keeps JSON's escape of a backslash or a control
+    character as two characters and resolves `${...}`, so a string holding one has no such form: refused by key."""
+    text = json.dumps(value, ensure_ascii=False)
+    strings = value if isinstance(value, list) else [value]
+    if any(isinstance(s, str) and ("\\" in s or "${" in s or not s.isprintable()) for s in strings):
+        raise StageError(f"{key}: {text[:40]}: a backslash, '${{' or a control character cannot be set here")
+    return text
+
+
 def exp_run_command(name: str, values: dict[str, object], mode: list[str]) -> list[str]:
-    sets = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    sets = [f"{key}={override_value(key, value)}" for key, value in values.items()]
     return [sys.executable, "-m", "dvc", "exp", "run", "-n", name, *mode, *(a for s in sets for a in ("-S", s))]
 
 
@@ -176,7 +189,7 @@ def run_all(runs: list[tuple[str, dict[str, object]]], mode: list[str], interrup
 
 
 def run_preset(args: argparse.Namespace) -> None:
-    name = args.name or args.preset
+    name = args.preset if args.name is None else args.name  # an empty -n is refused, not the preset's
     values = round_values(args.preset, name, args.set + args.overrides, args.epochs, args.seeds)
     mode = ["--queue"] * args.queue + ["--temp"] * args.temp + ["--force"] * args.force
     with interrupts_caught() as interrupts:

@@ -12,18 +12,34 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from cifar_rounds.core.errors import ParamsError
+from cifar_rounds.core.errors import ParamsError, short_repr
 from cifar_rounds.core.inputs import FileArgumentError, read_text
+from cifar_rounds.core.urls import passwordless
 from cifar_rounds.core.yamlio import flatten, read_yaml, unflatten
 
 PARAMS_FILE = Path("params.yaml")
 CIFAR10_TRAIN_SIZE = 50_000
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
+# a store's URL (MLflow's, Optuna's): logged, committed and printed, so refused with a password in it
+StoreUrl = Annotated[str, StringConstraints(min_length=1), AfterValidator(passwordless)]
+# a round's name: what MLflow accepts in an alias (so the name is its alias as it is), in ASCII (so it reaches
+# DVC's -S parser and git refs as typed)
+ROUND_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
 class Section(BaseModel):
@@ -91,19 +107,20 @@ class TrainParams(Section):
     @classmethod
     def _milestones_within_run(cls, m: list[int], info: ValidationInfo) -> list[int]:
         if any(b <= a for a, b in zip(m, m[1:])):
-            raise ValueError(f"must be strictly increasing, got {m}")
+            raise ValueError(f"must be strictly increasing, got {short_repr(m)}")
         epochs = info.data.get("num_epochs")
         if m and epochs is not None and not (1 <= m[0] and m[-1] < epochs):
-            raise ValueError(f"must lie in [1, num_epochs={epochs}), got {m}")
+            raise ValueError(f"must lie in [1, num_epochs={epochs}), got {short_repr(m)}")
         return m
 
 
 class TrackingParams(Section):
     experiment_name: str = Field(min_length=1, description="MLflow experiment.")
     round: str = Field(
-        min_length=1,
+        pattern=ROUND_NAME_PATTERN,
         description="The round this run belongs to (`rounds run` sets the name it gives the runs: the preset's, "
-        "or -n's); the report groups replicates by it.",
+        "or -n's); the report groups replicates by it. ASCII letters, digits, '_' and '-', starting with a letter "
+        "or digit: the name is also the round's registry alias and its DVC experiments' prefix, taken as typed.",
     )
     preset: str | None = Field(
         min_length=1,
@@ -115,8 +132,10 @@ class TrackingParams(Section):
         "report can tell a round still missing seeds; null: none planned.",
     )
     run_name: str = Field(min_length=1, description="MLflow run name outside `dvc exp run` (which names it).")
-    tracking_uri: str | None = Field(
-        description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the repo root.",
+    tracking_uri: StoreUrl | None = Field(
+        description="MLflow tracking URI, without a password (a server's credentials come from "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD); unset: $MLFLOW_TRACKING_URI, else sqlite "
+        "mlflow.db at the repo root.",
     )
     grad_norm_interval: int = Field(ge=1, description="Log the per-step gradient norm every this many optimizer steps.")
     log_model: bool = Field(description="Log the best model as an MLflow LoggedModel and register it as a version.")
@@ -162,8 +181,9 @@ class SweepParams(Section):
 
     study: str | None = Field(min_length=1, description="Optuna study this run is a trial of; null: not a trial.")
     trial: int | None = Field(ge=0, description="The trial's number in the study.")
-    storage: str | None = Field(
-        min_length=1, description="The study's storage URL; null: sqlite optuna.db at the repository root."
+    storage: StoreUrl | None = Field(
+        description="The study's storage URL, without a password (PostgreSQL's comes from PGPASSWORD or "
+        "~/.pgpass); null: sqlite optuna.db at the repository root.",
     )
 
     @model_validator(mode="after")
@@ -204,7 +224,9 @@ class Params(Section):
     def _sharpness_epochs_within_run(self) -> Params:
         epochs, last = self.diagnostics.sharpness_epochs, self.train.num_epochs
         if any(not 1 <= e <= last for e in epochs):
-            raise ValueError(f"diagnostics.sharpness_epochs: must lie in [1, train.num_epochs={last}], got {epochs}")
+            raise ValueError(
+                f"diagnostics.sharpness_epochs: must lie in [1, train.num_epochs={last}], got {short_repr(epochs)}"
+            )
         return self
 
     def flat(self) -> dict[str, object]:
@@ -235,10 +257,10 @@ def _describe(error: ValidationError, path: Path) -> str:
     field = ".".join(str(p) for p in first["loc"])
     more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
     if first["type"] == "extra_forbidden":
-        return f"{path}: unknown key '{field}'{nearest_field(field)}{more}"
+        return f"{path}: unknown key {short_repr(field)}{nearest_field(field)}{more}"
     if first["type"] == "missing":
         return f"{path}: {field}: missing; every field must be set (see its description in params.py){more}"
-    got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
+    got = "" if first["type"] == "value_error" else f" (got {short_repr(first['input'])})"
     message = first["msg"].removeprefix("Value error, ")
     return f"{path}: {field + ': ' if field else ''}{message}{got}{more}"
 
@@ -258,7 +280,7 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
     flat = params.flat()
     unknown = sorted(set(overrides) - set(flat))
     if unknown:
-        raise ParamsError(f"unknown parameter {unknown[0]!r}{nearest_field(unknown[0])}")
+        raise ParamsError(f"unknown parameter {short_repr(unknown[0])}{nearest_field(unknown[0])}")
     return parse_params(unflatten({**flat, **overrides}), Path("overrides"))
 
 

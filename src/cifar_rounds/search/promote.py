@@ -18,17 +18,16 @@ from pathlib import Path
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.files import atomic_path
-from cifar_rounds.core.params import ParamsError, with_overrides
+from cifar_rounds.core.params import ROUND_NAME_PATTERN, ParamsError, with_overrides
 from cifar_rounds.core.yamlio import unflatten, write_yaml
-from cifar_rounds.search.spec import NAME_PATTERN
 from cifar_rounds.search.study import Driver, counts
 
 
 def preset_target(name: str, force: bool, folder: Path = PRESETS_DIR) -> Path:
     """The file `--promote NAME` writes, refused in one line unless it is a new preset (or `force`)."""
-    if not re.fullmatch(NAME_PATTERN, name) or ".." in name:
+    if not re.fullmatch(ROUND_NAME_PATTERN, name):  # the preset's name is its round's by default
         raise StageError(
-            f"--promote {name!r}: not a preset name (letters, digits, '_', '-' and '.', no '/' or '..'); "
+            f"--promote {name!r}: not a preset name (ASCII letters, digits, '_' and '-', as a round's name); "
             f"the preset is written as {folder}/NAME.yaml"
         )
     if not folder.is_dir():

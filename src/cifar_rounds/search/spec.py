@@ -18,11 +18,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cifar_rounds.core.params import Params, ParamsError, with_overrides
+from cifar_rounds.core.errors import short_repr
+from cifar_rounds.core.params import ROUND_NAME_PATTERN, Params, ParamsError, StoreUrl, with_overrides
 from cifar_rounds.core.yamlio import read_yaml
 
 SWEEPS_DIR = Path("sweeps")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a study name that is also a valid DVC experiment prefix
 
 
 class Part(BaseModel):
@@ -198,10 +198,17 @@ Pruner = Annotated[NoPruner | MedianPruner | HalvingPruner | ThresholdPruner, Fi
 
 
 class Sweep(Part):
-    study: str = Field(pattern=NAME_PATTERN, description="Study name; trials are the DVC experiments STUDY-t000, ...")
+    study: str = Field(
+        pattern=ROUND_NAME_PATTERN,
+        description="Study name (a round name's characters); trials are the rounds and DVC experiments STUDY-t000, ...",
+    )
     baseline: str = Field(description="Preset (rounds/NAME.yaml) the best trial is compared with.")
     trials: int = Field(ge=1, description="Trials to finish (complete, pruned or failed), the enqueued ones included.")
-    storage: str | None = Field(None, description="Optuna storage URL; null: sqlite optuna.db at the repository root.")
+    storage: StoreUrl | None = Field(
+        None,
+        description="Optuna storage URL, without a password (PostgreSQL's comes from PGPASSWORD or ~/.pgpass); "
+        "null: sqlite optuna.db at the repository root.",
+    )
     enqueue: list[str] = Field(
         default_factory=list,
         description="Presets tried first, in this order (their values of the searched parameters).",
@@ -285,7 +292,9 @@ def check_space(sweep: Sweep, base: Params, baseline: dict[str, object], path: P
             try:
                 with_overrides(start, {name: value})
             except ParamsError as error:
-                raise ParamsError(f"{path}: space.{name}: {value!r} is not a valid value {where} ({error})") from None
+                raise ParamsError(
+                    f"{path}: space.{name}: {short_repr(value)} is not a valid value {where} ({error})"
+                ) from None
 
 
 def check_enqueued(sweep: Sweep, presets: dict[str, dict[str, object]], path: Path) -> None:
@@ -294,6 +303,6 @@ def check_enqueued(sweep: Sweep, presets: dict[str, dict[str, object]], path: Pa
         for key, dimension in sweep.space.items():
             if key in values and not dimension.contains(values[key]):
                 raise ParamsError(
-                    f"{path}: enqueue: preset {name} has {key} = {values[key]!r}, outside "
-                    f"space.{key} {dimension.ends()}; widen the space or drop the preset"
+                    f"{path}: enqueue: preset {name} has {key} = {short_repr(values[key])}, outside "
+                    f"space.{key} {short_repr(dimension.ends())}; widen the space or drop the preset"
                 )

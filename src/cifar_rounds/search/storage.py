@@ -2,10 +2,11 @@
 
 A shared study lives in a database server (PostgreSQL, MySQL) that may restart during a night's
 sweep. Each storage call that finds the database unreachable (a connection refused or cut, a
-locked sqlite file) is tried again, with one line printed per outage, for up to
-`tracking.store_patience_s`, the patience the MLflow store gets; past that the process stops with
-one line naming the storage, and the same command continues the study. Every other error is
-raised as it is. Optuna is imported only here and only when a storage is opened.
+locked sqlite file), as the driver's error code says, is tried again, with one line printed per
+outage, for up to `tracking.store_patience_s`, the patience the MLflow store gets; past that the
+process stops with one line naming the storage, and the same command continues the study. Every
+other error (a read-only sqlite file among them) is raised as it is, at once. Optuna is imported
+only here and only when a storage is opened.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
-from cifar_rounds.core.errors import with_patience
+from cifar_rounds.core.errors import causes, database_error_transient, with_patience
 
 RETRY_CAP_S = 5.0  # the longest pause between two tries: a database back is used within seconds
 T = TypeVar("T")
@@ -33,16 +34,12 @@ def shown(url: str) -> str:
 
 
 def unreachable(error: BaseException) -> str | None:
-    """The first line of the database error in `error`'s chain that waiting can cure; None if there is none."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, (OperationalError, InterfaceError)) or (
-            isinstance(seen, DBAPIError) and seen.connection_invalidated
-        ):
-            return str(seen).strip().splitlines()[0][:160]
-        seen = seen.__cause__ or seen.__context__
+    """The first line of the database error in `error`'s chain (Optuna wraps it) when waiting can cure it, as
+    its driver's code says (`database_error_transient`); None when it cannot, or there is none."""
+    for link in causes(error):
+        transient = database_error_transient(link)
+        if transient is not None:
+            return str(link).strip().splitlines()[0][:160] if transient else None
     return None
 
 

@@ -20,10 +20,12 @@ from mlflow.exceptions import MlflowException
 from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
+from cifar_rounds.core.urls import missing_driver
 from cifar_rounds.search.spec import Sweep
 from cifar_rounds.search.storage import patient_storage, shown
 from cifar_rounds.search.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, study_storage
-from cifar_rounds.tracking.store import open_client, patiently, repo_root
+from cifar_rounds.tracking.patience import patiently
+from cifar_rounds.tracking.store import open_client, repo_root
 
 DIGEST_ATTR = "space_digest"
 QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
@@ -100,6 +102,9 @@ def open_storage(url: str, patience_s: float, attempts: int = 5):
         try:
             return patient_storage(url, patience_s, wait_to_open=False)
         except Exception as error:
+            line = missing_driver(error, "sweep storage", url)  # a driver not installed: the package named
+            if line is not None:
+                raise StageError(line) from None
             first = str(error).splitlines()[0][:160]
             if attempt + 1 < attempts and ("duplicate key" in first or "already exists" in first):
                 time.sleep(1.0 + attempt)

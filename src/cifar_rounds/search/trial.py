@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import SweepParams
+from cifar_rounds.core.urls import missing_driver
 from cifar_rounds.search.storage import patient_storage, shown
 from cifar_rounds.tracking.store import repo_root, root_sqlite_url
 
@@ -162,7 +163,10 @@ def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
         raise StageError(f"sweep: study {sp.study!r} has no trial {sp.trial} in {shown(url)}") from None
     except StageError:
         raise
-    except Exception as error:  # not a database: say which, in one line
+    except Exception as error:  # not a database, or its driver not installed: say which, in one line
+        line = missing_driver(error, "sweep.storage", url)
+        if line is not None:
+            raise StageError(line) from None
         raise StageError(f"sweep.storage: cannot open {shown(url)} ({str(error).splitlines()[0][:160]})") from None
     attrs = storage.get_study_user_attrs(study_id)
     pruner = TrainedAsFinished(TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build())

@@ -14,12 +14,14 @@ from cifar_rounds.analysis.replicates import ArtifactPaths
 from cifar_rounds.core.errors import run_stage
 from cifar_rounds.core.files import read_json
 from cifar_rounds.core.params import Params, load_params
+from cifar_rounds.core.urls import without_password
 from cifar_rounds.tracking.store import repo_root, tracking_uri
 
 
 def ui_command(uri: str) -> str:
     """How to browse the store: a server is its own UI; a local store needs `mlflow ui`."""
-    return uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    shown = without_password(uri)
+    return shown if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {shown}"
 
 
 def headline(metrics: dict, params: Params, root: Path) -> list[str]:

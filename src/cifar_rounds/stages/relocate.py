@@ -11,6 +11,7 @@ import argparse
 
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.params import load_params
+from cifar_rounds.core.urls import without_password
 from cifar_rounds.tracking.store import (
     ARTIFACTS_DIR,
     SQLITE,
@@ -29,7 +30,8 @@ def main() -> None:
     uri = tracking_uri(params, root)
     if uri != f"{SQLITE}{root / STORE_FILE}":
         raise StageError(
-            f"{uri_source(params)}: the store is {uri}, not this repository's {STORE_FILE}: it did not move"
+            f"{uri_source(params)}: the store is {without_password(uri)}, not this repository's {STORE_FILE}: "
+            "it did not move"
         )
     if not relocate_store(root, params.tracking.store_patience_s):
         print(f"relocate: {root / STORE_FILE} already points into {root / ARTIFACTS_DIR}")

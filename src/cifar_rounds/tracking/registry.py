@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.core.names import LOGGED_MODEL
-from cifar_rounds.tracking.store import patiently, process_store
+from cifar_rounds.tracking.patience import patiently
+from cifar_rounds.tracking.store import process_store
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """MLflow at the edges of the stages: one run per training run, in the repository's store (`store`).
 
 The run gets params, tags and datasets once, metrics per epoch, artifacts and the model at
-the end; each write waits while the store is busy (`store.patiently`) and cannot be cut in
+the end; each write waits while the store is busy (`patience.patiently`) and cannot be cut in
 half by Ctrl-C or SIGTERM, which end the run KILLED.
 """
 
@@ -32,8 +32,9 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
+from cifar_rounds.tracking.patience import after_a_lost_insert_race, patiently
 from cifar_rounds.tracking.registry import log_and_register, ready_model_id, run_version
-from cifar_rounds.tracking.store import after_a_lost_insert_race, git_commit, open_client, patiently, repo_root
+from cifar_rounds.tracking.store import git_commit, open_client, repo_root
 
 if TYPE_CHECKING:
     import torch

@@ -1,11 +1,9 @@
-"""The MLflow store: where it is, a client on it, patience while it is busy, and a moved repository's paths.
+"""The MLflow store: where it is, a client on it, and a moved repository's paths.
 
 The default store is sqlite `mlflow.db` with artifacts in `mlartifacts/`, both at the
 repository root. Queued DVC experiments run in temporary copies of the repository, so the
-root comes from DVC_ROOT, never from the working folder. A busy store (a locked sqlite file,
-a server that stops answering) is waited for, with backoff, for up to
-`tracking.store_patience_s` per write, with one line printed; past that the caller stops
-with one line.
+root comes from DVC_ROOT, never from the working folder. Every write waits out a busy store
+(tracking/patience.py).
 """
 
 from __future__ import annotations
@@ -14,28 +12,28 @@ import logging
 import os
 import sqlite3
 import subprocess
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
-from cifar_rounds.core.errors import StageError, with_patience
+from cifar_rounds.core.errors import StageError, causes, sqlite_busy
 from cifar_rounds.core.params import Params
+from cifar_rounds.core.urls import missing_driver, password_refusal, without_password
+from cifar_rounds.tracking.patience import patiently
 
 STORE_FILE = "mlflow.db"
 STORE_LOCK = f".{STORE_FILE}.lock"  # beside it: held while the store is created, migrated or rebased
 ARTIFACTS_DIR = "mlartifacts"
 HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 SQLITE = "sqlite:///"
-T = TypeVar("T")
 
 
 def root_sqlite_url(url: str, root: Path) -> str:
@@ -56,6 +54,9 @@ def tracking_uri(params: Params, root: Path) -> str:
     working folder (a queued experiment's temporary copy).
     """
     uri = params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    refusal = password_refusal(uri)
+    if refusal is not None:  # params.yaml's is refused as it is read; the environment's here, before any use
+        raise StageError(f"{uri_source(params)}: {refusal}")
     return root_sqlite_url(uri, root) if uri else f"{SQLITE}{root / STORE_FILE}"
 
 
@@ -75,61 +76,42 @@ def git_commit(root: Path) -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def transient(error: Exception) -> bool:
-    """A store error that waiting can cure: a locked sqlite file, an unreachable or overloaded server."""
-    text = str(error)
-    return getattr(error, "error_code", "") == "TEMPORARILY_UNAVAILABLE" or any(
-        s in text for s in ("database is locked", "Max retries exceeded", "Connection refused", "503")
-    )
-
-
-def after_a_lost_insert_race(call: Callable[[], T]) -> T:
-    """`call()`, tried once more when another process inserted the same new row a moment earlier (trainings
-    that start together add a dataset new to the experiment): the second try finds it there. PostgreSQL,
-    sqlite and MySQL say so in their own words."""
-    try:
-        return call()
-    except MlflowException as error:
-        said = ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
-        if not any(s in str(error) for s in said):
-            raise
-        return call()
-
-
-def patiently(call: Callable[[], T], what: str, patience_s: float) -> T:
-    """`call()`, retried with backoff while the store is busy, for up to `patience_s` seconds."""
-
-    def cure(error: Exception) -> str | None:
-        if not isinstance(error, MlflowException):
-            return None
-        first = str(error).strip().splitlines()[0][:160]
-        if not transient(error):
-            raise StageError(f"tracking: {what} failed ({first})") from None
-        return first
-
-    return with_patience(
-        call,
-        cure,
-        patience_s,
-        lambda why: f"tracking: the MLflow store is busy ({why}); retrying for up to {patience_s:.0f} s "
-        "(tracking.store_patience_s)",
-        lambda why: f"tracking: the MLflow store stayed unavailable for {patience_s:.0f} s ({why}); "
-        "the last checkpoint is safe: rerun to resume",
-    )
-
-
 def check_reachable(uri: str, source: str) -> None:
-    """A tracking server answers its health check within seconds, or the run does not start."""
+    """A tracking server answers its health check within seconds, or the run does not start.
+
+    The check sends what MLflow's own requests send (MLFLOW_TRACKING_USERNAME and _PASSWORD or
+    ~/.mlflow/credentials, a token, TLS settings): a server behind basic auth that checks /health too
+    (a proxy) answers it as it answers the run.
+    """
     if not uri.startswith(("http://", "https://")):
         return
+    refusal = password_refusal(uri)
+    if refusal is not None:
+        raise StageError(f"{source}: {refusal}")
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).close()
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+        creds = get_default_host_creds(uri)
+        response = http_request(creds, "/health", "GET", max_retries=0, timeout=HEALTH_TIMEOUT_S, raise_on_status=False)
+    except MlflowException as error:
         raise StageError(
-            f"{source}: the MLflow server {uri} is not reachable ({reason}); "
+            f"{source}: the MLflow server {uri} is not reachable ({first_cause(error)}); "
             "start it, or unset the URI to use the local store"
         ) from None
+    if response.status_code in (401, 403):
+        raise StageError(
+            f"{source}: the MLflow server {uri} refused the credentials sent (HTTP {response.status_code}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)"
+        )
+    if response.status_code >= 400:
+        raise StageError(
+            f"{source}: the MLflow server {uri} is not reachable (HTTP {response.status_code} {response.reason}); "
+            "start it, or unset the URI to use the local store"
+        )
+
+
+def first_cause(error: BaseException) -> str:
+    """The error at the root of `error`'s chain (a refused connection, a timeout), as one line."""
+    *_, root = causes(error)
+    return (str(root).strip().splitlines() or [type(root).__name__])[0][:160]
 
 
 # Where MLflow keeps the absolute paths it reads artifacts from (model_versions.source only for
@@ -188,7 +170,7 @@ def patient_sqlite(db: Path, patience_s: float) -> Iterator[sqlite3.Connection]:
     try:
         con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.OperationalError as error:
-        if "locked" not in str(error):
+        if not sqlite_busy(error):
             raise
         con.close()
         print(
@@ -248,10 +230,15 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
                 f"opening experiment {params.tracking.experiment_name!r}",
                 params.tracking.store_patience_s,
             )
+        except ImportError as error:  # the database's driver, imported as the store opens, is not installed
+            line = missing_driver(error, uri_source(params), uri)
+            if line is None:
+                raise
+            raise StageError(line) from None
         except sqlite3.OperationalError as error:
-            if "locked" not in str(error):
+            if not sqlite_busy(error):
                 raise StageError(
-                    f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({error}); "
+                    f"{without_password(uri).removeprefix('sqlite:///')}: not a usable MLflow store ({error}); "
                     "move it away to start a new store"
                 ) from None
             raise StageError(
@@ -261,7 +248,7 @@ def open_client(params: Params) -> tuple[MlflowClient, str]:
         except (sqlite3.DatabaseError, MlflowException) as error:
             first = str(error).strip().splitlines()[0][:160]
             raise StageError(
-                f"{uri.removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
+                f"{without_password(uri).removeprefix('sqlite:///')}: not a usable MLflow store ({first}); "
                 "move it away to start a new store"
             ) from None
 

@@ -4,7 +4,7 @@
 schedule, random generators and `Progress` (the epoch reached, the history, early
 stopping, the MLflow run, the noise-scale averages). A run continues only from a
 state of the same data (params and split content), model, training and sweep params
-(a sweep trial never takes another run's checkpoint, finished or not, for its own);
+and round (a sweep trial or a round never takes another's checkpoint, finished or not, for its own);
 other sections may change between a kill and a resume, and the change is recorded.
 """
 
@@ -68,8 +68,9 @@ class Resume:
 
 def run_identity(params: Params, split_digest: str) -> str:
     """What a resumed run must share with the killed one: model, train and sweep params (which trial it is),
-    and the split's bytes (which the data params only describe: a re-split with the same params may differ)."""
-    text = params.digest(*IDENTITY_SECTIONS) + split_digest
+    its round (a round's runs are its own, never another round's under a new name), and the split's bytes
+    (which the data params only describe: a re-split with the same params may differ)."""
+    text = params.digest(*IDENTITY_SECTIONS) + params.tracking.round + split_digest
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -97,7 +98,8 @@ def find_resume(path: Path, identity: str) -> Resume:
     state = load_checkpoint(path)
     if state.get("params_digest") != identity:
         print(
-            f"train: {path} was made as another sweep trial, or with other data, model or train params; starting fresh"
+            f"train: {path} was made for another round or sweep trial, or with other data, model or train params; "
+            "starting fresh"
         )
         return Resume(None, state.get("progress", {}).get("run_id"))
     return Resume(state)

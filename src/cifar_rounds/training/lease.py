@@ -16,13 +16,15 @@ the others train, then waits for a training place here, so that a worker's evalu
 bookkeeping overlap the others' training instead of leaving a place idle.
 
 Placement is not the model: the slots per GPU come from the environment (SLOTS_ENV), never from
-params.yaml, and the lease folder from LEASE_DIR_ENV (default: one per user in the temp folder).
+params.yaml, and the lease folder from LEASE_DIR_ENV (default: one per user in the temp folder,
+private to that user: another who could write there could hold every place).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
 import time
 import zlib
@@ -31,13 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.errors import StageError, short_repr
 from cifar_rounds.tracking.store import repo_root
 
 SLOTS_ENV = "CIFAR_ROUNDS_SLOTS_PER_GPU"  # trainings one GPU runs at once (default 1)
 LEASE_DIR_ENV = "CIFAR_ROUNDS_LEASE_DIR"  # the machine's lease folder
 TRAININGS_ENV = "CIFAR_ROUNDS_TRAININGS"  # the project's trainings that train at once (unset: no cap)
 POLL_S = 2.0  # how often a training waiting for a GPU slot or a training place looks again, seconds
+# the most slots per GPU, or trainings at once: a waiting training tries each place's lock file every POLL_S, and
+# no machine trains a thousand models at once, so a larger count is a typo (30000000), not a plan
+MAX_PLACES = 1024
 
 
 @dataclass
@@ -65,34 +70,63 @@ class Lease:
 
 
 def lease_folder() -> Path:
-    folder = Path(os.environ.get(LEASE_DIR_ENV) or Path(tempfile.gettempdir()) / f"cifar-rounds-leases-{os.getuid()}")
+    """The machine's lease folder: LEASE_DIR_ENV's where set, else this user's private one in the temp folder."""
+    chosen = os.environ.get(LEASE_DIR_ENV)
+    folder = Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"cifar-rounds-leases-{os.geteuid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        # the default sits in the temp folder every user shares: private, so that no one else holds its places
+        folder.mkdir(mode=0o777 if chosen else 0o700, parents=True, exist_ok=True)
     except OSError as error:
         raise StageError(f"{LEASE_DIR_ENV}: cannot use {folder} as the lease folder ({error.strerror})") from None
+    if not chosen and (why := why_not_private(folder)) is not None:
+        raise StageError(
+            f"{folder}: the default lease folder is {why}, so another user could hold every place; "
+            f"set {LEASE_DIR_ENV} to a folder of your own"
+        )
     return folder
 
 
-def slots_per_gpu() -> int:
-    text = os.environ.get(SLOTS_ENV, "1")
-    if not text.isdigit() or int(text) < 1:
-        raise StageError(f"{SLOTS_ENV}: expected a whole number of trainings per GPU, at least 1 (got {text!r})")
+def why_not_private(folder: Path) -> str | None:
+    """Why `folder` is not this user's alone (a link, another owner, others may write in it); None when it is."""
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        return "a link, not a folder"
+    if info.st_uid != os.geteuid():
+        return f"owned by another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def place_count(variable: str, text: str, what: str) -> int:
+    """`text`, the value of `variable`, as a count of places from 1 to MAX_PLACES; else a one-line StageError."""
+    # ASCII digits only: str.isdigit() takes '²', which int() refuses; and no more digits than MAX_PLACES has, as
+    # int() refuses over 4,300 of them
+    digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_PLACES))
+    if not digits or not 1 <= int(text) <= MAX_PLACES:
+        raise StageError(f"{variable}: expected a whole number of {what}, 1 to {MAX_PLACES} (got {short_repr(text)})")
     return int(text)
+
+
+def slots_per_gpu() -> int:
+    return place_count(SLOTS_ENV, os.environ.get(SLOTS_ENV, "1"), "trainings per GPU")
 
 
 def trainings_cap() -> int | None:
     """The project's trainings allowed at once (a sweep sets it for its queue workers); None: no cap."""
     text = os.environ.get(TRAININGS_ENV)
-    if text is None:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise StageError(f"{TRAININGS_ENV}: expected a whole number of trainings at once, at least 1 (got {text!r})")
-    return int(text)
+    return None if text is None else place_count(TRAININGS_ENV, text, "trainings at once")
 
 
 def _locked(path: Path) -> IO | None:
     """The file, locked by this process; None when another process holds it."""
-    handle = open(path, "a")
+    try:
+        handle = open(path, "a")
+    except OSError as error:  # a folder or a link where the lock file goes, a lease folder this user cannot write
+        raise StageError(
+            f"{path}: cannot open it as a lock file ({error.strerror}); make the lease folder writable "
+            f"or set {LEASE_DIR_ENV} to another folder"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -101,13 +135,15 @@ def _locked(path: Path) -> IO | None:
     return handle
 
 
-def first_free(paths: list[Path], held_line: str, say: Callable[[str], None]) -> tuple[int, IO]:
-    """The position of the first of `paths` this process locks, and its locked file; while all are held,
-    waits, saying `held_line` once."""
+def first_free(
+    places: int, path_of: Callable[[int], Path], held_line: str, say: Callable[[str], None]
+) -> tuple[int, IO]:
+    """The first of `places` places this process locks (place i's lock file is `path_of(i)`, made as it is
+    tried), and its locked file; while all are held, waits, saying `held_line` once."""
     said = False
     while True:
-        for position, path in enumerate(paths):
-            if (handle := _locked(path)) is not None:
+        for position in range(places):
+            if (handle := _locked(path_of(position))) is not None:
                 return position, handle
         if not said:
             say(held_line)
@@ -117,18 +153,20 @@ def first_free(paths: list[Path], held_line: str, say: Callable[[str], None]) ->
 
 def lease_gpu(devices: int, slots: int, folder: Path, say: Callable[[str], None] = print) -> Lease:
     """The first free slot, taking slot 0 of every GPU before slot 1 of any; waits while all are held."""
-    paths = [folder / f"cuda{index}.slot{slot}.lock" for slot in range(slots) for index in range(devices)]
+
+    def path_of(position: int) -> Path:  # slot 0 of GPUs 0, 1, ..., then slot 1 of each, ...
+        return folder / f"cuda{position % devices}.slot{position // devices}.lock"
+
     held = f"train: all {devices} GPU(s) x {slots} slot(s) are held by other trainings; waiting for one "
-    position, handle = first_free(paths, held + f"(slots per GPU: {SLOTS_ENV})", say)
+    position, handle = first_free(devices * slots, path_of, held + f"(slots per GPU: {SLOTS_ENV})", say)
     return Lease("cuda", position % devices, position // devices, slots, folder, handle)
 
 
 def training_place(cap: int, project: str, folder: Path, say: Callable[[str], None] = print) -> IO:
     """One of the project's `cap` training places, held until the process ends; waits while all are held."""
     tag = zlib.crc32(project.encode())  # one set of places per project: other projects are not capped by it
-    paths = [folder / f"training-{tag:08x}.{index}.lock" for index in range(cap)]
     held = f"train: the project's {cap} training place(s) are held ({TRAININGS_ENV}); waiting for one"
-    return first_free(paths, held, say)[1]
+    return first_free(cap, lambda index: folder / f"training-{tag:08x}.{index}.lock", held, say)[1]
 
 
 def lease_cpu(folder: Path) -> Lease:
