@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from datetime import date
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from cifar_rounds.data.augment import CIFAR10_MEAN, CIFAR10_STD, TrainBatches
-from cifar_rounds.training.engine import autocast
 from cifar_rounds.training.model import ResNet18
+from cifar_rounds.training.pace import images_per_second, make_step
 from cifar_rounds.training.runtime import amp_dtype, run_conditions
 
 GFLOP_PER_IMAGE = 3.33  # forward + backward of the CIFAR ResNet-18, per training image
@@ -68,35 +66,6 @@ def conventional_loader(images, labels, batch_size, device) -> DataLoader:
         pin_memory=device.type == "cuda",
         persistent_workers=True,
     )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def images_per_second(step, batches, steps: int, batch_size: int, device, warmup: int = 2) -> float:
-    it = iter(batches)
-    for _ in range(warmup):
-        step(*next(it))
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(*next(it))
-    sync(device)
-    return steps * batch_size / (time.perf_counter() - start)
-
-
-def make_step(model, optimizer, device, dtype):
-    def step(x, y):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def endless(make_epoch):

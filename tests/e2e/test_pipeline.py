@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import sys
 import urllib.request
 from contextlib import contextmanager
@@ -45,6 +46,18 @@ def project(tmp_path_factory, archive):
 def test_no_warnings_reach_the_user(project):
     log = (project / "repro.log").read_text()
     assert "Warning" not in log, log[-3000:]
+
+
+def test_the_log_shows_after_epoch_1_its_time_and_when_the_training_ends(project):
+    """stdout here is a file, not a terminal: no progress bar, so the line is the only estimate a log gets."""
+    lines = (project / "repro.log").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(f"epoch 1/{EPOCHS} "))
+    assert re.fullmatch(
+        rf"train: epoch 1 took \S+ \S+; {EPOCHS - 1} epochs to go: about \S+ \S+ "
+        r"\(ends about \d{4}-\d\d-\d\d \d\d:\d\d UTC\)",
+        lines[first + 1],
+    ), lines[first : first + 2]
+    assert sum(line.startswith("train: epoch ") for line in lines) == 1  # once, after this process's first epoch
 
 
 def client(project) -> MlflowClient:

@@ -7,6 +7,7 @@ the record, which is checked run by run.
 
 import json
 import math
+import re
 import shutil
 import signal
 import sys
@@ -23,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.data.augment import eval_batches
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.data.synthetic import write_archive
+from cifar_rounds.training.pace import SHORT_RUNS
 
 from helpers import free_port, make_project, read_json, repository_copy, run, serving
 
@@ -317,6 +319,11 @@ def test_the_pipeline_script_ends_with_the_headline(tmp_path, small_archive):
     overrides = {**TINY, "tracking.log_model": False, "train.precision": "auto"}
     dump_params(offline_params(repo_params(), small_archive[0], small_archive[1], overrides), repo / "params.yaml")
     out = run(["scripts/pipeline.sh"], repo).stdout
+    # before training on a CPU: the configured training's time here, measured, and the short runs instead
+    before = out.split("Running stage 'train'")[0]
+    assert re.search(r"^pipeline: no GPU here: a training step of ResNet-18 width 8, batch 50 took ", before, re.M)
+    assert re.search(r"^pipeline: .*the configured 1 epoch about \S+ \S+$", before, re.M), before[-2000:]
+    assert f"pipeline: a short run instead: {SHORT_RUNS[0]} (about " in before and SHORT_RUNS[1] in before
     metrics = read_json(repo / "metrics.json")
     tail = out.strip().splitlines()[-4:]
     assert tail[0].startswith(f"test accuracy {metrics['test_accuracy']:.2%}, validation accuracy")

@@ -34,7 +34,7 @@ TINY_SWEEP = {
     "baseline": "round-2",
     "trials": 6,
     "enqueue": ["round-1", "round-2"],
-    "fixed": {"train.num_epochs": 3, "train.lr_milestones": [2], "train.patience": 3},
+    "schedule": {"train.num_epochs": 3, "train.lr_milestones": [2], "train.patience": 3},
     # log-uniform down to 1e-5: round-1 and most random draws learn nothing in 3 epochs on these images, and the
     # pruner stops those still at chance after 2, whichever trials trained before them (a median pruner's
     # references are the trials trained so far: in which order the queue trains them is not the test's to choose)
@@ -212,7 +212,7 @@ def test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_bec
     preset = yaml.safe_load((project / "rounds" / "s-best.yaml").read_text())
     assert preset["train"]["learning_rate"] == best.params["train.learning_rate"]
     assert preset["train"]["batch_size"] == int(best.params["train.batch_size"])
-    # the searched values on the baseline: round-2's schedule, not the sweep's shortened `fixed` one
+    # the searched values on the baseline: round-2's schedule, not the sweep's shortened one
     round_2 = yaml.safe_load((project / "rounds" / "round-2.yaml").read_text())["train"]
     assert preset["train"] == {
         **round_2,

@@ -6,14 +6,18 @@ import numpy as np
 import pytest
 from mlflow.entities.model_registry import ModelVersion
 
-from cifar_rounds.analysis.champion import (
-    RegistryState,
-    champion_decision,
-    plan_aliases,
-    registered_model_of,
-    reuse_line,
+from cifar_rounds.analysis.champion import champion_decision, plan_aliases, registered_model_of, reuse_line
+from cifar_rounds.analysis.criteria import (
+    criteria,
+    decision_alpha,
+    missing_seeds,
+    passes,
+    planned_round,
+    planned_seeds,
+    policy_lines,
+    seeds_line,
 )
-from cifar_rounds.analysis.criteria import criteria, passes, policy_lines, seeds_line
+from cifar_rounds.analysis.registry_state import RegistryState, comparison_key
 from cifar_rounds.analysis.replicates import Replicate, Round, one_per_run
 from cifar_rounds.analysis.report import round_verdict, verdict_sentences
 from cifar_rounds.core.errors import StageError
@@ -81,21 +85,26 @@ def champion_line(plan):
     return next(line for line in plan.lines if line.startswith("- @champion"))
 
 
-def test_with_no_champion_the_better_round_is_crowned_and_never_one_the_verdict_calls_worse():
+def test_with_no_champion_the_baseline_is_the_incumbent_and_better_round_is_said_only_when_significant():
     worse = verdict(difference=-0.011, p=0.00044)  # the candidate is significantly worse
     assert champion_decision("none", (True, True), worse, NAMES).holder == "baseline"
     assert champion_decision("none", (False, True), worse, NAMES).holder is None  # never the worse one
-    better = verdict(difference=0.004, p=0.3)
-    assert champion_decision("none", (True, True), better, NAMES).holder == "candidate"
-    assert champion_decision("none", (True, False), better, NAMES).holder == "baseline"  # not called worse
-    assert champion_decision("none", (False, False), better, NAMES).holder is None
+    unclear = verdict(difference=0.004, p=0.3)  # better by the mean, not by the verdict
+    d = champion_decision("none", (True, True), unclear, NAMES)
+    assert d.holder == "baseline" and "better round" not in d.why and "does not say b beats a" in d.why, d.why
+    assert champion_decision("none", (False, True), unclear, NAMES).holder is None  # the candidate must beat it
+    assert champion_decision("none", (True, False), unclear, NAMES).holder == "baseline"
+    better = verdict(difference=0.02, p=0.01)
+    taken = champion_decision("none", (True, True), better, NAMES)
+    assert taken.holder == "candidate" and "b passes the success criteria and its configuration beats a" in taken.why
+    assert champion_decision("none", (False, True), better, NAMES).holder == "candidate"
     # end to end on measured rounds: a candidate 5 points worse over 3 seeds each
     base, cand = round_of("a", 0.55), round_of("b", 0.50)
     v = round_verdict(base, cand, 0.05)
     assert v.real and v.difference < 0
     plan = plan_aliases(registry(base, cand), base, cand, (True, True), v)
     best_a = plan.moves[0][1]
-    assert plan.moves[-1] == (CHAMPION, best_a) and "a is the better round" in champion_line(plan)
+    assert plan.moves[-1] == (CHAMPION, best_a) and "there was no champion; a takes it" in champion_line(plan)
 
 
 def test_a_challenger_takes_the_champion_only_when_it_passes_and_its_configuration_is_better():
@@ -151,16 +160,37 @@ def test_aliases_wait_until_both_rounds_have_their_planned_seeds():
     assert plan_aliases(registry(base, unplanned), base, unplanned, (True, True), v).moves
 
 
-def test_a_rounds_version_is_its_best_seed_by_validation_and_the_test_sets_reuse_is_counted():
+def test_a_rounds_version_is_its_best_seed_by_validation_and_the_test_sets_comparisons_are_counted():
     high_test = replicate("a-s0", accuracy=0.9, val=0.60, seed=1)
     high_val = replicate("a-s1", accuracy=0.4, val=0.70, seed=2)
     base, cand = Round("a", [high_test, high_val, replicate("a-s2", 0.5, 0.65, seed=3)]), round_of("b", 0.5)
     state = registry(base, cand, decisions=4)
-    plan = plan_aliases(state, base, cand, (True, True), round_verdict(base, cand, 0.05))
+    v = round_verdict(base, cand, decision_alpha(0.05, state.earlier("a", "b")))
+    plan = plan_aliases(state, base, cand, (True, True), v)
     assert plan.moves[0] == ("a", state.versions["id-a-s1"]) and plan.lines[0].startswith("- @a -> version 2 (a-s1, ")
-    assert plan.tested
-    assert "has informed 5 alias decision(s) of m:" in reuse_line(state, plan, applied=True)
-    assert "has informed 4 alias decision(s) of m; this read-only report adds none" in reuse_line(state, plan, False)
+    assert plan.tested and v.alpha == 0.05 / 32  # the fifth comparison on this test set
+    line = reuse_line(state, base, cand, v, applied=True)
+    assert "has decided 5 comparison(s) of m; this one is comparison 5 on it" in line and "0.0015625" in line
+    assert "has decided 4 comparison(s) of m;" in reuse_line(state, base, cand, v, False)
+    again = dataclasses.replace(state, comparisons={comparison_key("b", "a"): 1})  # decided before, as second
+    assert again.earlier("a", "b") == 1 and "spends nothing more" in reuse_line(again, base, cand, v, True)
+
+
+def test_the_decision_reads_the_plan_fixed_by_the_first_plan_of_three_or_more_seeds():
+    def with_plan(r, plans):
+        reps = [
+            dataclasses.replace(rep, params=with_overrides(planned(n), {"train.seed": s}))
+            for s, (rep, n) in enumerate(zip(r.replicates, plans))
+        ]
+        return Round(r.name, reps)
+
+    pilot_then_advice = with_plan(round_of("a", 0.5, seeds=6), [2, 2, 6, 6, 6, 6])
+    assert planned_seeds(pilot_then_advice) == 6 and len(planned_round(pilot_then_advice).replicates) == 6
+    peeked = with_plan(round_of("b", 0.5, seeds=5), [3, 3, 3, 4, 5])  # --seeds 4, then 5, after --seeds 3
+    assert planned_seeds(peeked) == 3
+    assert [rep.label for rep in planned_round(peeked).replicates] == ["b-s0", "b-s1", "b-s2"]
+    assert missing_seeds(peeked) == 0 and "the decision reads the 3 of its plan" in seeds_line(peeked)
+    assert [decision_alpha(0.05, k) for k in range(3)] == [0.025, 0.0125, 0.00625]
 
 
 def test_the_decision_uses_the_workspaces_thresholds_not_the_rounds_own():
@@ -219,3 +249,14 @@ def test_the_report_gives_the_seed_advice_once_with_the_verdict():
         v = round_verdict(base, cand, 0.05)
         text = " ".join(verdict_sentences(v, base, cand))
         assert v.seed_advice and text.count(v.seed_advice) == 1, text
+
+
+def test_the_criteria_interval_covers_the_test_images_as_well_as_the_seeds():
+    from cifar_rounds.analysis.criteria import spread
+    from cifar_rounds.analysis.summary import mean_std
+
+    one = spread(mean_std([0.93]), "{:.2%}", 10_000)  # test-set sampling alone: 1.96 x 0.255 points
+    assert one == "93.00% (95% interval over 1 seed(s) and the test images 92.50% to 93.50%)"
+    seeds = mean_std([0.925, 0.93, 0.935])
+    assert spread(seeds, "{:.2%}", 10_000) != spread(seeds, "{:.2%}")  # wider with the images' term
+    assert spread(seeds, "{:.2%}") == "93.00% (95% interval over 3 seed(s) 91.76% to 94.24%)"

@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 from test_champion import registry, round_of
 
 from cifar_rounds.analysis import rounds
-from cifar_rounds.analysis.champion import ALIAS_ROUND_TAG, apply_plan, plan_aliases
+from cifar_rounds.analysis.champion import plan_aliases
+from cifar_rounds.analysis.registry_state import ALIAS_ROUND_TAG, apply_plan
 from cifar_rounds.analysis.replicates import find_round
 from cifar_rounds.analysis.report import round_verdict
 from cifar_rounds.analysis.rounds import exp_run_command, round_values

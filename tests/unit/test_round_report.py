@@ -79,10 +79,14 @@ def _replicate(history=(), metrics=None):
 
 def test_a_non_positive_or_nan_noise_scale_is_not_measurable_and_an_empty_class_has_no_images():
     for value in (-3.0, 0.0, float("inf"), float("nan")):
-        (line,) = noise_line(_replicate([{"epoch": 1, "noise_scale": value}]))
+        (line,) = noise_line(Round("r", [_replicate([{"epoch": 1, "noise_scale": value}])]))
         assert "not measurable" in line and "x below" not in line and "x above" not in line
-    (line,) = noise_line(_replicate([{"epoch": 1, "noise_scale": 192.0}]))
+    (line,) = noise_line(Round("r", [_replicate([{"epoch": 1, "noise_scale": 192.0}])]))
     assert "the batch size 96 is 2x below it" in line
+    # as the batch rule reads it: the mean over the seeds, 474 here, not seed 0's 623
+    seeds = Round("r", [_replicate([{"epoch": 6, "noise_scale": b}]) for b in (623.0, 296.0, 502.0)])
+    (line,) = noise_line(seeds)
+    assert "473.7 (mean of 3 seeds, 296 to 623); the batch size 96 is 4.93x below it" in line, line
     lines = per_class_lines(_replicate(metrics={"per_class_accuracy": {"cat": 0.5, "ship": None}}))
     assert lines == ["cat: 50.00%", "ship: no images"]
 

@@ -4,12 +4,10 @@ auth is checked with the credentials MLflow itself sends."""
 
 import base64
 import http.server
-import os
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import yaml
@@ -33,8 +31,6 @@ SWEEP = {
     "trials": 2,
     "space": {"train.learning_rate": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
 }
-# psycopg2 as an environment without it sees it: a module not found, named
-NO_PSYCOPG2 = 'raise ModuleNotFoundError("No module named \'psycopg2\'", name="psycopg2")\n'
 
 
 def one_line_without_the_secret(text: str) -> str:
@@ -64,13 +60,18 @@ def test_a_url_holding_a_password_is_refused_naming_the_field_and_where_the_pass
     assert with_overrides(repo_params(), {field: user_only}).flat()[field] == user_only
 
 
-def test_the_params_cli_refuses_a_password_in_one_line(tmp_path):
+def test_the_params_cli_refuses_a_password_in_one_line(tmp_path, monkeypatch, capsys):
+    from cifar_rounds.core.params import main
+
     raw = yaml.safe_load((REPO / PARAMS_FILE).read_text())
     raw["tracking"]["tracking_uri"] = f"http://alice:{SECRET}@127.0.0.1:9/"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = run([sys.executable, "-m", "cifar_rounds.core.params", "params.yaml"], tmp_path, check=False)
-    assert result.returncode == 1 and result.stdout == ""
-    assert "tracking.tracking_uri: holds a password" in one_line_without_the_secret(result.stderr)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["params", "params.yaml"])
+    with pytest.raises(SystemExit) as stopped:  # its message is what Python prints to stderr, exiting 1
+        main()
+    assert capsys.readouterr() == ("", "") and isinstance(stopped.value.code, str)
+    assert "tracking.tracking_uri: holds a password" in one_line_without_the_secret(stopped.value.code)
 
 
 def test_a_sweep_files_storage_holding_a_password_is_refused(tmp_path):
@@ -96,24 +97,23 @@ def test_a_password_in_mlflow_tracking_uri_is_refused_before_anything_prints_it(
     assert "MLFLOW_TRACKING_URI: holds a password" in one_line_without_the_secret(result.stderr)
 
 
-def without_psycopg2(tmp_path: Path) -> str:
-    """A folder that, first on sys.path, makes psycopg2 a module not found."""
-    (tmp_path / "shim" / "psycopg2").mkdir(parents=True)
-    (tmp_path / "shim" / "psycopg2" / "__init__.py").write_text(NO_PSYCOPG2)
-    return os.pathsep.join([str(tmp_path / "shim"), *filter(None, [os.environ.get("PYTHONPATH")])])
+def test_a_missing_database_driver_is_one_line_naming_its_package(tmp_path, monkeypatch, capsys):
+    from cifar_rounds.analysis.report import main
+    from cifar_rounds.core.errors import run_stage
 
-
-def test_a_missing_database_driver_is_one_line_naming_its_package(tmp_path):
-    shim = without_psycopg2(tmp_path)
     params = with_overrides(repo_params(), {"tracking.tracking_uri": "postgresql+psycopg2://team@127.0.0.1:1/mlflow"})
     project = tmp_path / "p"
     init_project(REPO, project, params)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "a project on PostgreSQL"], project)
-    report = [sys.executable, "-m", "cifar_rounds.analysis.report", "round-1", "round-2"]
-    result = run(report, project, check=False, PYTHONPATH=shim)
-    assert result.returncode == 1 and result.stdout == "", result.stderr
-    line = one_line_without_the_secret(result.stderr)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # an import of it fails as in an environment without it
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", ["report", "round-1", "round-2"])
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(main)
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 1 and out == "", err
+    line = one_line_without_the_secret(err)
     assert "error: tracking.tracking_uri: postgresql+psycopg2:// needs the package psycopg2-binary (pip install" in line
 
 

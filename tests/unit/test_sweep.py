@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -9,15 +10,17 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
-from cifar_rounds.analysis.proposals import proposals
+from cifar_rounds.analysis.proposals import next_round_lines, proposals
 from cifar_rounds.analysis.replicates import Replicate, Round
 from cifar_rounds.analysis.rounds import load_preset, preset_names
 from cifar_rounds.core.params import ParamsError, SweepParams, dump_params, with_overrides
@@ -32,7 +35,7 @@ GOOD = {
     "baseline": "round-2",
     "trials": 4,
     "enqueue": ["round-1", "round-2"],
-    "fixed": {"train.num_epochs": 30, "train.lr_milestones": [10, 20]},
+    "schedule": {"train.num_epochs": 30, "train.lr_milestones": [10, 20]},
     "space": {
         "train.learning_rate": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
         "train.batch_size": {"type": "categorical", "choices": [64, 96, 128]},
@@ -77,8 +80,10 @@ def test_a_good_sweep_file_has_the_documented_defaults(tmp_path):
         ({"pruner": {"kind": "hyperband"}}, "pruner"),
         ({"pruner": {"kind": "threshold"}}, "pruner.threshold: a threshold pruner needs a lower or an upper limit"),
         ({"pruner": {"kind": "threshold", "lower": 0.5, "upper": 0.2}}, "lower (0.5) must be below upper (0.2)"),
-        ({"fixed": {"train.num_epochs": 0}}, "fixed: "),
-        ({"fixed": {"train.batch_size": 64}}, "train.batch_size is both fixed and searched"),
+        ({"fixed": {"train.num_epochs": 0}}, "fixed/schedule: "),
+        ({"fixed": {"train.batch_size": 64}}, "train.batch_size is both in fixed and searched"),
+        ({"schedule": {"train.batch_size": 64}}, "train.batch_size is both in schedule and searched"),
+        ({"schedule": {"train.num_epochs": 0}}, "fixed/schedule: "),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
         ({"study": "bad name"}, "study: String should match pattern"),
         ({"extra": 1}, "extra: Extra inputs are not permitted"),
@@ -101,8 +106,29 @@ def _cli_project(tmp_path: Path) -> Path:
     return project
 
 
+def in_process(main, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """A command's `main` run here, in `cwd` with `args`: its exit code and output as its process would give them
+    (parsing and refusals need no interpreter of their own)."""
+    from cifar_rounds.core.errors import run_stage
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", [main.__module__, *args])
+        try:
+            run_stage(main)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int | None) else 1
+            if isinstance(stop.code, str):  # what the interpreter prints on the way out
+                err.write(f"{stop.code}\n")
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
 def _sweep_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "cifar_rounds.search.sweep", *args], project, check=False)
+    from cifar_rounds.search.sweep import main
+
+    return in_process(main, project, *args)
 
 
 def test_the_cli_refuses_in_one_line_before_anything_runs_and_creates_nothing(tmp_path):
@@ -124,12 +150,15 @@ def test_the_cli_refuses_in_one_line_before_anything_runs_and_creates_nothing(tm
         "fixed-on-baseline": (
             yaml.safe_dump({**short, "fixed": {"train.num_epochs": 2}}),
             [],
-            "fixed-on-baseline.yaml: fixed: the trials' values (on baseline short with the fixed values) are not valid",
+            "fixed-on-baseline.yaml: fixed/schedule: the values (on baseline short with the fixed values and the "
+            "schedule) are not valid",
         ),
         "end-on-baseline": (
-            yaml.safe_dump({**short, "fixed": {}, "space": {"train.num_epochs": {"type": "int", "low": 2, "high": 9}}}),
+            yaml.safe_dump(
+                {**short, "schedule": {}, "space": {"train.num_epochs": {"type": "int", "low": 2, "high": 9}}}
+            ),
             [],
-            "end-on-baseline.yaml: space.train.num_epochs: 2 is not a valid value on baseline short",
+            "end-on-baseline.yaml: space.train.num_epochs: 2 is not a valid value on baseline short with the fixed",
         ),
         "folder": (None, [], "folder.yaml: a folder, not a sweep file"),
         "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe\x00", [], "binary.yaml: not a text file (not UTF-8)"),
@@ -343,7 +372,7 @@ def test_promote_puts_the_searched_values_on_the_baseline_and_keeps_what_it_repl
     from cifar_rounds.core.errors import StageError
     from cifar_rounds.search.promote import preset_target, promote
 
-    d = _git_driver(tmp_path, monkeypatch)  # fixed: 30 epochs, milestones [10, 20]; round-2 has 250
+    d = _git_driver(tmp_path, monkeypatch)  # schedule: 30 epochs, milestones [10, 20]; round-2 has 250
     rounds = tmp_path / "rounds"
     t = d.study.ask()
     d.trial_values(t)
@@ -359,7 +388,7 @@ def test_promote_puts_the_searched_values_on_the_baseline_and_keeps_what_it_repl
     assert sorted(from_sweep.removeprefix("# From the sweep: ").rstrip(".").split(", ")) == sorted(
         f"{k}={v!r}" for k, v in searched.items()
     )
-    assert "train.num_epochs=30" in header and "not carried over" in header
+    assert "not kept, the trials' shortened schedule: train.lr_milestones=[10, 20], train.num_epochs=30." in header
 
     for name, message in [
         ("../params", "not a preset name"),
@@ -382,6 +411,22 @@ def test_promote_puts_the_searched_values_on_the_baseline_and_keeps_what_it_repl
     )
     assert load_preset("round-1", Path("rounds")) == preset
     assert preset_names(rounds) == ["elsewhere", "r3-best", "round-1", "round-2"]  # a backup is no preset
+
+
+def test_promote_keeps_the_rounds_own_fixed_values_and_changes_only_the_searched_ones(tmp_path, monkeypatch):
+    """A proposal's sweep file fixes the values its round ran with: the promoted round is that round with the
+    best searched values, never the preset's values that no trial ran."""
+    from cifar_rounds.search.promote import promote
+
+    own = {"train.weight_decay": 0.001, "model.width": 32, "train.num_epochs": 300, "train.lr_milestones": [150]}
+    d = _git_driver(tmp_path, monkeypatch, fixed=own)  # and GOOD's shortened schedule: 30 epochs
+    t = d.study.ask()
+    trial = d.trial_values(t)
+    assert (trial["train.num_epochs"], trial["model.width"]) == (30, 32)  # the trials: schedule over fixed
+    d.study.tell(t, 0.61)
+    promote(d, "r3-own", force=False, folder=tmp_path / "rounds")
+    preset = load_preset("r3-own", tmp_path / "rounds")
+    assert preset == {**load_preset("round-2", tmp_path / "rounds"), **own, **d.sweep.decoded(t.params)}
 
 
 def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
@@ -461,40 +506,55 @@ def _replicate(
     return Replicate("r", params, metrics, history, [])
 
 
+WORKSPACE = repo_params().report  # the thresholds the report reads
+
+
 def test_next_round_proposals_come_only_from_measurements_that_cross_their_lines():
     calm = Round("c", [_replicate()])
-    assert proposals(calm) == []
-    memorised = proposals(Round("m", [_replicate(train_acc=1.0, gap=0.1671)]))
+    assert proposals(calm, WORKSPACE) == []
+    memorised = proposals(Round("m", [_replicate(train_acc=1.0, gap=0.1671)]), WORKSPACE)
     assert [p.slug for p in memorised] == ["regularisation"]
     assert "train accuracy 100.00% with a train-validation gap of 16.71%" in memorised[0].evidence
     assert memorised[0].overrides == {"train.weight_decay": 0.001}
-    early = proposals(Round("e", [_replicate(stopped=45)]))
+    early = proposals(Round("e", [_replicate(stopped=45)]), WORKSPACE)
     assert [p.slug for p in early] == ["patience"] and early[0].overrides == {"train.patience": 35}
     assert "epochs 45" in early[0].evidence and "milestone (80)" in early[0].evidence
-    batch = proposals(Round("b", [_replicate(noise=1000.0)]))
+    batch = proposals(Round("b", [_replicate(noise=1000.0)]), WORKSPACE)
     assert [p.slug for p in batch] == ["batch"] and batch[0].overrides["train.batch_size"] == 192
-    assert proposals(Round("b", [_replicate(noise=300.0)])) == []  # 3.1x the batch: below the 4x line
-    assert proposals(Round("e", [_replicate(stopped=85)])) == []  # after the last milestone (80)
-    edge = proposals(Round("l", [_replicate(lam=90.0, bound=100.0)]))
+    assert proposals(Round("b", [_replicate(noise=300.0)]), WORKSPACE) == []  # 3.1x the batch: below the 4x line
+    assert proposals(Round("e", [_replicate(stopped=85)]), WORKSPACE) == []  # after the last milestone (80)
+    edge = proposals(Round("l", [_replicate(lam=90.0, bound=100.0)]), WORKSPACE)
     assert [p.slug for p in edge] == ["learning-rate"] and "90% of the stability bound" in edge[0].evidence
-    assert proposals(Round("l", [_replicate(lam=50.0, bound=100.0)])) == []
+    assert proposals(Round("l", [_replicate(lam=50.0, bound=100.0)]), WORKSPACE) == []
+
+
+def test_memorisation_reads_the_workspaces_gap_criterion_and_no_proposal_says_what_each_rule_read(tmp_path):
+    lax_round = _replicate(train_acc=1.0, gap=0.1, **{"report.max_train_test_gap": 0.5})
+    assert [p.slug for p in proposals(Round("m", [lax_round]), WORKSPACE)] == ["regularisation"]  # 0.1 >= 0.08
+    lax = with_overrides(repo_params(), {"report.max_train_test_gap": 0.5}).report
+    assert proposals(Round("m", [_replicate(train_acc=1.0, gap=0.1)]), lax) == []
+    calm = Round("c", [_replicate(noise=200.0), _replicate(noise=300.0)])
+    lines = "\n".join(next_round_lines(calm, WORKSPACE, tmp_path / "next"))
+    assert "No proposal: no measurement crossed its line" in lines
+    assert "B_simple at the last epoch: 250 (seeds 200 to 300) against the batch 96 (line: 4x the batch, 384)" in lines
+    assert not (tmp_path / "next").exists()
 
 
 def test_memorisation_is_read_from_the_train_validation_gap_never_the_test_set():
     # a large train-test gap with a small train-validation gap proposes nothing: the test set decides no proposal
-    assert proposals(Round("m", [_replicate(train_acc=1.0, gap=0.02, test_acc=0.80)])) == []
+    assert proposals(Round("m", [_replicate(train_acc=1.0, gap=0.02, test_acc=0.80)]), WORKSPACE) == []
     # the gap at the best epoch (the evaluated checkpoint), not at the last
     rep = _replicate(train_acc=1.0, gap=0.02, test_acc=0.99)
     rep.history[49]["train_val_accuracy_gap"] = 0.2
     rep.metrics["best_epoch"] = 50
-    assert [p.slug for p in proposals(Round("m", [rep]))] == ["regularisation"]
+    assert [p.slug for p in proposals(Round("m", [rep]), WORKSPACE)] == ["regularisation"]
 
 
 def test_a_longer_patience_and_a_weight_decay_from_zero():
-    long = proposals(Round("e", [_replicate(stopped=45, **{"train.patience": 80})]))
+    long = proposals(Round("e", [_replicate(stopped=45, **{"train.patience": 80})]), WORKSPACE)
     assert long[0].overrides == {"train.patience": 85}  # never shorter than the patience the round had
     assert long[0].space["train.patience"]["low"] == 80
-    none = proposals(Round("m", [_replicate(train_acc=1.0, gap=0.2, **{"train.weight_decay": 0.0})]))
+    none = proposals(Round("m", [_replicate(train_acc=1.0, gap=0.2, **{"train.weight_decay": 0.0})]), WORKSPACE)
     assert none[0].overrides == {"train.weight_decay": 5e-4}
     assert none[0].space["train.weight_decay"] == {"type": "float", "low": 0.0, "high": 2e-3, "log": False}
 
@@ -514,13 +574,12 @@ ODD_ROUNDS = {
 
 @pytest.mark.parametrize("name", ODD_ROUNDS)
 def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, monkeypatch, name):
-    from cifar_rounds.analysis.proposals import next_round_lines
     from cifar_rounds.analysis.rounds import load_preset
     from cifar_rounds.search.spec import check_enqueued
 
     monkeypatch.chdir(REPO)  # the presets
     rep = every_proposal(**ODD_ROUNDS[name])
-    lines = next_round_lines(Round(name, [rep, rep]), tmp_path / "next")
+    lines = next_round_lines(Round(name, [rep, rep]), WORKSPACE, tmp_path / "next")
     files = sorted((tmp_path / "next").glob("*.yaml"))
     assert [f.stem for f in files] == ["batch", "learning-rate", "patience", "regularisation"]
     assert all(f"python -m cifar_rounds.search.sweep {f}" in "".join(lines) for f in files)
@@ -553,7 +612,7 @@ def test_the_proposed_sweeps_trial_budget_is_the_reports_option_a_positive_whole
     monkeypatch.chdir(REPO)  # the presets
     rep = every_proposal()
     for trials, folder in ((SWEEP_TRIALS, tmp_path / "default"), (2, tmp_path / "two")):
-        next_round_lines(Round("round-2", [rep, rep]), folder, trials)
+        next_round_lines(Round("round-2", [rep, rep]), WORKSPACE, folder, trials)
         files = sorted(folder.glob("*.yaml"))
         assert len(files) == 4 and all(load_sweep(f, repo_params(), load_preset).trials == trials for f in files)
     refusal = "error: --sweep-trials {!r}: expected a positive whole number of trials per proposed sweep\n"
@@ -561,9 +620,10 @@ def test_the_proposed_sweeps_trial_budget_is_the_reports_option_a_positive_whole
         with pytest.raises(StageError) as refused:
             trial_budget(text)
         assert f"error: {refused.value}\n" == refusal.format(text)
+    from cifar_rounds.analysis.report import main
+
     for text in ("-3", "twelve"):  # from the command line: one line, before anything is read
-        cmd = [sys.executable, "-m", "cifar_rounds.analysis.report", "a", "b", "--sweep-trials", text]
-        result = run(cmd, tmp_path, check=False)
+        result = in_process(main, tmp_path, "a", "b", "--sweep-trials", text)
         assert result.returncode == 1 and result.stderr == refusal.format(text), result.stderr
 
 
@@ -780,3 +840,14 @@ def test_a_threshold_pruner_stops_a_trial_at_chance_after_its_warm_up_whatever_t
     assert stuck.report(2, {"val_accuracy": 0.1}) is True
     learning = open_trial(SweepParams(study="s", trial=study.ask().number, storage=url), 60.0)
     assert not any(learning.report(e, {"val_accuracy": a}) for e, a in ((1, 0.1), (2, 0.2), (3, 0.3)))
+
+
+def test_the_optimism_of_the_best_trial_is_the_expected_maximum_of_normal_draws():
+    """The expected largest of n standard normals: 1/sqrt(pi) for 2, 3/(2 sqrt(pi)) for 3 (closed forms), and
+    the mean best-minus-first of simulated equal trials for 12."""
+    from cifar_rounds.search.report import selection_optimism
+
+    assert selection_optimism(2, 1.0) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-6)
+    assert selection_optimism(3, 2.0) == pytest.approx(2 * 3 / (2 * math.sqrt(math.pi)), abs=1e-6)
+    draws = np.random.default_rng(0).normal(0.0, 0.005, (20_000, 12))
+    assert selection_optimism(12, 0.005) == pytest.approx(np.mean(draws.max(axis=1) - draws[:, 0]), rel=0.02)

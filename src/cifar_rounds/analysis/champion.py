@@ -1,48 +1,31 @@
 """Which version the registered model's aliases point at: the decision, from the round report's measurements.
 
 `@<round>` points at the round's best seed by validation accuracy that has a version (the test set
-does not pick it). `@champion` comes from one round: with no champion, the better of the two rounds
-that passes the success criteria and that the verdict does not call worse; with a champion from one
-of the two, the other round takes it only when it passes and the configuration verdict says it
-beats the champion's round. Aliases wait until both rounds have their planned seeds, and @champion
-moves only with `MIN_CHAMPION_SEEDS` distinct seeds per side. The report only plans (`plan_aliases`);
-`apply_plan` moves, records the champion and counts the decision on the registered model's tags.
-`tracking.registry` moves what it is told.
+does not pick it). `@champion` comes from one round: the champion's, or with no champion the
+baseline's (the incumbent, if it passes the success criteria); the other round takes it only when it
+passes and the configuration verdict, on the rounds' planned seeds at the comparison's share of
+alpha (analysis.criteria), says it beats that round. Aliases wait until both rounds have their
+planned seeds, and @champion moves only with `MIN_CHAMPION_SEEDS` distinct seeds per side. The
+report only plans (`plan_aliases`); `registry_state.apply_plan` moves, records the champion and
+counts the comparison on the registered model's tags. `tracking.registry` moves what it is told.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.analysis.criteria import MIN_CHAMPION_SEEDS, missing_seeds
+from cifar_rounds.analysis.registry_state import Plan, RegistryState, comparison_key
 from cifar_rounds.analysis.replicates import Round
 from cifar_rounds.analysis.verdict import Verdict
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.tracking.patience import patiently
-from cifar_rounds.tracking.registry import (
-    CHAMPION,
-    alias_version,
-    model_tags,
-    ready_model_id,
-    round_alias,
-    run_version,
-    set_alias,
-    set_model_tag,
-    version_exists,
-)
+from cifar_rounds.tracking.registry import CHAMPION, alias_version, round_alias
 
 Side = Literal["none", "baseline", "candidate", "other"]  # where the current champion comes from
 SIDES: tuple[Side, Side] = ("baseline", "candidate")
-# registered-model tags: the champion last set (to name it once MLflow deletes it with its version),
-# and per test set (by digest) how many alias decisions it has informed
-CHAMPION_VERSION_TAG, CHAMPION_RUN_TAG = "champion.version", "champion.run_id"
-DECISIONS_TAG = "test_set_decisions.{digest}"
-# the round whose alias it is: names that MLflow's alias characters cannot tell apart (r.2, r-2) share an alias
-ALIAS_ROUND_TAG = "alias.{alias}.round"
 
 
 class Decision(NamedTuple):
@@ -88,36 +71,31 @@ def verdict_text(v: Verdict) -> str:
     return f"difference {v.difference:+.2%}, p = {v.p_value:.4g}, alpha = {v.alpha:g}"
 
 
-def crowning(passes: tuple[bool, bool], v: Verdict, names: tuple[str, str]) -> Decision:
-    """No champion yet: the better round by the difference of means (a tie keeps the baseline), if it passes;
-    else the other one if it passes and the verdict does not call it worse."""
-    first = 1 if v.difference > 0 else 0
-    better = significantly_better(v)
-    if passes[first]:
+def challenge(holder: int, role: str, passes: tuple[bool, bool], v: Verdict, names: tuple[str, str]) -> Decision:
+    """The round at index `holder` (0: baseline, 1: candidate) keeps or takes @champion in its `role` (the
+    champion's round, or the incumbent with no champion yet); the other round takes it only when it passes and
+    the verdict says its configuration is better."""
+    challenger = 1 - holder
+    if passes[challenger] and significantly_better(v) == challenger:
         return Decision(
-            SIDES[first],
-            f"there was no champion; {names[first]} is the better round ({verdict_text(v)}) and passes the "
-            "success criteria",
-            True,
-        )
-    other = 1 - first
-    if passes[other] and better != first:
-        return Decision(
-            SIDES[other],
-            f"there was no champion; {names[first]} does not pass the success criteria, {names[other]} passes and "
-            f"the verdict does not call it worse ({verdict_text(v)})",
+            SIDES[challenger],
+            f"{names[challenger]} passes the success criteria and its configuration beats {names[holder]}, "
+            f"{role} ({verdict_text(v)})",
             True,
         )
     why = (
-        "neither round passes the success criteria"
-        if not passes[other]
-        else f"{names[first]} does not pass the success criteria, and {names[other]}, which does, is worse"
+        f"the configuration verdict does not say {names[challenger]} beats {names[holder]}, {role} ({verdict_text(v)})"
+        if passes[challenger]
+        else f"{names[challenger]} does not pass the success criteria"
     )
-    return Decision(None, f"there is no champion: {why} ({verdict_text(v)})", True)
+    return Decision(SIDES[holder], why, True)
 
 
 def champion_decision(side: Side, passes: tuple[bool, bool], v: Verdict, names: tuple[str, str]) -> Decision:
-    """Which round @champion should come from, from measured facts only; `passes` and `names`: (baseline, candidate)."""
+    """Which round @champion should come from, from measured facts only; `passes` and `names`: (baseline, candidate).
+
+    With no champion yet the baseline is the incumbent: it takes @champion if it passes the success criteria,
+    and the candidate takes it only by the rule that takes it from any champion."""
     if side == "other":
         return Decision(
             None,
@@ -133,80 +111,16 @@ def champion_decision(side: Side, passes: tuple[bool, bool], v: Verdict, names: 
             f"{seeds[0]}, {names[1]}: {seeds[1]}); run both rounds with --seeds {MIN_CHAMPION_SEEDS} or more",
             False,
         )
-    if side == "none":
-        return crowning(passes, v, names)
-    holder = SIDES.index(side)
-    challenger = 1 - holder
-    if passes[challenger] and significantly_better(v) == challenger:
-        return Decision(
-            SIDES[challenger],
-            f"{names[challenger]} passes the success criteria and its configuration beats {names[holder]}, the "
-            f"champion's round ({verdict_text(v)})",
-            True,
-        )
-    why = (
-        f"the configuration verdict does not say {names[challenger]} beats {names[holder]}, the champion's round "
-        f"({verdict_text(v)})"
-        if passes[challenger]
-        else f"{names[challenger]} does not pass the success criteria"
-    )
-    return Decision(side, f"{why}; the champion stays with {names[holder]}'s best seed", True)
-
-
-@dataclass(frozen=True)
-class RegistryState:
-    """What the registered model holds for the two rounds, read once."""
-
-    name: str
-    exists: bool
-    versions: dict[str, ModelVersion]  # run id -> the version it registered
-    deleted: frozenset[str]  # run ids whose version was deleted (their logged model remains)
-    aliases: dict[str, ModelVersion | None]  # each round's alias (and @champion) -> its version
-    deleted_champion: tuple[str, str] | None  # (version, run id) of a champion MLflow deleted with its version
-    decisions: int  # alias decisions this test set has informed so far
-    digest: str
-    alias_rounds: dict[str, str] = field(default_factory=dict)  # round alias -> the round that moved it
-
-    @property
-    def champion_run(self) -> str | None:
-        """The run the champion comes from ("" for a version registered without a run); None: no champion."""
-        champion = self.aliases[CHAMPION]
-        return (champion.run_id or "") if champion else (self.deleted_champion or (None, None))[1]
-
-
-def read_registry(client: MlflowClient, name: str, rounds: tuple[Round, Round], digest: str, patience: float):
-    tags = model_tags(client, name, patience)
-    versions, deleted = {}, set()
-    retried = lambda what, fn: patiently(fn, what, patience)  # noqa: E731
-    for rep in (rep for r in rounds for rep in r.replicates):
-        run_id = rep.metrics["mlflow_run_id"]
-        if (version := run_version(client, name, run_id, patience)) is not None:
-            versions[run_id] = version
-        elif ready_model_id(client, run_id, retried):
-            deleted.add(run_id)
-    alias_names = [round_alias(r.name) for r in rounds] + [CHAMPION]
-    aliases = {a: alias_version(client, name, a, patience) for a in alias_names}
-    claimed = {a: (tags or {}).get(ALIAS_ROUND_TAG.format(alias=a)) for a in alias_names}
-    recorded = (tags or {}).get(CHAMPION_VERSION_TAG)
-    gone = aliases[CHAMPION] is None and recorded and not version_exists(client, name, recorded, patience)
-    return RegistryState(
-        name,
-        tags is not None,
-        versions,
-        frozenset(deleted),
-        aliases,
-        (recorded, tags[CHAMPION_RUN_TAG]) if gone else None,
-        int((tags or {}).get(DECISIONS_TAG.format(digest=digest), 0)),
-        digest,
-        {a: r for a, r in claimed.items() if r is not None},
-    )
-
-
-class Plan(NamedTuple):
-    moves: list[tuple[str, ModelVersion]]  # (alias, the version it should point at)
-    lines: list[str]
-    tested: bool
-    claims: tuple[tuple[str, str], ...] = ()  # (alias, round) of each round alias moved
+    if side != "none":
+        holder = SIDES.index(side)
+        d = challenge(holder, "the champion's round", passes, v, names)
+        stays = f"; the champion stays with {names[holder]}'s best seed" if d.holder == side else ""
+        return Decision(d.holder, d.why + stays, True)
+    d = challenge(0, "the incumbent", passes, v, names)
+    if d.holder == "baseline" and not passes[0]:
+        return Decision(None, f"there is no champion: {names[0]} does not pass the success criteria, and {d.why}", True)
+    taker = names[SIDES.index(d.holder)]
+    return Decision(d.holder, f"there was no champion; {taker} takes it: {d.why}", True)
 
 
 def refuse_shared_aliases(state: RegistryState, base: Round, cand: Round) -> None:
@@ -282,31 +196,18 @@ def plan_aliases(state: RegistryState, base: Round, cand: Round, passes: tuple[b
         lines.append(f"- @{CHAMPION} -> version {target.version} (was {held(state, CHAMPION)}): {d.why}")
     else:
         lines.append(f"- @{CHAMPION} stays at {held(state, CHAMPION)}: {d.why}")
-    return Plan(moves, lines, d.tested, tuple(claims))
+    return Plan(moves, lines, d.tested, tuple(claims), comparison_key(base.name, cand.name))
 
 
-def reuse_line(state: RegistryState, plan: Plan, applied: bool) -> str:
-    count = state.decisions + (plan.tested and applied and state.exists)
+def reuse_line(state: RegistryState, base: Round, cand: Round, v: Verdict, applied: bool) -> str:
+    """What the decision spends of the test set: the comparison's index on it, its share of alpha and what is left."""
+    earlier = state.earlier(base.name, cand.name)
+    known = comparison_key(base.name, cand.name) in state.comparisons
+    count = state.decisions + (applied and state.exists and not known)
+    which = "decided before, so this report spends nothing more" if known else f"comparison {earlier + 1} on it"
     return (
-        f"- the test set (digest {state.digest}) has informed {count} alias decision(s) of {state.name}"
-        + ("" if applied else "; this read-only report adds none")
-        + ": each reuse of the same test images for a decision adds to the chance of a lucky winner"
+        f"- the test set (digest {state.digest}) has decided {count} comparison(s) of {state.name}; this one is "
+        f"{which}: its verdict is read at alpha = {v.alpha:g}, leaving {v.alpha:g} for all the comparisons that "
+        "follow on these test images (each spends half of what is left)"
+        + ("" if applied else "; this read-only report records nothing")
     )
-
-
-def apply_plan(client: MlflowClient, state: RegistryState, plan: Plan, patience: float) -> list[str]:
-    """Move the planned aliases, record the champion and count the decision; one line per move."""
-    done = []
-    for alias, version in plan.moves:
-        set_alias(client, state.name, alias, version.version, patience)
-        done.append(f"moved {state.name}@{alias} -> version {version.version}")
-    for alias, round_name in plan.claims:
-        set_model_tag(client, state.name, ALIAS_ROUND_TAG.format(alias=alias), round_name, patience)
-    champion = dict(plan.moves).get(CHAMPION) or state.aliases[CHAMPION]
-    if champion is not None:  # remembered, to name it once MLflow deletes it together with its version
-        set_model_tag(client, state.name, CHAMPION_VERSION_TAG, champion.version, patience)
-        set_model_tag(client, state.name, CHAMPION_RUN_TAG, champion.run_id or "", patience)
-    if plan.tested and state.exists:
-        key = DECISIONS_TAG.format(digest=state.digest)
-        set_model_tag(client, state.name, key, str(state.decisions + 1), patience)
-    return done or [f"no alias of {state.name} moved"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_rounds.analysis.criteria import criteria, val_loss_minimum
+from cifar_rounds.analysis.proposals import BATCH_HEADROOM, last_noise_scale
 from cifar_rounds.analysis.replicates import Replicate, Round, number
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.params import ReportParams
@@ -58,27 +59,33 @@ def per_class_lines(rep: Replicate) -> list[str]:
     return [f"{name}: {'no images' if acc is None else f'{acc:.2%}'}" for name, acc in per_class.items()]
 
 
-def noise_line(rep: Replicate) -> list[str]:
-    """B_simple at the last epoch against the batch used; 'not measurable' when it is not a positive number."""
+def noise_line(r: Round) -> list[str]:
+    """B_simple at each seed's last epoch, as the batch rule reads it (the round's mean, with the seeds' range),
+    against the batch used; 'not measurable' when the mean is not a positive number."""
+    rep = r.first
     if not (rep.params.diagnostics.noise_scale and rep.history):
         return []
-    epoch, b_simple = int(rep.history[-1]["epoch"]), number(rep.history[-1], "noise_scale")
+    values = [last_noise_scale(x) for x in r.replicates]
+    b_simple = sum(values) / len(values)
+    seeds = f" (mean of {len(values)} seeds, {min(values):.4g} to {max(values):.4g})" if len(values) > 1 else ""
     if not (math.isfinite(b_simple) and b_simple > 0):
         return [
-            f"- gradient noise scale B_simple at epoch {epoch}: not measurable ({b_simple:.4g}: the |G|^2 "
+            f"- gradient noise scale B_simple at the last epoch: not measurable ({b_simple:.4g}{seeds}: the |G|^2 "
             "estimate is not positive, noise dominates the gradient)"
         ]
     batch = rep.params.train.batch_size
     side = "below" if batch < b_simple else "above"
     return [
-        f"- gradient noise scale B_simple at epoch {epoch}: {b_simple:.4g}; the batch size {batch} is "
-        f"{max(batch, b_simple) / min(batch, b_simple):.3g}x {side} it (B_simple approximates the critical batch)"
+        f"- gradient noise scale B_simple at the last epoch: {b_simple:.4g}{seeds}; the batch size {batch} is "
+        f"{max(batch, b_simple) / min(batch, b_simple):.3g}x {side} it (B_simple approximates the critical batch; "
+        f"a larger batch is proposed from {BATCH_HEADROOM:g}x)"
     ]
 
 
-def noise_and_sharpness(rep: Replicate) -> list[str]:
-    """B_simple against the batch used, and sharpness where it was measured."""
-    lines = noise_line(rep)
+def noise_and_sharpness(r: Round) -> list[str]:
+    """B_simple against the batch used (the round's), and sharpness where it was measured (the first seed's)."""
+    rep = r.first
+    lines = noise_line(r)
     rows = [row for row in rep.history if math.isfinite(number(row, "lambda_max"))]
     if rows:
         lines += [
@@ -110,8 +117,11 @@ def round_section(r: Round, rp: ReportParams) -> list[str]:
     out += ["", f"Overfitting indicators ({rep.label}):"] + [f"- {x}" for x in overfitting(rep)]
     out += ["", f"Per-class test accuracy ({rep.label}): " + "; ".join(per_class_lines(rep))]
     out += ["", f"Diagnostics ({rep.label}):"] + [f"- {x}" for x in diagnostics(rep)]
-    out += ["", f"Noise scale and sharpness ({rep.label}; Tr(H)/lambda_max is the founding analysis's B* proxy):"]
-    return out + noise_and_sharpness(rep)
+    out += [
+        "",
+        f"Noise scale and sharpness (sharpness: {rep.label}; Tr(H)/lambda_max is the founding analysis's B* proxy):",
+    ]
+    return out + noise_and_sharpness(r)
 
 
 def curve_band(r: Round, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

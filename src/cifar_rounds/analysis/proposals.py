@@ -18,7 +18,7 @@ from pathlib import Path
 from cifar_rounds.analysis.replicates import Replicate, Round, number
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.core.params import load_params, with_overrides
+from cifar_rounds.core.params import ReportParams, load_params, with_overrides
 from cifar_rounds.core.yamlio import write_yaml
 
 MEMORISED = 0.99  # train accuracy from which the train-validation gap is memorisation, not underfitting
@@ -51,10 +51,11 @@ def best_epoch_row(rep: Replicate) -> dict:
     return next((row for row in rep.history if int(row["epoch"]) == best), rep.history[-1] if rep.history else {})
 
 
-def more_regularisation(r: Round) -> Proposal | None:
+def more_regularisation(r: Round, limit: float) -> Proposal | None:
+    """`limit`: the workspace's train-test gap criterion (never the round's own: one source of thresholds)."""
     train_acc = mean(r, lambda rep: number(best_epoch_row(rep), "train_accuracy"))
     gap = mean(r, lambda rep: number(best_epoch_row(rep), "train_val_accuracy_gap"))
-    limit, wd = r.first.params.report.max_train_test_gap, r.first.params.train.weight_decay
+    wd = r.first.params.train.weight_decay
     if not (train_acc >= MEMORISED and gap >= limit):  # NaN (not recorded) proposes nothing
         return None
     proposed = wd * 2 if wd > 0 else FIRST_WEIGHT_DECAY
@@ -150,11 +151,40 @@ def lr_at_its_edge(r: Round) -> Proposal | None:
     )
 
 
-RULES = (more_regularisation, stopped_before_last_milestone, batch_below_noise_scale, lr_at_its_edge)
+def proposals(r: Round, rp: ReportParams) -> list[Proposal]:
+    """Each rule's proposal, read with the workspace's thresholds `rp`."""
+    found = (
+        more_regularisation(r, rp.max_train_test_gap),
+        stopped_before_last_milestone(r),
+        batch_below_noise_scale(r),
+        lr_at_its_edge(r),
+    )
+    return [p for p in found if p is not None]
 
 
-def proposals(r: Round) -> list[Proposal]:
-    return [p for p in (rule(r) for rule in RULES) if p is not None]
+def spread_of(r: Round, get) -> str:
+    """The round's mean of a reading, with its range over the seeds when there are several."""
+    values = [get(rep) for rep in r.replicates]
+    shown = f"{sum(values) / len(values):.4g}"
+    return shown if len(values) < 2 else f"{shown} (seeds {min(values):.4g} to {max(values):.4g})"
+
+
+def readings(r: Round, rp: ReportParams) -> list[str]:
+    """What each rule read of the round, as it reads it (the mean over seeds), and the line it did not cross."""
+    batch, stops = r.first.params.train.batch_size, [rep.metrics["stopped_epoch"] for rep in r.replicates]
+    last = max(r.first.params.train.lr_milestones, default=0)
+    lam = [number(row, "lambda_max") / number(row, "stability_bound") for rep in r.replicates for row in rep.history]
+    edge = max((x for x in lam if math.isfinite(x)), default=math.nan)
+    return [
+        f"- memorisation: train accuracy {spread_of(r, lambda rep: number(best_epoch_row(rep), 'train_accuracy'))} "
+        f"(line: {MEMORISED:.0%}) and train-validation gap "
+        f"{spread_of(r, lambda rep: number(best_epoch_row(rep), 'train_val_accuracy_gap'))} (line: "
+        f"{rp.max_train_test_gap:.4g}, the workspace's train-test gap criterion), at the best epoch",
+        f"- early stopping: stopped at epochs {', '.join(map(str, stops))} (line: before the last milestone, {last})",
+        f"- B_simple at the last epoch: {spread_of(r, last_noise_scale)} against the batch {batch} (line: "
+        f"{BATCH_HEADROOM:g}x the batch, {BATCH_HEADROOM * batch:g})",
+        f"- lambda_max at most {edge:.0%} of the stability bound (line: {EDGE:.0%})",
+    ]
 
 
 def covering(dimension: dict, values: list) -> dict:
@@ -207,22 +237,23 @@ def write_sweep_file(p: Proposal, r: Round, folder: Path, trials: int) -> Path |
     path = folder / f"{p.slug}.yaml"
     header = (
         f"Proposed after {r.name}: {p.action}.\nEvidence: {p.evidence}.\n"
-        f"fixed: the values {r.name} ran with where they differ from the preset {preset}."
+        f"fixed: the values {r.name} ran with where they differ from the preset {preset}; the promoted round keeps\n"
+        "them. To shorten the trials, add a schedule: (e.g. train.num_epochs), which it does not keep."
     )
     write_yaml(sweep_tree(p, r, preset, trials), path, header)
     return path
 
 
-def next_round_lines(r: Round, folder: Path, trials: int = SWEEP_TRIALS) -> list[str]:
+def next_round_lines(r: Round, rp: ReportParams, folder: Path, trials: int = SWEEP_TRIALS) -> list[str]:
     """The report's "next round" section: each proposal, its evidence and the file that runs it (`trials` trials)."""
-    found = proposals(r)
+    found = proposals(r, rp)
     if not found:
-        return [
-            "",
-            f"## Next round (after {r.name})",
-            "",
-            "No proposal: no measurement crossed a line that calls for a change.",
-        ]
+        head = ["", f"## Next round (after {r.name})", ""]
+        return (
+            head
+            + ["No proposal: no measurement crossed its line. What each rule read (mean over seeds):"]
+            + (readings(r, rp))
+        )
     lines = ["", f"## Next round (after {r.name})", ""]
     for p in found:
         values = " ".join(f"-S {k}={v:.4g}" if isinstance(v, float) else f"-S {k}={v}" for k, v in p.overrides.items())

@@ -21,22 +21,24 @@ import math
 import statistics
 from pathlib import Path
 
-from cifar_rounds.analysis.champion import (
-    Plan,
-    RegistryState,
-    apply_plan,
-    plan_aliases,
-    read_registry,
-    refuse_a_champion_elsewhere,
-    registered_model_of,
-    reuse_line,
+from mlflow.tracking import MlflowClient
+
+from cifar_rounds.analysis.champion import plan_aliases, refuse_a_champion_elsewhere, registered_model_of, reuse_line
+from cifar_rounds.analysis.criteria import (
+    MIN_CHAMPION_SEEDS,
+    decision_alpha,
+    passes,
+    planned_round,
+    policy_lines,
+    seeds_line,
+    values,
 )
-from cifar_rounds.analysis.criteria import passes, policy_lines, seeds_line, values
 from cifar_rounds.analysis.details import plot_curves, round_section
-from cifar_rounds.analysis.proposals import SWEEP_TRIALS, next_round_lines, trial_budget
+from cifar_rounds.analysis.proposals import SWEEP_TRIALS, next_round_lines, proposals, trial_budget
+from cifar_rounds.analysis.registry_state import Plan, RegistryState, apply_plan, read_registry
 from cifar_rounds.analysis.replicates import ArtifactPaths, Round, find_round, number
 from cifar_rounds.analysis.summary import format_mean_std, mean_std
-from cifar_rounds.analysis.verdict import Verdict, compare_configs, wilson_interval
+from cifar_rounds.analysis.verdict import DEFAULT_TARGET_GAIN, Verdict, compare_configs, wilson_interval
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.inputs import output_file
@@ -128,10 +130,23 @@ def same_test_set(base: Round, cand: Round) -> None:
         )
 
 
-def round_verdict(base: Round, cand: Round, alpha: float) -> Verdict:
-    """The verdict on the rounds' distinct replicates: bit-identical models are one seed, not several."""
+def round_verdict(base: Round, cand: Round, alpha: float, gain: float = DEFAULT_TARGET_GAIN) -> Verdict:
+    """The verdict on the rounds' distinct replicates (bit-identical models are one seed, not several), with the
+    seeds it advises for detecting `gain` (a fraction)."""
     same_test_set(base, cand)
-    return compare_configs([rep.correct for rep in base.distinct], [rep.correct for rep in cand.distinct], alpha)
+    a, b = ([rep.correct for rep in r.distinct] for r in (base, cand))
+    return compare_configs(a, b, alpha, target_gain=gain)
+
+
+def gain_points(text: str) -> float:
+    """`--gain`: the gain in test accuracy worth detecting, in points, as a fraction."""
+    try:
+        points = float(text)
+    except ValueError:
+        points = math.nan
+    if not 0 < points < 100:
+        raise StageError(f"--gain {text!r}: expected the gain worth detecting in points of accuracy, e.g. 0.5")
+    return points / 100
 
 
 def verdict_lines(base: Round, cand: Round, v: Verdict) -> list[str]:
@@ -157,13 +172,19 @@ def verdict_sentences(v: Verdict, base: Round, cand: Round) -> list[str]:
         outcome = f"the trained models {a} and {b} " + (
             "differ on these test images" if v.real else "do not differ distinguishably on these test images"
         )
+    elif min(v.seeds_baseline, v.seeds_candidate) < MIN_CHAMPION_SEEDS:
+        outcome = (
+            f"p is {'below' if v.real else 'not below'} alpha, but with fewer than {MIN_CHAMPION_SEEDS} seeds per "
+            "side the decision rule does not judge the configurations: run more seeds"
+        )
     else:
         outcome = f"the configuration change from {base.name} to {cand.name} is " + (
             "real" if v.real else "not distinguishable from noise"
         )
     sentences = [
         f"{v.method}: difference in mean test accuracy {v.difference:+.2%} ({v.level:.0%} interval "
-        f"{v.low:+.2%} to {v.high:+.2%}), p = {v.p_value:.4g}; at alpha = {v.alpha:g} {outcome}",
+        f"{v.low:+.2%} to {v.high:+.2%}), p = {v.p_value:.4g}; at alpha = {v.alpha:g} (this comparison's share "
+        f"of the test set's alpha) {outcome}",
         v.covers,
     ]
     # with one seed a side the advice is already the caveat's last sentence
@@ -171,10 +192,10 @@ def verdict_sentences(v: Verdict, base: Round, cand: Round) -> list[str]:
     return sentences + ([v.caveat] if v.caveat else []) + advice
 
 
-def alias_lines(base: Round, cand: Round, state: RegistryState, plan: Plan, applied: bool) -> list[str]:
+def alias_lines(base: Round, cand: Round, state: RegistryState, plan: Plan, v: Verdict, applied: bool) -> list[str]:
     how = "moved by this report" if applied else "read-only: `--move-aliases` applies this plan"
     head = ["", f"## Registered model {state.name}: aliases ({how})", seeds_line(base), seeds_line(cand)]
-    return head + plan.lines + [reuse_line(state, plan, applied)]
+    return head + plan.lines + [reuse_line(state, base, cand, v, applied)]
 
 
 def render(
@@ -209,19 +230,34 @@ def write_report(text: str, rounds: list[Round], out: Path) -> Path:
     return figure
 
 
-def decide_aliases(params: Params, base: Round, cand: Round, v: Verdict, move: bool) -> list[str]:
-    """The alias section: the plan from the registry as it is, applied (and each move printed) with `move`."""
+def registry_of(params: Params, base: Round, cand: Round) -> tuple[MlflowClient, RegistryState]:
+    """The registered model both rounds registered under, as it is now."""
     client, _ = open_client(params)
     patience = params.tracking.store_patience_s
     name = registered_model_of(base, cand)
     refuse_a_champion_elsewhere(client, params.tracking.registered_model, name, patience)
-    digest = cand.first.metrics["test_set_digest"]
-    state = read_registry(client, name, (base, cand), digest, patience)
-    plan = plan_aliases(state, base, cand, (passes(base, params.report), passes(cand, params.report)), v)
+    return client, read_registry(client, name, (base, cand), cand.first.metrics["test_set_digest"], patience)
+
+
+def decide_aliases(
+    client: MlflowClient,
+    state: RegistryState,
+    params: Params,
+    rounds: tuple[Round, Round],
+    alpha: float,
+    gain: float,
+    move: bool,
+) -> list[str]:
+    """The alias section: the plan from the registry as it is, applied (and each move printed) with `move`. The
+    decision reads the rounds' planned seeds only, at `alpha`, this comparison's share on the test set."""
+    base, cand = rounds
+    planned = (planned_round(base), planned_round(cand))
+    v = round_verdict(*planned, alpha, gain)
+    plan = plan_aliases(state, base, cand, tuple(passes(r, params.report) for r in planned), v)
     if move:
-        for line in apply_plan(client, state, plan, patience):
+        for line in apply_plan(client, state, plan, params.tracking.store_patience_s):
             print(line)
-    return alias_lines(base, cand, state, plan, move)
+    return alias_lines(base, cand, state, plan, v, move)
 
 
 def main() -> None:
@@ -243,6 +279,14 @@ def main() -> None:
     )
     # trial_budget's StageError is not argparse's: one line, from run_stage
     parser.add_argument("--sweep-trials", type=trial_budget, default=SWEEP_TRIALS, help="trials per proposed sweep")
+    parser.add_argument(
+        "--gain",
+        type=gain_points,
+        default=DEFAULT_TARGET_GAIN,
+        metavar="POINTS",
+        help=f"the gain in test accuracy worth detecting, in points: the seeds advice plans for it "
+        f"(default {100 * DEFAULT_TARGET_GAIN:g})",
+    )
     args = parser.parse_args()
     if args.out:
         output_file(args.out, "the report's Markdown")
@@ -252,16 +296,21 @@ def main() -> None:
     base, cand = (find_round(ref, params, root, paths) for ref in (args.baseline, args.candidate))
     safe = lambda name: "".join(c if c.isalnum() or c in "-_." else "_" for c in name)  # noqa: E731
     out = args.out or Path(paths.history).parent / f"round-{safe(base.name)}-vs-{safe(cand.name)}.md"
-    v = round_verdict(base, cand, params.report.significance)
-    aliases = decide_aliases(params, base, cand, v, args.move_aliases)
+    client, state = registry_of(params, base, cand)
+    alpha = decision_alpha(params.report.significance, state.earlier(base.name, cand.name))
+    v = round_verdict(base, cand, alpha, args.gain)  # at the decision's alpha: "real" means what it decides
+    aliases = decide_aliases(client, state, params, (base, cand), alpha, args.gain, args.move_aliases)
     # the proposals' sweep files, written beside the report
-    next_round = next_round_lines(cand, out.with_suffix(".next"), args.sweep_trials)
+    next_round = next_round_lines(cand, params.report, out.with_suffix(".next"), args.sweep_trials)
     text = render(base, cand, v, params.report, aliases, out.with_suffix(".png").name, next_round)
     figure = write_report(text, [base, cand], out)
     tracker = Tracker.attach(params, cand.first.metrics["mlflow_run_id"])
     tracker.log_artifact(out, REPORT_ARTIFACTS)
     tracker.log_artifact(figure, REPORT_ARTIFACTS)
-    print(f"report: {out} (figure {figure}; next-round sweep files in {out.with_suffix('.next')})")
+    files = (
+        f"; next-round sweep files in {out.with_suffix('.next')}" if proposals(cand, params.report) else "; no proposal"
+    )
+    print(f"report: {out} (figure {figure}{files})")
 
 
 if __name__ == "__main__":

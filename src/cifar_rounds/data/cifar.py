@@ -13,6 +13,7 @@ TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
 IMAGE_SHAPE = (3, 32, 32)  # each row is 1024 R, then 1024 G, then 1024 B bytes
 NUM_CLASSES = 10
+CIFAR10_TRAIN_IMAGES = 50_000  # in the official archive's five training batches
 
 # The real files hold numpy arrays, lists and strings; nothing else may be unpickled.
 _ALLOWED_GLOBALS = {

@@ -50,6 +50,10 @@ def backup_path(path: Path) -> Path:
     return next(p for p in (path.with_name(n) for n in names) if not p.exists())
 
 
+def listed(values: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items()) or "none"
+
+
 def best_complete_trial(d: Driver):
     """The study's best COMPLETE trial; one line when there is none."""
     if not counts(d.study).get("COMPLETE"):
@@ -63,20 +67,20 @@ def promote(d: Driver, name: str, force: bool, folder: Path = PRESETS_DIR) -> Pa
     path = preset_target(name, force, folder)
     best = best_complete_trial(d)
     searched = {k: d.sweep.decoded(best.params)[k] for k in d.sweep.space}  # in the sweep file's order
-    values = {**load_preset(d.sweep.baseline, folder), **searched}
+    values = {**load_preset(d.sweep.baseline, folder), **d.sweep.fixed, **searched}
     try:
         with_overrides(d.base, values)
     except ParamsError as error:
         raise StageError(
             f"--promote: trial {best.number}'s values on {d.sweep.baseline} are not valid params ({error})"
         ) from None
-    fixed = ", ".join(f"{k}={v!r}" for k, v in d.sweep.fixed.items()) or "none"
     header = (
         f"Round {name}: the best trial of sweep {d.sweep.study!r} (trial {best.number}, {d.sweep.objective.metric} "
-        f"{best.value:.4f}) on its baseline {d.sweep.baseline}.\n"
+        f"{best.value:.4f}, one seed, on validation images) on its baseline {d.sweep.baseline}.\n"
         f"From the sweep: {', '.join(f'{k}={v!r}' for k, v in searched.items())}.\n"
-        f"Everything else is {folder}/{d.sweep.baseline}.yaml's; the sweep's fixed values ({fixed}) "
-        "were the trials' setting and are not carried over."
+        f"Kept from the sweep's fixed values: {listed(d.sweep.fixed)}; not kept, the trials' shortened "
+        f"schedule: {listed(d.sweep.schedule)}. Everything else is {folder}/{d.sweep.baseline}.yaml's.\n"
+        "A hypothesis until its replicates beat the champion's round in the round report on fresh seeds."
     )
     backup = None
     if path.exists():
@@ -86,7 +90,8 @@ def promote(d: Driver, name: str, force: bool, folder: Path = PRESETS_DIR) -> Pa
         write_yaml(unflatten(values), tmp, header)
     kept = f" (the previous {path.name} is kept as {backup})" if backup else ""
     print(
-        f"sweep: promoted trial {best.number} to {path}{kept}; next: python -m "
-        f"cifar_rounds.analysis.rounds run {name} --seeds 5"
+        f"sweep: promoted trial {best.number} to {path}{kept}; next: a pilot, python -m "
+        f"cifar_rounds.analysis.rounds run {name} --seeds 2, then the round report against the champion's round "
+        "advises the seeds to plan (--seeds N)"
     )
     return path

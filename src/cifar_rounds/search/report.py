@@ -7,6 +7,7 @@ Written to `reports/sweep-STUDY.md` and `.png`, and logged to the sweep's parent
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,35 @@ def trial_table(d: Driver, trials: list) -> list[str]:
             + " |"
         )
     return lines
+
+
+def selection_optimism(trials: int, spread: float) -> float:
+    """How far the best of `trials` equally good trials is expected to lie above any one of them: their spread
+    (standard deviation of the objective) times the expected largest of `trials` standard normal draws,
+    the integral of x * n * pdf(x) * cdf(x)^(n-1) (the winner's curse)."""
+    normal, step = statistics.NormalDist(), 0.01
+    grid = [-8 + step * i for i in range(1601)]
+    expected_max = sum(x * trials * normal.pdf(x) * normal.cdf(x) ** (trials - 1) * step for x in grid)
+    return spread * expected_max
+
+
+def selection_lines(d: Driver, best, complete: list) -> list[str]:
+    """The best trial's gain over the baseline preset's trial, with the optimism its selection implies."""
+    baseline = [t for t in complete if t.user_attrs.get("preset") == d.sweep.baseline]
+    if not baseline or len(complete) < 3:
+        return []
+    sign = 1 if d.sweep.objective.direction == "maximize" else -1
+    gain = sign * (best.value - baseline[0].value)  # positive: the best trial is better
+    spread = statistics.stdev(t.value for t in complete)
+    optimism = selection_optimism(len(complete), spread)
+    return [
+        "",
+        f"Against the baseline's own trial ({baseline[0].number}): {gain:+.4f}. Picking the best of {len(complete)} "
+        f"trials makes it look better by about {optimism:.4f} even when all are equally good (their spread "
+        f"{spread:.4f} x the expected largest of {len(complete)} draws): one seed each, on validation images. "
+        "A promoted round is a hypothesis until its replicates, on fresh seeds, beat the champion's round in "
+        "the round report; @champion never moves on a sweep's numbers.",
+    ]
 
 
 def best_against_baseline(d: Driver, best) -> list[str]:
@@ -176,7 +206,10 @@ def render(d: Driver, workers: int | None = None) -> str:
         "## Best trial against the baseline",
         "",
     ]
-    lines += best_against_baseline(d, d.study.best_trial) if complete else ["No trial has completed."]
+    if complete:
+        lines += best_against_baseline(d, d.study.best_trial) + selection_lines(d, d.study.best_trial, complete)
+    else:
+        lines += ["No trial has completed."]
     lines += [
         "",
         "## Parameter importances",

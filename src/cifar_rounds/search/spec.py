@@ -1,11 +1,13 @@
 """A sweep file (`sweeps/*.yaml`): the search space for round N+1, validated like params.yaml.
 
 It names the parameters to search by their dotted params.yaml names, each a float
-or int range (optionally log-scaled) or a categorical choice; fixed overrides; the
-objective (a validation metric, never a test metric); the trial budget; the
-sampler with its seed; and the pruner. `load_sweep` checks exactly what the trials
-get (params.yaml, the baseline preset, the fixed values, then each range end and
-choice) against the `Params` model before any trial runs.
+or int range (optionally log-scaled) or a categorical choice; the fixed values, which
+the trials run with and a promoted round keeps; the schedule, values that only shorten
+the trials (epochs, milestones), which a promoted round does not keep; the objective (a
+validation metric, never a test metric); the trial budget; the sampler with its seed;
+and the pruner. `load_sweep` checks exactly what the trials get (params.yaml, the
+baseline preset, the fixed values, the schedule, then each range end and choice)
+against the `Params` model before any trial runs.
 """
 
 from __future__ import annotations
@@ -213,7 +215,15 @@ class Sweep(Part):
         default_factory=list,
         description="Presets tried first, in this order (their values of the searched parameters).",
     )
-    fixed: dict[str, Any] = Field(default_factory=dict, description="params.yaml values every trial gets.")
+    fixed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="params.yaml values every trial gets and the promoted round keeps (the round's own configuration).",
+    )
+    schedule: dict[str, Any] = Field(
+        default_factory=dict,
+        description="values that only shorten the trials (e.g. train.num_epochs, train.lr_milestones, "
+        "train.patience): the trials get them, over `fixed`; the promoted round does not.",
+    )
     space: dict[str, Dimension] = Field(min_length=1, description="The parameters searched, by dotted name.")
     objective: Objective = Field(default_factory=Objective)
     sampler: Sampler = Field(default_factory=lambda: TpeSampler(kind="tpe"))
@@ -223,9 +233,10 @@ class Sweep(Part):
     def _grid_needs_choices(self) -> Sweep:
         if isinstance(self.sampler, GridSampler) and not all(isinstance(d, Choice) for d in self.space.values()):
             raise ValueError("sampler.kind grid: every space entry must be categorical")
-        overlap = sorted(set(self.fixed) & set(self.space))
-        if overlap:
-            raise ValueError(f"{overlap[0]} is both fixed and searched")
+        for part, values in (("fixed", self.fixed), ("schedule", self.schedule)):
+            overlap = sorted(set(values) & set(self.space))
+            if overlap:
+                raise ValueError(f"{overlap[0]} is both in {part} and searched")
         return self
 
     def encoded(self, key: str, value: object) -> object:
@@ -236,9 +247,13 @@ class Sweep(Part):
         """A trial's stored values as params.yaml holds them."""
         return {k: json.loads(v) if isinstance(self.space[k], Choice) else v for k, v in stored.items()}
 
+    def trial_values(self) -> dict[str, object]:
+        """What every trial gets over the baseline preset: the fixed values, then the schedule."""
+        return {**self.fixed, **self.schedule}
+
     def digest(self) -> str:
-        """What makes two sweep files the same study: the space, the fixed values and the objective."""
-        chosen = self.model_dump(include={"space", "fixed", "objective"})
+        """What makes two sweep files the same study: the space, the fixed values, the schedule and the objective."""
+        chosen = self.model_dump(include={"space", "fixed", "schedule", "objective"})
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -280,13 +295,15 @@ def _read(path: Path) -> str:
 
 
 def check_space(sweep: Sweep, base: Params, baseline: dict[str, object], path: Path) -> None:
-    """What every trial starts from (`base`, the baseline preset's values, the fixed ones) must be valid,
-    and so must it be with each range end or choice."""
-    where = f"on baseline {sweep.baseline} with the fixed values"
+    """What every trial starts from (`base`, the baseline preset's values, the fixed ones, the schedule) must be
+    valid, and so must it be with each range end or choice; and so must the promoted round's start, without the
+    schedule."""
+    where = f"on baseline {sweep.baseline} with the fixed values and the schedule"
     try:
-        start = with_overrides(base, {**baseline, **sweep.fixed})
+        with_overrides(base, {**baseline, **sweep.fixed})
+        start = with_overrides(base, {**baseline, **sweep.trial_values()})
     except ParamsError as error:
-        raise ParamsError(f"{path}: fixed: the trials' values ({where}) are not valid: {error}") from None
+        raise ParamsError(f"{path}: fixed/schedule: the values ({where}) are not valid: {error}") from None
     for name, dimension in sweep.space.items():
         for value in dimension.ends():
             try:

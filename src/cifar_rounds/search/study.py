@@ -75,8 +75,8 @@ class Driver:
         return f"{self.sweep.study}-t{number:03d}"
 
     def trial_base(self) -> dict[str, object]:
-        """What every trial starts from, by dotted name: the baseline preset, then the fixed values."""
-        return {**load_preset(self.sweep.baseline), **self.sweep.fixed}
+        """What every trial starts from, by dotted name: the baseline preset, the fixed values, the schedule."""
+        return {**load_preset(self.sweep.baseline), **self.sweep.trial_values()}
 
     def trial_values(self, trial) -> dict[str, object]:
         """Everything the experiment runs with: the baseline preset, the fixed values, the trial's and its identity."""

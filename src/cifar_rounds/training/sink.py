@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import sys
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from cifar_rounds.tracking.lifecycle import terminated_on_exit
 from cifar_rounds.tracking.run import NullTracker, Tracker
 from cifar_rounds.training.checkpoint import Outputs, Progress, Resume, best_weights, load_checkpoint, save_atomic
 from cifar_rounds.training.model import build_model
+from cifar_rounds.training.pace import finish_line
 
 HISTORY_FIELDS = (
     "epoch",
@@ -99,6 +102,7 @@ class RunSink:
     def __init__(self, tracker: Tracker | NullTracker, params: Params, out: Outputs, num_classes: int) -> None:
         self.tracker, self.params, self.out, self.num_classes = tracker, params, out, num_classes
         self.bar = None
+        self.started: float | None = None  # until this process's first epoch is printed
 
     @property
     def run_id(self) -> str | None:
@@ -159,7 +163,8 @@ class RunSink:
         self.tracker.log_metrics(metrics, int(record["epoch"]), {"grad_norm_step": series})
 
     def running(self) -> AbstractContextManager:
-        """The run ends FINISHED, FAILED or KILLED with the block."""
+        """The run ends FINISHED, FAILED or KILLED with the block; this process's first epoch starts."""
+        self.started = time.monotonic()
         return terminated_on_exit(self.tracker)
 
     def tag(self, tags: dict[str, str]) -> None:
@@ -174,6 +179,11 @@ class RunSink:
         write_history(progress.history, self.out.history)
         self._log_epoch(record, progress.last_grad_norm_steps)
         print(epoch_line(record, self.params.train.num_epochs), flush=True)
+        if self.started is not None:  # this process's first epoch, all of it: at its pace, when the last ends
+            left = 0 if progress.finished else self.params.train.num_epochs - progress.epoch
+            took = time.monotonic() - self.started
+            print(finish_line(progress.epoch, took, left, datetime.now(timezone.utc)), flush=True)
+            self.started = None
         if self.bar is not None:
             self.bar.update(1)
 
