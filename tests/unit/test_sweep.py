@@ -851,3 +851,22 @@ def test_the_optimism_of_the_best_trial_is_the_expected_maximum_of_normal_draws(
     assert selection_optimism(3, 2.0) == pytest.approx(2 * 3 / (2 * math.sqrt(math.pi)), abs=1e-6)
     draws = np.random.default_rng(0).normal(0.0, 0.005, (20_000, 12))
     assert selection_optimism(12, 0.005) == pytest.approx(np.mean(draws.max(axis=1) - draws[:, 0]), rel=0.02)
+
+
+def test_a_moved_repository_keeps_its_queues_trials_and_another_repository_has_its_own_queue(tmp_path, monkeypatch):
+    """A trial left RUNNING by the driver of a repository since moved is still its queue's, to settle; the
+    queue's id lives beside DVC's queue state, not in the path."""
+    from cifar_rounds.search.study import new_driver, queue_id
+
+    (tmp_path / "a").mkdir()
+    d = _git_driver(tmp_path / "a", monkeypatch)
+    trial = d.study.ask()
+    trial.set_user_attr("queue", d.queue)  # as the driver queues it
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = tmp_path / "b"
+    monkeypatch.chdir(moved)
+    monkeypatch.setenv("DVC_ROOT", str(moved))
+    again = new_driver(load_sweep(moved / "sweep.yaml", repo_params(), load_preset), repo_params())
+    assert again.queue == d.queue and again.ours(again.study.trials[trial.number])
+    (tmp_path / "c").mkdir()
+    assert queue_id(tmp_path / "c") != queue_id(moved) == queue_id(moved)

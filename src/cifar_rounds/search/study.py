@@ -7,12 +7,15 @@ runs are grouped under the sweep's parent run, which holds the sweep file and th
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from mlflow.exceptions import MlflowException
@@ -29,6 +32,8 @@ from cifar_rounds.tracking.store import open_client, repo_root
 
 DIGEST_ATTR = "space_digest"
 QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
+# beside DVC's queue state (.dvc/tmp/exps): the queue's id moves with the repository, and a clone has its own
+QUEUE_ID_FILE = Path(".dvc/tmp/sweep-queue-id")
 RETRIED_ATTR = "retried"  # a FAIL trial whose values were queued again: not counted against the budget
 
 T = TypeVar("T")
@@ -68,8 +73,9 @@ class Driver:
         self.storage.set_trial_user_attr(self.trial_id(number), RETRIED_ATTR, True)
 
     def ours(self, trial) -> bool:
-        """Whether this driver's queue runs the trial (other machines may share the study)."""
-        return trial.user_attrs.get(QUEUE_ATTR, self.queue) == self.queue
+        """Whether this driver's queue runs the trial (other machines may share the study); trials queued before
+        queues had an id name the host and the repository's path."""
+        return trial.user_attrs.get(QUEUE_ATTR, self.queue) in (self.queue, f"{socket.gethostname()}:{repo_root()}")
 
     def trial_name(self, number: int) -> str:
         return f"{self.sweep.study}-t{number:03d}"
@@ -160,8 +166,25 @@ def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
     return client, run_id
 
 
+def queue_id(root: Path) -> str:
+    """The id of this repository's DVC queue, made once: a repository moved with `mv` keeps it (and its queue's
+    trials), a clone gets its own."""
+    path = root / QUEUE_ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
+    mine.write_text(uuid.uuid4().hex)
+    try:  # a link appears whole or not at all: of drivers started together, the first one's id is everyone's
+        os.link(mine, path)
+    except FileExistsError:
+        pass
+    finally:
+        mine.unlink()
+    return path.read_text().strip()
+
+
 def new_driver(sweep: Sweep, base: Params) -> Driver:
-    url, queue = study_storage(sweep.storage, repo_root()), f"{socket.gethostname()}:{repo_root()}"
+    root = repo_root()
+    url, queue = study_storage(sweep.storage, root), f"{socket.gethostname()}:{queue_id(root)}"
     study, storage, created = open_study(sweep, url, base.tracking.store_patience_s, queue)
     client, parent = start_parent_run(sweep, base, study)
     if created:
