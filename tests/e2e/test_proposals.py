@@ -39,7 +39,7 @@ def test_each_proposed_sweep_file_loads_and_starts(tmp_path, archive, monkeypatc
     project = make_project(tmp_path / "project", archive)
     monkeypatch.chdir(project)
     rep = every_proposal()
-    next_round_lines(Round("round-2-s0,round-2-s1", [rep, rep]), project / "next")
+    next_round_lines(Round("round-2-s0,round-2-s1", [rep, rep]), load_params().report, project / "next")
     files = sorted((project / "next").glob("*.yaml"))
     assert [f.stem for f in files] == ["batch", "learning-rate", "patience", "regularisation"]
     for path in files:
