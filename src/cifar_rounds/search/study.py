@@ -170,6 +170,8 @@ def queue_id(root: Path) -> str:
     """The id of this repository's DVC queue, made once: a repository moved with `mv` keeps it (and its queue's
     trials), a clone gets its own."""
     path = root / QUEUE_ID_FILE
+    if not (root / QUEUE_ID_FILE.parts[0]).is_dir():  # no DVC project, so no queue: never make one appear
+        return str(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     mine = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
     mine.write_text(uuid.uuid4().hex)
