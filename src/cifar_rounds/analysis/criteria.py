@@ -15,7 +15,7 @@ import math
 
 from cifar_rounds.analysis.replicates import Replicate, Round
 from cifar_rounds.analysis.summary import MeanStd, mean_std
-from cifar_rounds.analysis.verdict import t_quantile
+from cifar_rounds.analysis.verdict import Z95, t_quantile
 from cifar_rounds.core.params import ReportParams
 
 # Distinct seeds per side before @champion moves. With 2 the configuration verdict is slightly
@@ -41,7 +41,7 @@ def spread(m: MeanStd, fmt: str, images: int = 0) -> str:
     seeds_var = m.std**2 / m.n if m.n >= 2 else 0.0
     if seeds_var + images_var == 0:
         return fmt.format(m.mean)
-    quantile = t_quantile(0.975, m.n - 1) if m.n >= 2 else 1.959963984540054
+    quantile = t_quantile(0.975, m.n - 1) if m.n >= 2 else Z95
     half = quantile * math.sqrt(seeds_var + images_var)
     over = " and the test images" if images else ""
     low, high = fmt.format(m.mean - half), fmt.format(m.mean + half)
