@@ -17,20 +17,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from cifar_rounds.core.errors import causes, database_error_transient, with_patience
+from cifar_rounds.core.urls import without_password
 
 RETRY_CAP_S = 5.0  # the longest pause between two tries: a database back is used within seconds
 T = TypeVar("T")
 
 
 def shown(url: str) -> str:
-    """The URL as messages show it: without its password."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+    """The URL as messages show it: without its password (refused in params anyway; this covers any other)."""
+    return without_password(url)
 
 
 def unreachable(error: BaseException) -> str | None:
