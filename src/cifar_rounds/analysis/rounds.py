@@ -208,8 +208,8 @@ def show_preset(args: argparse.Namespace) -> None:
     print(json.dumps(load_preset(args.preset), indent=2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a preset as a named DVC experiment (or --seeds replicates)")
     run.set_defaults(handler=run_preset)
@@ -243,7 +243,7 @@ def main() -> None:
     show = sub.add_parser("show", help="print a preset's values")
     show.add_argument("preset", help="a preset name")
     show.set_defaults(handler=show_preset)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if getattr(args, "seeds", None) is not None and args.seeds < 1:
         parser.error("--seeds: at least 1")
     args.handler(args)

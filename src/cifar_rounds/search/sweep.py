@@ -168,8 +168,8 @@ def drive(d: Driver, workers: int, poll_s: float = POLL_S) -> None:
     print("sweep: done; " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items())))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/round-3.yaml")
     parser.add_argument("--workers", type=int, default=1, help="trials run at once by DVC's queue (dvc queue start -j)")
     parser.add_argument(
@@ -177,7 +177,7 @@ def main() -> None:
     )
     parser.add_argument("--force", action="store_true", help="--promote over an existing preset (kept as a backup)")
     parser.add_argument("--no-run", action="store_true", help="only report (and promote) from the study as it is")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers: at least 1")
     base = load_params()
