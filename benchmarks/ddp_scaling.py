@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from cifar_rounds.cli.demo import dvc, init_project, offline_params
 from cifar_rounds.core.params import PARAMS_FILE, load_params
 from cifar_rounds.data.synthetic import write_archive
-from cifar_rounds.stages.demo import dvc, init_project, offline_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -378,9 +378,9 @@ def part_gpu_tests(run: Run) -> dict:
 def build_project(run: Run) -> Path:
     """The generated archive and a git + DVC project with the real dvc.yaml and src/, made once."""
     # imported here, not at the top: part 1 may have only just installed what they need
+    from cifar_rounds.cli.demo import ARCHIVE, init_project, offline_params
     from cifar_rounds.core.params import PARAMS_FILE, load_params
     from cifar_rounds.data.synthetic import write_archive
-    from cifar_rounds.stages.demo import ARCHIVE, init_project, offline_params
 
     project = run.work / "project"
     if not (project / "dvc.yaml").exists():
@@ -397,8 +397,8 @@ def build_project(run: Run) -> Path:
 
 def init_without_git(project: Path, params) -> None:
     """demo.init_project's project where git is missing: DVC without SCM."""
+    from cifar_rounds.cli.demo import PROJECT_FILES
     from cifar_rounds.core.params import PARAMS_FILE, dump_params
-    from cifar_rounds.stages.demo import PROJECT_FILES
 
     project.mkdir(parents=True, exist_ok=True)
     for name in (n for n in PROJECT_FILES if (REPO / n).exists()):

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-python -m cifar_rounds.core.params params.yaml
+cifar-rounds check params.yaml
 python -m cifar_rounds.training.pace  # without a GPU: how long the training takes here, from measured steps
 dvc repro "$@"
-python -m cifar_rounds.stages.headline  # accuracy, epochs and the MLflow run; every metric: dvc metrics show
+cifar-rounds show --headline  # accuracy, epochs and the MLflow run; every metric: dvc metrics show

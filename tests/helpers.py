@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cifar_rounds.cli.demo import init_project, offline_params
 from cifar_rounds.core.params import PARAMS_FILE, Params, load_params
-from cifar_rounds.stages.demo import init_project, offline_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)

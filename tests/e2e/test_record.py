@@ -235,7 +235,7 @@ def test_metrics_json_holds_numbers_only_and_the_headline_says_where_the_run_is(
         "mlflow_run_id",
         "test_set_digest",
     }  # identifiers, which `dvc metrics diff` leaves out
-    out = run([sys.executable, "-m", "cifar_rounds.stages.headline"], project).stdout
+    out = run(["cifar-rounds", "show", "--headline"], project).stdout
     lines = out.strip().splitlines()
     assert lines[0] == (
         f"test accuracy {metrics['test_accuracy']:.2%}, validation accuracy {metrics['val_accuracy']:.2%} "
@@ -252,16 +252,16 @@ def test_metrics_json_holds_numbers_only_and_the_headline_says_where_the_run_is(
 def test_a_copy_whose_original_is_gone_loads_and_serves_its_champion_after_one_command(project, tmp_path):
     original, copy = tmp_path / "original", tmp_path / "copy"
     shutil.copytree(project, original, symlinks=True)
-    run([sys.executable, "-m", "cifar_rounds.stages.relocate"], original)  # a copy of the module's project
+    run(["cifar-rounds", "relocate"], original)  # a copy of the module's project
     client = store(original)
     (version, *_) = client.search_model_versions(f"name = '{MODEL}'")
     client.set_registered_model_alias(MODEL, "champion", version.version)
     shutil.copytree(original, copy, symlinks=True)
     shutil.rmtree(original)
 
-    out = run([sys.executable, "-m", "cifar_rounds.stages.relocate"], copy).stdout
+    out = run(["cifar-rounds", "relocate"], copy).stdout
     assert f"artifact paths now under {copy}/mlartifacts" in out
-    again = run([sys.executable, "-m", "cifar_rounds.stages.relocate"], copy).stdout
+    again = run(["cifar-rounds", "relocate"], copy).stdout
     assert again.strip() == f"relocate: {copy}/mlflow.db already points into {copy}/mlartifacts"
     paths = store_paths(copy)
     assert paths and all(str(copy) in p for p in paths) and not any(str(original) in p for p in paths)
@@ -310,8 +310,8 @@ def store_paths(project) -> list[str]:
 
 
 def test_the_pipeline_script_ends_with_the_headline(tmp_path, small_archive):
+    from cifar_rounds.cli.demo import offline_params
     from cifar_rounds.core.params import dump_params
-    from cifar_rounds.stages.demo import offline_params
 
     from helpers import repo_params
 

@@ -48,7 +48,7 @@ CASES = [
     ("cifar_rounds.stages.evaluate", EVALUATE, "reports/p.csv", ("folder",)),
     ("cifar_rounds.stages.evaluate", EVALUATE, "reports/c.png", ("folder",)),
     ("cifar_rounds.stages.evaluate", EVALUATE, "reports/rc.json", ("folder",)),
-    ("cifar_rounds.stages.demo", ["--dir", "demo"], "demo", ("binary", "empty")),
+    ("cifar_rounds.cli.demo", ["--dir", "demo"], "demo", ("binary", "empty")),
 ]
 # and the params file each command reads from the working folder
 CASES += [
@@ -60,7 +60,7 @@ CASES += [
         ("cifar_rounds.stages.split", SPLIT_ARGS),
         ("cifar_rounds.stages.train", TRAIN),
         ("cifar_rounds.stages.evaluate", EVALUATE),
-        ("cifar_rounds.stages.demo", ["--dir", "demo"]),
+        ("cifar_rounds.cli.demo", ["--dir", "demo"]),
     )
 ]
 

@@ -13,12 +13,12 @@ import pytest
 import yaml
 
 from cifar_rounds.analysis.rounds import load_preset
+from cifar_rounds.cli.demo import init_project
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import PARAMS_FILE, ParamsError, SweepParams, with_overrides
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.study import open_storage
 from cifar_rounds.search.trial import open_trial
-from cifar_rounds.stages.demo import init_project
 from cifar_rounds.tracking.store import check_reachable, tracking_uri
 
 from helpers import REPO, repo_params, run
@@ -92,7 +92,7 @@ def test_a_password_in_mlflow_tracking_uri_is_refused_before_anything_prints_it(
     # relocate prints the store it finds: the same line, and nothing else
     (tmp_path / "params.yaml").write_text((REPO / PARAMS_FILE).read_text())
     uri = f"http://alice:{SECRET}@127.0.0.1:9/"
-    result = run([sys.executable, "-m", "cifar_rounds.stages.relocate"], tmp_path, check=False, MLFLOW_TRACKING_URI=uri)
+    result = run([sys.executable, "-m", "cifar_rounds.cli.relocate"], tmp_path, check=False, MLFLOW_TRACKING_URI=uri)
     assert result.returncode == 1 and result.stdout == ""
     assert "MLFLOW_TRACKING_URI: holds a password" in one_line_without_the_secret(result.stderr)
 

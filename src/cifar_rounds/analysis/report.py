@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.analysis.report BASELINE CANDIDATE`: what changed between two rounds, and did it help.
+"""`cifar-rounds report BASELINE CANDIDATE`: what changed between two rounds, and did it help.
 
 Each side is a round with one or more replicates (seeds), found as DVC
 experiments, git revisions or MLflow runs (see `replicates`). The Markdown
@@ -47,6 +47,9 @@ from cifar_rounds.core.params import Params, ReportParams, load_params
 from cifar_rounds.tracking.run import Tracker
 from cifar_rounds.tracking.store import open_client, repo_root
 
+EXAMPLE = """examples:
+  cifar-rounds report round-1 round-2                  # reports/round-round-1-vs-round-2.md and .png
+  cifar-rounds report round-1 round-2 --move-aliases   # the same, and move @round-1, @round-2, @champion as it says"""
 PERFORMANCE = (
     ("Test accuracy", "test_accuracy", "{:.2%}"),
     ("Training accuracy", "train_accuracy", "{:.2%}"),
@@ -260,8 +263,13 @@ def decide_aliases(
     return alias_lines(base, cand, state, plan, v, move)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "baseline",
         help="round: DVC experiment (or NAME-s0, NAME-s1, ...), git revision, MLflow "
@@ -287,7 +295,7 @@ def main() -> None:
         help=f"the gain in test accuracy worth detecting, in points: the seeds advice plans for it "
         f"(default {100 * DEFAULT_TARGET_GAIN:g})",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out:
         output_file(args.out, "the report's Markdown")
     params = load_params()

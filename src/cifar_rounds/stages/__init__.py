@@ -1,1 +1,1 @@
-"""The DVC stages (download, split, train, evaluate) and the offline demo: argparse and main() only."""
+"""The DVC stages (download, split, train, evaluate): argparse and main() only."""

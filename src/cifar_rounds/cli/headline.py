@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.stages.headline`: what the last run of the pipeline ended with, in four lines.
+"""`cifar-rounds show --headline`: what the last run of the pipeline ended with, in four lines.
 
 Test and validation accuracy, the train-val gap, the best and stopped epoch, and where the run
 is in MLflow; `dvc metrics show` prints every number. `scripts/pipeline.sh` and the offline
@@ -16,6 +16,9 @@ from cifar_rounds.core.files import read_json
 from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.core.urls import without_password
 from cifar_rounds.tracking.store import repo_root, tracking_uri
+
+EXAMPLE = """example:
+  cifar-rounds show --headline    # in the repository (or offline-demo/) after dvc repro"""
 
 
 def ui_command(uri: str) -> str:
@@ -40,8 +43,13 @@ def print_headline(root: Path, params: Params) -> None:
     print("\n".join(headline(metrics, params, root)))
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
     print_headline(repo_root(), load_params())
 
 

@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.stages.relocate`: after copying or moving the repository, point its MLflow store into it.
+"""`cifar-rounds relocate`: after copying or moving the repository, point its MLflow store into it.
 
 The store (`mlflow.db`) keeps absolute paths to `mlartifacts/`. Every stage and report rebases
 them when it opens the store; run this first where MLflow itself is the first to read it in the
@@ -22,9 +22,17 @@ from cifar_rounds.tracking.store import (
     uri_source,
 )
 
+EXAMPLE = """example, in a copied or moved repository:
+  cifar-rounds relocate    # its mlflow.db now points into its own mlartifacts/"""
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
     params = load_params()
     root = repo_root()
     uri = tracking_uri(params, root)

@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.stages.demo`: the whole pipeline offline, on a generated archive, on CPU.
+"""`cifar-rounds demo`: the whole pipeline offline, on a generated archive, on CPU.
 
 Copies the pipeline (dvc.yaml, params.yaml, src/) into its own git+DVC
 project folder, points `data.url` at a generated CIFAR-format archive, shrinks
@@ -15,11 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cifar_rounds.cli.headline import print_headline
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.inputs import folder
 from cifar_rounds.core.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.data.synthetic import write_archive
-from cifar_rounds.stages.headline import print_headline
+
+EXAMPLE = """example:
+  cifar-rounds demo                    # offline-demo/: a git + DVC project, trained in about a minute on 2 cores
+  cifar-rounds demo --dir /tmp/demo    # elsewhere; a second run reuses the folder"""
 
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", "src", "MLproject", "conda.yaml", "rounds", "sweeps")
 ARCHIVE = "cifar-10-synthetic.tar.gz"
@@ -86,14 +90,19 @@ def offline_params(base: Params, archive: Path, md5: str, overrides: dict[str, o
     return with_overrides(base, {**TINY_RUN, "data.url": str(archive.resolve()), "data.md5": md5, **overrides})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dir", type=Path, default=Path("offline-demo"), help="project folder to create or reuse")
     parser.add_argument("--train-size", type=int, default=2000, help="generated training images")
     parser.add_argument("--test-size", type=int, default=500, help="generated test images")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not Path("dvc.yaml").exists():
-        raise StageError("no dvc.yaml here: run the offline demo from the repository root (scripts/offline.sh)")
+        raise StageError("no dvc.yaml here: run the offline demo from the repository root (cifar-rounds demo)")
     target = folder(args.dir, "the project folder to create or reuse").resolve()
     params = load_params()
     target.mkdir(parents=True, exist_ok=True)
