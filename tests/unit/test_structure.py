@@ -70,6 +70,7 @@ NOT_DECIDING = {
     "tracking.patience": "waits while the MLflow store is busy",
     "tracking.registry": "logs and registers the model in MLflow",
     "tracking.lifecycle": "samples system metrics into the run and ends it on any exit",
+    "tracking.study_storage": "opens the sweep's study and waits while its database is unreachable",
 }
 
 

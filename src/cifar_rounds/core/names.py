@@ -14,3 +14,6 @@ PARAMS_ARTIFACTS = "params"  # params.yaml as it was at each (re)start of a run
 LOGGED_MODEL = "model"  # the name of each run's MLflow LoggedModel (its best model)
 
 RUN_CONDITIONS = ("device", "precision", "denormals", "layout")  # what params.yaml leaves to the machine
+
+# set for the trainings that workers start side by side (a sweep's, replicates'): how many the project trains at once
+TRAININGS_ENV = "CIFAR_ROUNDS_TRAININGS"

@@ -1,1 +1,1 @@
-"""The search for round N+1: sweep files, the Optuna driver over DVC's queue, the train stage's trial, the report."""
+"""The search for round N+1: sweep files, the study, its workers on Optuna's own loop, the report, promotion."""

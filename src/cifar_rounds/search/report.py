@@ -15,7 +15,7 @@ from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import SWEEP_REPORT_ARTIFACTS
 from cifar_rounds.core.params import with_overrides
-from cifar_rounds.search.trial import SWEEP_TAG, TRIAL_TAG
+from cifar_rounds.training.trial import SWEEP_TAG, TRIAL_TAG
 
 if TYPE_CHECKING:
     from cifar_rounds.search.study import Driver

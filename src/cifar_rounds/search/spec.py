@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cifar_rounds.core.errors import short_repr
 from cifar_rounds.core.params import ROUND_NAME_PATTERN, Params, ParamsError, StoreUrl, with_overrides
 from cifar_rounds.core.yamlio import read_yaml
+from cifar_rounds.training.pruners import MedianPruner, Pruner
 
 SWEEPS_DIR = Path("sweeps")
 
@@ -139,64 +140,7 @@ class GridSampler(Part):
         )
 
 
-class NoPruner(Part):
-    kind: Literal["none"]
-
-    def build(self):
-        import optuna
-
-        return optuna.pruners.NopPruner()
-
-
-class MedianPruner(Part):
-    kind: Literal["median"]
-    startup_trials: int = Field(2, ge=0, description="Trials that finish before any is pruned.")
-    warmup_epochs: int = Field(1, ge=0, description="Epochs every trial trains before it may be pruned.")
-
-    def build(self):
-        import optuna
-
-        return optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials, n_warmup_steps=self.warmup_epochs)
-
-
-class HalvingPruner(Part):
-    kind: Literal["successive_halving"]
-    min_epochs: int = Field(1, ge=1, description="Epochs of the first rung.")
-    reduction_factor: int = Field(3, ge=2, description="1/this of the trials go on at each rung.")
-
-    def build(self):
-        import optuna
-
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=self.min_epochs, reduction_factor=self.reduction_factor
-        )
-
-
-class ThresholdPruner(Part):
-    """A trial whose objective at an epoch lies beyond a fixed limit stops, whatever the other trials did: a
-    trial still at chance (val_accuracy 0.1 on CIFAR-10's ten classes) or diverged after its warm-up."""
-
-    kind: Literal["threshold"]
-    lower: float | None = Field(None, description="Stop a trial whose objective falls below this (val_accuracy).")
-    upper: float | None = Field(None, description="Stop a trial whose objective rises above this (val_loss).")
-    warmup_epochs: int = Field(1, ge=0, description="Epochs every trial trains before it may be pruned.")
-
-    @model_validator(mode="after")
-    def _a_limit(self) -> ThresholdPruner:
-        if self.lower is None and self.upper is None:
-            raise ValueError("a threshold pruner needs a lower or an upper limit")
-        if self.lower is not None and self.upper is not None and self.lower >= self.upper:
-            raise ValueError(f"lower ({self.lower}) must be below upper ({self.upper})")
-        return self
-
-    def build(self):
-        import optuna
-
-        return optuna.pruners.ThresholdPruner(lower=self.lower, upper=self.upper, n_warmup_steps=self.warmup_epochs)
-
-
 Sampler = Annotated[TpeSampler | RandomSampler | GridSampler, Field(discriminator="kind")]
-Pruner = Annotated[NoPruner | MedianPruner | HalvingPruner | ThresholdPruner, Field(discriminator="kind")]
 
 
 class Sweep(Part):

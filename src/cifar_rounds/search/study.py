@@ -1,21 +1,19 @@
-"""A sweep's study and its MLflow parent run: created once, continued by every driver that opens it.
+"""A sweep's study and its MLflow parent run: created once, continued by every sweep and worker that opens it.
 
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or any
-database URL, which lets drivers on several machines share one study). The trials' MLflow
+database URL, which lets sweeps on several machines share one study). The trials' MLflow
 runs are grouped under the sweep's parent run, which holds the sweep file and the report.
+A trial's values are tried twice at most: a FAIL whose values were tried again, and a
+trial started past the budget by workers that asked at the same moment, do not count.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TypeVar
 
 from mlflow.exceptions import MlflowException
@@ -25,16 +23,14 @@ from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
 from cifar_rounds.core.urls import missing_driver
 from cifar_rounds.search.spec import Sweep
-from cifar_rounds.search.storage import patient_storage, shown
-from cifar_rounds.search.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, study_storage
 from cifar_rounds.tracking.patience import patiently
 from cifar_rounds.tracking.store import open_client, repo_root
+from cifar_rounds.tracking.study_storage import patient_storage, shown
+from cifar_rounds.training.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, study_storage
 
 DIGEST_ATTR = "space_digest"
-QUEUE_ATTR = "queue"  # the host and repository whose DVC queue runs a trial
-# beside DVC's queue state (.dvc/tmp/exps): the queue's id moves with the repository, and a clone has its own
-QUEUE_ID_FILE = Path(".dvc/tmp/sweep-queue-id")
-RETRIED_ATTR = "retried"  # a FAIL trial whose values were queued again: not counted against the budget
+SURPLUS_ATTR = "surplus"  # a trial started past the budget (told FAIL at once, never trained)
+RETRY_HISTORY = "retry_history"  # Optuna's system attribute on a retry: the numbers of the trials it repeats
 
 T = TypeVar("T")
 
@@ -49,33 +45,10 @@ class Driver:
     storage: object  # its optuna storage
     client: object  # MlflowClient
     parent_run_id: str
-    queue: str  # the host and repository whose DVC queue this driver fills
-    missing: dict[int, float] = field(default_factory=dict)  # trial -> when its queue entry was first found missing
-    inherited: set[int] = field(default_factory=set)  # trials left RUNNING by an earlier driver
 
     def store(self, what: str, call: Callable[[], T]) -> T:
         """A read or write of the tracking store, retried while it is busy, as every other writer's."""
         return patiently(call, what, self.base.tracking.store_patience_s)
-
-    def missing_for(self, number: int) -> float:
-        """Seconds since the trial's queue entry was first found missing (0 now)."""
-        return time.monotonic() - self.missing.setdefault(number, time.monotonic())
-
-    def trial_id(self, number: int) -> int:
-        study_id = self.storage.get_study_id_from_name(self.sweep.study)
-        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-
-    def still_running(self, number: int) -> bool:
-        """Read again: the train stage may have told the study since the list was read."""
-        return self.storage.get_trial(self.trial_id(number)).state.name == "RUNNING"
-
-    def mark_retried(self, number: int) -> None:
-        self.storage.set_trial_user_attr(self.trial_id(number), RETRIED_ATTR, True)
-
-    def ours(self, trial) -> bool:
-        """Whether this driver's queue runs the trial (other machines may share the study); trials queued before
-        queues had an id name the host and the repository's path."""
-        return trial.user_attrs.get(QUEUE_ATTR, self.queue) in (self.queue, f"{socket.gethostname()}:{repo_root()}")
 
     def trial_name(self, number: int) -> str:
         return f"{self.sweep.study}-t{number:03d}"
@@ -101,12 +74,12 @@ class Driver:
         return values
 
 
-def open_storage(url: str, patience_s: float, attempts: int = 5):
-    """Optuna's storage at `url`, each call retried while the database is unreachable. Drivers starting
+def open_storage(url: str, patience_s: float, heartbeat: dict | None = None, attempts: int = 5):
+    """Optuna's storage at `url`, each call retried while the database is unreachable. Sweeps starting
     together on a new database race to create its tables: the one that loses retries, and finds them made."""
     for attempt in range(attempts):
         try:
-            return patient_storage(url, patience_s, wait_to_open=False)
+            return patient_storage(url, patience_s, wait_to_open=False, heartbeat=heartbeat)
         except Exception as error:
             line = missing_driver(error, "sweep storage", url)  # a driver not installed: the package named
             if line is not None:
@@ -118,12 +91,12 @@ def open_storage(url: str, patience_s: float, attempts: int = 5):
             raise StageError(f"sweep storage: cannot open {shown(url)} ({first})") from None
 
 
-def open_study(sweep: Sweep, url: str, patience_s: float, driver: str = ""):
+def open_study(sweep: Sweep, url: str, patience_s: float, driver: str = "", heartbeat: dict | None = None):
     """Create or continue the study; a study of the same name with another space is refused."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(url, patience_s)
+    storage = open_storage(url, patience_s, heartbeat)
     study = optuna.create_study(
         storage=storage,
         study_name=sweep.study,
@@ -131,8 +104,8 @@ def open_study(sweep: Sweep, url: str, patience_s: float, driver: str = ""):
         pruner=sweep.pruner.build(),
         load_if_exists=True,
     )
-    # seeded by the trials so far and by the driver: a driver started again must not replay an earlier
-    # driver's proposals, nor two drivers started together (on two machines) propose the same values
+    # seeded by the trials so far and by the process: a worker started again must not replay an earlier
+    # one's proposals, nor two workers started together (on two machines) propose the same values
     study.sampler = sweep.sampler.build(sweep.space, len(study.trials) + zlib.crc32(driver.encode()) % 100_000)
     known = study.user_attrs.get(DIGEST_ATTR)
     if known is not None and known != sweep.digest():
@@ -166,28 +139,9 @@ def start_parent_run(sweep: Sweep, base: Params, study) -> tuple[object, str]:
     return client, run_id
 
 
-def queue_id(root: Path) -> str:
-    """The id of this repository's DVC queue, made once: a repository moved with `mv` keeps it (and its queue's
-    trials), a clone gets its own."""
-    path = root / QUEUE_ID_FILE
-    if not (root / QUEUE_ID_FILE.parts[0]).is_dir():  # no DVC project, so no queue: never make one appear
-        return str(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mine = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
-    mine.write_text(uuid.uuid4().hex)
-    try:  # a link appears whole or not at all: of drivers started together, the first one's id is everyone's
-        os.link(mine, path)
-    except FileExistsError:
-        pass
-    finally:
-        mine.unlink()
-    return path.read_text().strip()
-
-
 def new_driver(sweep: Sweep, base: Params) -> Driver:
-    root = repo_root()
-    url, queue = study_storage(sweep.storage, root), f"{socket.gethostname()}:{queue_id(root)}"
-    study, storage, created = open_study(sweep, url, base.tracking.store_patience_s, queue)
+    url = study_storage(sweep.storage, repo_root())
+    study, storage, created = open_study(sweep, url, base.tracking.store_patience_s)
     client, parent = start_parent_run(sweep, base, study)
     if created:
         study.set_user_attr(OBJECTIVE_ATTR, sweep.objective.model_dump())
@@ -201,22 +155,43 @@ def new_driver(sweep: Sweep, base: Params) -> Driver:
             )
         study.set_user_attr(DIGEST_ATTR, sweep.digest())  # last: a study without it is set up again
     print(f"sweep: study {sweep.study!r} in {shown(url)}; MLflow parent run {parent}")
-    return Driver(sweep, base, study, storage, client, parent, queue)
+    return Driver(sweep, base, study, storage, client, parent)
+
+
+def state_of(trial, retried: set[int]) -> str:
+    """A trial's state, with the FAILs that do not count named apart: RETRIED (its values were tried again) and
+    SURPLUS."""
+    if trial.state.name != "FAIL":
+        return trial.state.name
+    if trial.number in retried:
+        return "RETRIED"
+    return "SURPLUS" if trial.user_attrs.get(SURPLUS_ATTR) else "FAIL"
+
+
+def states(study) -> dict[int, str]:
+    """Each trial's `state_of`, by number."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
+    return {t.number: state_of(t, retried) for t in trials}
 
 
 def counts(study) -> dict[str, int]:
     out: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        key = "RETRIED" if t.state.name == "FAIL" and t.user_attrs.get(RETRIED_ATTR) else t.state.name
-        out[key] = out.get(key, 0) + 1
+    for state in states(study).values():
+        out[state] = out.get(state, 0) + 1
     return out
+
+
+def spent(study) -> int:
+    """The trials that count against the budget: finished (complete, pruned, failed) or running."""
+    return sum(state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING") for state in states(study).values())
 
 
 @contextmanager
 def sweep_run_ended(d: Driver) -> Iterator[None]:
     """The sweep's parent run ends with the block: FINISHED, KILLED on Ctrl-C, FAILED on an error.
 
-    Never left RUNNING by a driver that stopped; a driver started again sets it RUNNING again.
+    Never left RUNNING by a sweep that stopped; a sweep started again sets it RUNNING again.
     """
     status = "FAILED"
     try:
@@ -226,7 +201,7 @@ def sweep_run_ended(d: Driver) -> Iterator[None]:
         status = "KILLED"
         raise
     finally:
-        if status == "FAILED":  # the error may be the store's own: tried once, and the next driver ends it
+        if status == "FAILED":  # the error may be the store's own: tried once, and the next sweep ends it
             with suppress(MlflowException):
                 d.client.set_terminated(d.parent_run_id, status)
         else:

@@ -23,7 +23,6 @@ from cifar_rounds.core.inputs import folder, input_file, output_file
 from cifar_rounds.core.names import TRAINER_LOCK
 from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.data.dataset import Split
-from cifar_rounds.search.trial import STATE_TAG, NoTrial, open_trial
 from cifar_rounds.tracking.lifecycle import system_metrics
 from cifar_rounds.tracking.run import dataset_inputs
 from cifar_rounds.tracking.store import repo_root, tracking_uri
@@ -43,6 +42,7 @@ from cifar_rounds.training.lease import Lease, share_cores, take_lease
 from cifar_rounds.training.runtime import configure_cpu, run_conditions, select_device
 from cifar_rounds.training.sink import NullSink, RunSink
 from cifar_rounds.training.trainer import build_trainer, diagnose, run_epoch, sharpness_due
+from cifar_rounds.training.trial import STATE_TAG, NoTrial, open_trial
 
 
 def fit(

@@ -1,9 +1,9 @@
 """The MLflow store: where it is, a client on it, and a moved repository's paths.
 
 The default store is sqlite `mlflow.db` with artifacts in `mlartifacts/`, both at the
-repository root. Queued DVC experiments run in temporary copies of the repository, so the
-root comes from DVC_ROOT, never from the working folder. Every write waits out a busy store
-(tracking/patience.py).
+repository root. Experiments run in clones (a sweep's, side-by-side replicates') or DVC's
+temporary copies, so the root comes from PROJECT_ENV or DVC_ROOT, never from the working
+folder. Every write waits out a busy store (tracking/patience.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ STORE_LOCK = f".{STORE_FILE}.lock"  # beside it: held while the store is created
 ARTIFACTS_DIR = "mlartifacts"
 HEALTH_TIMEOUT_S = 5.0  # a tracking server must answer its health check within this, seconds
 SQLITE = "sqlite:///"
+PROJECT_ENV = "CIFAR_ROUNDS_PROJECT"  # set for the experiments run in a clone: the repository they are run for
 
 
 def root_sqlite_url(url: str, root: Path) -> str:
@@ -44,7 +45,9 @@ def root_sqlite_url(url: str, root: Path) -> str:
 
 
 def repo_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    """The project's repository: its default stores and its training places. An experiment a worker runs in its
+    clone (analysis/clones.py) is the project's: PROJECT_ENV names the repository; else DVC's root, or here."""
+    return Path(os.environ.get(PROJECT_ENV) or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri(params: Params, root: Path) -> str:

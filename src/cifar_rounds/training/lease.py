@@ -1,6 +1,6 @@
 """A machine's devices shared by the trainings that run on it at once: a GPU slot each, the CPU cores split.
 
-Queue and sweep workers (`dvc queue start -j N`, `sweep --workers N`) start trainings that know
+Sweep and replicate workers (`sweep --workers N`, `rounds run --workers N`) start trainings that know
 nothing of each other. Each training that is not pinned (CUDA_VISIBLE_DEVICES) and not under
 torchrun leases a slot: a lock file per device and slot in one folder that every process of the
 machine sees. The lock is the kernel's (flock): it dies with its process, so a kill frees the slot.
@@ -10,10 +10,8 @@ sets torch's threads to its share of the cores: the cores divided by the CPU tra
 place. Several trainings with a thread per core each oversubscribe the cores and spin against
 each other (18x slower in total on 2 cores, benchmarks/RESULTS.md).
 
-A sweep runs twice as many DVC queue workers as it trains at once, and caps its project's trainings
-(TRAININGS_ENV): a worker's experiment gets through DVC's set-up and the stages before training while
-the others train, then waits for a training place here, so that a worker's evaluation and DVC's
-bookkeeping overlap the others' training instead of leaving a place idle.
+A sweep, or replicates run side by side, cap the project's trainings at their workers (TRAININGS_ENV):
+a training started beside them (a DVC queue's) waits for a place rather than slowing theirs.
 
 Placement is not the model: the slots per GPU come from the environment (SLOTS_ENV), never from
 params.yaml, and the lease folder from LEASE_DIR_ENV (default: one per user in the temp folder,
@@ -34,11 +32,11 @@ from pathlib import Path
 from typing import IO
 
 from cifar_rounds.core.errors import StageError, short_repr
+from cifar_rounds.core.names import TRAININGS_ENV  # the project's trainings that train at once (unset: no cap)
 from cifar_rounds.tracking.store import repo_root
 
 SLOTS_ENV = "CIFAR_ROUNDS_SLOTS_PER_GPU"  # trainings one GPU runs at once (default 1)
 LEASE_DIR_ENV = "CIFAR_ROUNDS_LEASE_DIR"  # the machine's lease folder
-TRAININGS_ENV = "CIFAR_ROUNDS_TRAININGS"  # the project's trainings that train at once (unset: no cap)
 POLL_S = 2.0  # how often a training waiting for a GPU slot or a training place looks again, seconds
 # the most slots per GPU, or trainings at once: a waiting training tries each place's lock file every POLL_S, and
 # no machine trains a thousand models at once, so a larger count is a typo (30000000), not a plan
@@ -113,7 +111,7 @@ def slots_per_gpu() -> int:
 
 
 def trainings_cap() -> int | None:
-    """The project's trainings allowed at once (a sweep sets it for its queue workers); None: no cap."""
+    """The project's trainings allowed at once (a sweep sets it for its workers' trainings); None: no cap."""
     text = os.environ.get(TRAININGS_ENV)
     return None if text is None else place_count(TRAININGS_ENV, text, "trainings at once")
 

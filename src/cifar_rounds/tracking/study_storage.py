@@ -1,4 +1,4 @@
-"""The study's storage, as the driver and the trials open it: every call waits out a database that went away.
+"""The study's storage, as the sweep's workers and its trials open it: every call waits out a database that went away.
 
 A shared study lives in a database server (PostgreSQL, MySQL) that may restart during a night's
 sweep. Each storage call that finds the database unreachable (a connection refused or cut, a
@@ -54,9 +54,11 @@ def retried(call: Callable[[], T], url: str, patience_s: float) -> T:
 
 @functools.cache
 def patient_storage_class() -> type:
-    """A BaseStorage whose every public call is `retried` on the storage it wraps (built once, on first use:
-    Optuna is imported only by sweeps)."""
+    """A storage whose every public call, and every heartbeat call, is `retried` on the RDB storage it wraps (built
+    once, on first use: Optuna is imported only by sweeps). Optuna runs its heartbeat for a storage that is a
+    BaseHeartbeat with an interval: so is this one when the wrapped one is."""
     from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
 
     def delegate(name: str) -> Callable:
         def call(self, *args, **kwargs):
@@ -65,23 +67,26 @@ def patient_storage_class() -> type:
         call.__name__ = name
         return call
 
-    class PatientStorage(BaseStorage):
+    class PatientStorage(BaseStorage, BaseHeartbeat):
         def __init__(self, inner: BaseStorage, url: str, patience_s: float) -> None:
             self.inner, self.url, self.patience_s = inner, url, patience_s
 
-    for name, member in vars(BaseStorage).items():
-        if callable(member) and not name.startswith("_"):
-            setattr(PatientStorage, name, delegate(name))
+    heartbeat = {"_get_stale_trial_ids"}  # Optuna's own helpers call this private one
+    for base in (BaseStorage, BaseHeartbeat):
+        for name, member in vars(base).items():
+            if callable(member) and (not name.startswith("_") or name in heartbeat):
+                setattr(PatientStorage, name, delegate(name))
     return abc.update_abstractmethods(PatientStorage)
 
 
-def patient_storage(url: str, patience_s: float, wait_to_open: bool):
-    """Optuna's storage at `url`, each call retried. A driver starting opens it at once (a wrong URL is one
-    line now, not after the patience); a trial, started mid-sweep, waits for the database to open it too."""
+def patient_storage(url: str, patience_s: float, wait_to_open: bool, heartbeat: dict | None = None):
+    """Optuna's RDB storage at `url`, each call retried. A worker starting opens it at once (a wrong URL is one
+    line now, not after the patience); a trial, started mid-sweep, waits for the database to open it too.
+    `heartbeat`: RDBStorage's heartbeat_interval, grace_period and heartbeat_stale_trial_callback."""
     import optuna
 
     def opened():
-        return optuna.storages.get_storage(url)
+        return optuna.storages.get_storage(optuna.storages.RDBStorage(url, **(heartbeat or {})))
 
     inner = retried(opened, url, patience_s) if wait_to_open else opened()
     return patient_storage_class()(inner, url, patience_s)

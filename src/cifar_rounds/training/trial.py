@@ -1,27 +1,27 @@
-"""The train stage's side of a sweep: report each epoch to the Optuna trial, stop when it is pruned.
+"""The training's side of a sweep, a sink like the MLflow run: each epoch reported to the Optuna trial, which may
+stop it.
 
 A run is a trial when `sweep.study` and `sweep.trial` are set in params.yaml (the
-sweep driver sets them). Outside a sweep, `open_trial` returns `NoTrial`, which
+sweep's worker sets them). Outside a sweep, `open_trial` returns `NoTrial`, which
 imports nothing and costs nothing. A pruned trial stops like an early stop: its
-checkpoint and history are kept. The study learns the trial's end from the sweep
-driver (`conclude`), once the whole experiment has succeeded; the pruner counts a trial
-that trained to its end among the finished ones already (`TrainedAsFinished`).
+checkpoint and history are kept. The worker that runs the trial tells the study its
+end once the experiment is saved (search/worker.py).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
 from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import SweepParams
 from cifar_rounds.core.urls import missing_driver
-from cifar_rounds.search.storage import patient_storage, shown
 from cifar_rounds.tracking.store import repo_root, root_sqlite_url
+from cifar_rounds.tracking.study_storage import patient_storage, shown
+from cifar_rounds.training.pruners import Pruner
 
 STUDY_FILE = "optuna.db"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attributes the driver sets, the trials read
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attributes the sweep sets, the trials read
 OBJECTIVE_ATTR = "objective"
 PRUNED_ATTR = "pruned"  # trial attributes the train stage sets at its end
 BEST_EPOCH_ATTR = "best_epoch"  # the epoch train.monitor selected: the checkpoint evaluation uses
@@ -70,7 +70,7 @@ class StudyTrial:
 
         try:
             self.trial.report(value, epoch)
-        except optuna.exceptions.UpdateFinishedTrialError:  # the sweep driver took it for lost
+        except optuna.exceptions.UpdateFinishedTrialError:  # its worker was lost: Optuna failed it (and retries it)
             raise StageError(
                 f"sweep: trial {self.number} of {self.study.study_name!r} was ended "
                 f"({self.study.trials[self.number].state.name}) while this run trained it; its result is not recorded"
@@ -78,69 +78,11 @@ class StudyTrial:
         return bool(self.trial.should_prune())
 
     def finish(self, pruned: bool, best_epoch: int) -> str:
-        """Record how training ended and which epoch the monitor chose; the driver tells the study once the
-        whole experiment has succeeded."""
+        """Record how training ended and which epoch the monitor chose; the worker tells the study once the
+        experiment is saved."""
         self.trial.set_user_attr(BEST_EPOCH_ATTR, best_epoch)
         self.trial.set_user_attr(PRUNED_ATTR, pruned)
         return "PRUNED" if pruned else "COMPLETE"
-
-
-class TrainedAsFinished:
-    """The study's pruner, shown the trials whose training ended unpruned as the finished trials they will be.
-
-    The driver tells the study a trial's end once its whole experiment has succeeded: after its evaluation
-    and DVC's bookkeeping, a minute or more after training, or, with the driver stopped, not before it runs
-    again. The next trials train meanwhile, and a median pruner that saw only the concluded trials would let
-    them run unpruned (it waits for `startup_trials` finished ones). The values such a trial reported are
-    final, so they are references as good as a concluded trial's.
-    """
-
-    def __init__(self, pruner) -> None:
-        self.pruner = pruner
-
-    def prune(self, study, trial) -> bool:
-        return self.pruner.prune(_TrainedShownFinished(study), trial)
-
-
-class _TrainedShownFinished:
-    """A study whose trials that trained to their end unpruned read COMPLETE; the rest is the study's own."""
-
-    def __init__(self, study) -> None:
-        self.study = study
-
-    def __getattr__(self, name: str):
-        return getattr(self.study, name)
-
-    def get_trials(self, deepcopy: bool = True, states=None) -> list:
-        import optuna
-
-        running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
-        shown = []
-        for trial in self.study.get_trials(deepcopy=deepcopy):
-            if trial.state == running and BEST_EPOCH_ATTR in trial.user_attrs and not trial.user_attrs.get(PRUNED_ATTR):
-                trial = copy.copy(trial)
-                trial.state = complete
-            if states is None or trial.state in states:
-                shown.append(trial)
-        return shown
-
-
-def conclude(study, number: int) -> str:
-    """Tell the study how a trial whose experiment succeeded ended: PRUNED, or COMPLETE with the objective
-    it reported at the epoch train.monitor selected as best (not the best over all epochs: that epoch's
-    checkpoint is what evaluation uses); FAIL if it reported no finite value for that epoch."""
-    import optuna
-
-    trial = study.get_trials(deepcopy=False)[number]
-    value = trial.intermediate_values.get(trial.user_attrs.get(BEST_EPOCH_ATTR))
-    if trial.user_attrs.get(PRUNED_ATTR):
-        state, value = optuna.trial.TrialState.PRUNED, None
-    elif value is not None and math.isfinite(value):
-        state = optuna.trial.TrialState.COMPLETE
-    else:
-        state, value = optuna.trial.TrialState.FAIL, None
-    study.tell(number, value, state=state, skip_if_finished=True)
-    return state.name
 
 
 def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
@@ -150,8 +92,6 @@ def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
         return NoTrial()
     import optuna
     from pydantic import TypeAdapter
-
-    from cifar_rounds.search.spec import Objective, Pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = study_storage(sp.storage, repo_root())
@@ -169,7 +109,7 @@ def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
             raise StageError(line) from None
         raise StageError(f"sweep.storage: cannot open {shown(url)} ({str(error).splitlines()[0][:160]})") from None
     attrs = storage.get_study_user_attrs(study_id)
-    pruner = TrainedAsFinished(TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build())
+    pruner = TypeAdapter(Pruner).validate_python(attrs[PRUNER_ATTR]).build()
     study = optuna.Study(study_name=sp.study, storage=storage, pruner=pruner)
     frozen = storage.get_trial(trial_id)
     if frozen.state != optuna.trial.TrialState.RUNNING:
@@ -177,5 +117,4 @@ def open_trial(sp: SweepParams, patience_s: float) -> NoTrial | StudyTrial:
             f"sweep: trial {sp.trial} of {sp.study!r} is already {frozen.state.name}; training without reporting to it"
         )
         return NoTrial()
-    objective = Objective.model_validate(attrs[OBJECTIVE_ATTR])
-    return StudyTrial(study, optuna.trial.Trial(study, trial_id), sp.trial, objective.metric)
+    return StudyTrial(study, optuna.trial.Trial(study, trial_id), sp.trial, attrs[OBJECTIVE_ATTR]["metric"])
