@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.search.storage import patient_storage, retried
+from cifar_rounds.tracking.study_storage import patient_storage, retried
 
 URL = "postgresql+psycopg2://team:secret@db.example:5432/optuna"
 

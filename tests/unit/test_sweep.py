@@ -1,11 +1,9 @@
-"""The search for round N+1: sweep files, the trial hook, the driver over DVC's queue, promotion, proposals."""
+"""The search for round N+1: sweep files, the trial hook, the workers' loop and clones, promotion, proposals."""
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from cifar_rounds.analysis.rounds import load_preset, preset_names
 from cifar_rounds.core.params import ParamsError, SweepParams, dump_params, with_overrides
 from cifar_rounds.core.yamlio import write_yaml
 from cifar_rounds.search.spec import load_sweep
-from cifar_rounds.search.trial import NoTrial, StudyTrial, conclude, open_trial
+from cifar_rounds.training.trial import NoTrial, StudyTrial, open_trial
 
 from helpers import REPO, repo_params, run
 
@@ -223,7 +221,7 @@ def test_a_study_name_used_by_another_space_is_refused(tmp_path, monkeypatch):
 
 def test_a_run_without_a_sweep_imports_no_optuna():
     code = (
-        "import sys; from cifar_rounds.search.trial import open_trial; from "
+        "import sys; from cifar_rounds.training.trial import open_trial; from "
         "cifar_rounds.core.params import SweepParams; "
         "t = open_trial(SweepParams(study=None, trial=None, storage=None), 60.0); "
         "assert t.report(1, {'val_accuracy': 0.5}) is False and t.tags() == {}; print('optuna' in sys.modules)"
@@ -245,107 +243,6 @@ def _git_driver(tmp_path: Path, monkeypatch, dvc: bool = True, **changes):
         Repo.init(str(tmp_path)).close()
     run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], tmp_path)
     return new_driver(load_sweep(sweep_file(tmp_path, **changes), repo_params(), load_preset), repo_params())
-
-
-def test_trials_are_concluded_from_saved_experiments_and_lost_only_when_gone_for_good(tmp_path, monkeypatch):
-    """The queue's word is not the last: a saved experiment is a result, a briefly missing entry is not lost."""
-    from cifar_rounds.search import sweep as driver
-
-    d = _git_driver(tmp_path, monkeypatch)
-    trials = [d.study.ask() for _ in range(3)]
-    for t in trials:
-        t.set_user_attr("queue", d.queue)
-        t.report(0.5, 1)
-        t.set_user_attr("best_epoch", 1)  # as the train stage records it
-    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
-    run(["git", "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/r3-t000", head], tmp_path)  # saved, entry removed
-    experiment = d.client.get_run(d.parent_run_id).info.experiment_id
-    finished = d.client.create_run(experiment, tags={"sweep": "r3", "sweep.trial": "2"}).info.run_id
-    d.client.set_terminated(finished, "FINISHED")  # trained, but its experiment failed before it was saved
-    monkeypatch.setattr(driver, "queue_states", lambda names: {"r3-t002": "Failed"})
-    d.inherited = {0, 1, 2}
-
-    assert driver.settle(d) == [1]  # t001: missing from the queue for a moment only, still waited for
-    states = [t.state.name for t in d.study.get_trials()]
-    assert states[:3] == ["COMPLETE", "RUNNING", "FAIL"] and d.study.trials[0].value == 0.5
-    assert d.client.get_run(finished).data.tags["sweep.trial_state"] == "FAIL"
-    monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
-    assert driver.settle(d) == []
-    retried = [t.user_attrs["retry_of"] for t in d.study.get_trials() if "retry_of" in t.user_attrs]
-    assert d.study.trials[1].state.name == "FAIL" and sorted(retried) == [1, 2]
-
-
-def test_a_failing_queue_status_is_asked_again_then_stops_the_driver_leaving_the_trials_running(tmp_path, monkeypatch):
-    """Read as an empty queue, a failed `dvc queue status` would have every running trial taken for lost."""
-    from cifar_rounds.core.errors import StageError
-    from cifar_rounds.search import queue as dvcq
-    from cifar_rounds.search import sweep as driver
-
-    d = _git_driver(tmp_path, monkeypatch, dvc=False)  # a git repository without DVC: `dvc queue status` fails
-    t = d.study.ask()
-    t.set_user_attr("queue", d.queue)
-    experiment = d.client.get_run(d.parent_run_id).info.experiment_id
-    training = d.client.create_run(experiment, tags={"sweep": "r3", "sweep.trial": str(t.number)}).info.run_id
-    d.inherited = {t.number}
-    monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
-    monkeypatch.setattr(dvcq, "QUEUE_STATUS_PAUSE_S", 0.0)
-    asked = []
-    real_run = subprocess.run
-    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: asked.append(cmd) or real_run(cmd, **kw))
-
-    with pytest.raises(StageError) as error:
-        driver.settle(d)
-    assert re.match(r"sweep: `dvc queue status` failed 3 times \(exit \d+: ERROR: you are not inside", str(error.value))
-    assert "\n" not in str(error.value)
-    assert [cmd[-2:] for cmd in asked] == [["queue", "status"]] * 3
-    assert d.study.trials[t.number].state.name == "RUNNING"
-    assert (
-        d.client.get_run(training).info.status == "RUNNING"
-        and "sweep.trial_state" not in d.client.get_run(training).data.tags
-    )
-
-
-QUEUE_STATUS = """Task     Name      Created    Status
-1a2b3c4  r3-t000   10:01 AM   Running
-5d6e7f8  r3-t001   Jan 02, 2025   Success
-9a8b7c6            10:02 AM   Queued
-
-Worker status: 1 active, 0 idle
-"""
-
-
-def test_the_queue_status_table_is_read_and_anything_else_is_not():
-    from cifar_rounds.search.queue import parse_queue_status
-
-    states = parse_queue_status(QUEUE_STATUS)
-    assert states["r3-t000"] == "Running" and states["r3-t001"] == "Success" and len(states) == 3
-    assert parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n") == {}
-    for garbled in ("", "ERROR: unexpected error\n", QUEUE_STATUS.split("Worker")[0], "Task Name\nWorker status: 0\n"):
-        assert parse_queue_status(garbled) is None, garbled
-
-
-def test_a_task_left_running_by_a_worker_that_exited_is_orphaned_then_lost_and_retried(tmp_path, monkeypatch):
-    """DVC's queue can hand a task to a worker that is shutting down: Running forever, with no worker active."""
-    from cifar_rounds.search import queue as dvcq
-    from cifar_rounds.search import sweep as driver
-
-    d = _git_driver(tmp_path, monkeypatch)
-    t = d.study.ask()
-    t.set_user_attr("queue", d.queue)
-    table = QUEUE_STATUS.replace("1 active", "0 active")
-    monkeypatch.setattr(
-        dvcq.subprocess,
-        "run",
-        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table if "queue" in cmd else "", ""),
-    )
-    assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": dvcq.ORPHANED}
-    assert driver.settle(d) == [t.number]  # a worker may be starting: waited for LOST_AFTER_S first
-    monkeypatch.setattr(driver, "LOST_AFTER_S", 0.0)
-    assert driver.settle(d) == []
-    (retry,) = [u for u in d.study.get_trials() if u.user_attrs.get("retry_of") == t.number]
-    assert d.study.trials[t.number].state.name == "FAIL" and retry.params == d.study.trials[t.number].params
-    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, QUEUE_STATUS, ""))
-    assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": "Running"}  # with a worker active it is running
 
 
 def test_a_sweep_trial_never_takes_another_runs_checkpoint_for_its_own(tmp_path):
@@ -430,7 +327,8 @@ def test_promote_keeps_the_rounds_own_fixed_values_and_changes_only_the_searched
 
 
 def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
-    from cifar_rounds.search.spec import MedianPruner, Objective
+    from cifar_rounds.search.spec import Objective
+    from cifar_rounds.training.pruners import MedianPruner
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     url = f"sqlite:///{tmp_path}/optuna.db"
@@ -440,29 +338,145 @@ def _study_with_pruner(tmp_path, monkeypatch) -> tuple[optuna.Study, str]:
     return study, url
 
 
-def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_result_is_concluded(tmp_path, monkeypatch):
+def test_the_trial_hook_reports_prunes_by_the_studys_pruner_and_the_worker_returns_the_monitors_epoch(
+    tmp_path, monkeypatch
+):
+    from cifar_rounds.search.worker import FINAL_ATTR, TrialFailed, reported
+
     study, url = _study_with_pruner(tmp_path, monkeypatch)
     # two good trials complete; train.monitor (val_loss) chose epoch 3 in both: their checkpoints are evaluated
+    values = []
     for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):
         number = study.ask().number
         trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
         assert isinstance(trial, StudyTrial)
         assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
         assert trial.finish(pruned=False, best_epoch=3) == "COMPLETE"
-        assert study.trials[number].state.name == "RUNNING"  # until the driver sees the experiment succeed
-        assert conclude(study, number) == "COMPLETE"
+        assert study.trials[number].state.name == "RUNNING"  # until its worker has the experiment saved
+        values.append(reported(study._storage, "s", number))
+        study.tell(number, values[-1])
+    # the value at the monitor's best epoch (0.6), not the best of all epochs (0.7)
+    assert values == [0.6, 0.8]
     number = study.ask().number
     trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
     assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up: never pruned
     assert trial.report(2, {"val_accuracy": 0.1}) is True  # far below the median at epoch 2
-    assert trial.finish(pruned=True, best_epoch=1) == "PRUNED" and conclude(study, number) == "PRUNED"
+    assert trial.finish(pruned=True, best_epoch=1) == "PRUNED"
+    with pytest.raises(optuna.TrialPruned):
+        reported(study._storage, "s", number)
     silent = study.ask().number  # reported nothing (it died before its first epoch ended)
-    assert conclude(study, silent) == "FAIL"
-    states = [(t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=url).trials]
-    # the value at the monitor's best epoch (0.6), not the best of all epochs (0.7)
-    assert states == [("COMPLETE", 0.6), ("COMPLETE", 0.8), ("PRUNED", 0.1), ("FAIL", None)]
+    with pytest.raises(TrialFailed):
+        reported(study._storage, "s", silent)
+    assert study.trials[silent].user_attrs[FINAL_ATTR] == "no finite objective"  # not tried again
     # a finished trial is not reported to again (an applied experiment rerun later)
     assert isinstance(open_trial(SweepParams(study="s", trial=0, storage=url), 60.0), NoTrial)
+
+
+def _worker(d):
+    from cifar_rounds.core.interrupts import Interrupts
+    from cifar_rounds.search.worker import Worker
+
+    return Worker(d, None, "HEAD", 1, None, Interrupts())
+
+
+def test_a_failed_trial_is_tried_again_once_by_optunas_retry_and_only_final_fails_count(tmp_path, monkeypatch):
+    from cifar_rounds.search.study import counts, spent
+    from cifar_rounds.search.worker import FINAL_ATTR, TrialFailed
+
+    d = _git_driver(tmp_path, monkeypatch, enqueue=[])  # no preset waits before the retry
+    worker = _worker(d)
+
+    def failing(trial):
+        d.trial_values(trial)  # the values suggested, as a real trial's
+        raise TrialFailed("its experiment failed")
+
+    d.study.optimize(failing, n_trials=1, catch=(TrialFailed,), callbacks=[worker.ended])
+    first = d.study.trials[0]
+    waiting = [t for t in d.study.trials if t.state.name == "WAITING"]
+    assert len(waiting) == 1 and waiting[0].params == first.params  # the same values, queued by Optuna's retry
+    assert counts(d.study) == {"RETRIED": 1, "WAITING": 1} and spent(d.study) == 0
+    d.study.optimize(failing, n_trials=1, catch=(TrialFailed,), callbacks=[worker.ended])
+    assert d.study.trials[1].params == first.params  # the retry ran next
+    assert counts(d.study) == {"RETRIED": 1, "FAIL": 1} and spent(d.study) == 1  # a second failure counts
+
+    def invalid(trial):
+        d.trial_values(trial)
+        trial.set_user_attr(FINAL_ATTR, "invalid values")
+        raise TrialFailed("invalid values")
+
+    d.study.optimize(invalid, n_trials=1, catch=(TrialFailed,), callbacks=[worker.ended])
+    assert counts(d.study) == {"RETRIED": 1, "FAIL": 2}  # values that cannot succeed are not tried again
+
+
+def test_workers_that_started_together_past_the_budget_leave_the_last_started_trial_surplus(tmp_path, monkeypatch):
+    from cifar_rounds.search.study import counts, spent
+    from cifar_rounds.search.worker import surplus
+
+    d = _git_driver(tmp_path, monkeypatch, trials=2, enqueue=[])
+    done = d.study.ask()
+    d.study.tell(done, 0.5)
+    late = [d.study.ask(), d.study.ask()]  # two workers asked at the same moment for the last place
+    assert spent(d.study) == 3
+    assert [surplus(d.study, t.number, 2) for t in late] == [False, True]
+    late[1].set_user_attr("surplus", True)
+    d.study.tell(late[1], state=optuna.trial.TrialState.FAIL)
+    assert spent(d.study) == 2 and counts(d.study) == {"COMPLETE": 1, "RUNNING": 1, "SURPLUS": 1}
+
+
+def test_a_trial_whose_worker_died_is_failed_by_optunas_heartbeat_and_retried_with_its_runs_ended(
+    tmp_path, monkeypatch
+):
+    """The storage as workers open it: heartbeat on, every call still waited out; the stale callback ends the
+    trial's MLflow runs, tagged why, and queues its values again."""
+
+    from cifar_rounds.search.study import open_study
+    from cifar_rounds.training.trial import study_storage
+
+    d = _git_driver(tmp_path, monkeypatch, enqueue=[])
+    worker = _worker(d)
+    heartbeat = {"heartbeat_interval": 1, "grace_period": 1, "heartbeat_stale_trial_callback": worker.stale}
+    url = study_storage(d.sweep.storage, tmp_path)
+    study, storage, _ = open_study(d.sweep, url, 60.0, "w", heartbeat)
+    assert storage.get_heartbeat_interval() == 1
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)  # as the dead worker's heartbeat thread last did
+    experiment = d.client.get_run(d.parent_run_id).info.experiment_id
+    training = d.client.create_run(experiment, tags={"sweep": "r3", "sweep.trial": str(trial.number)}).info.run_id
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["FAIL", "WAITING"] and study.trials[1].params == trial.params
+    ended = d.client.get_run(training)
+    assert ended.info.status == "KILLED" and ended.data.tags["sweep.trial_state"] == "FAIL"
+    assert "sent no heartbeat" in ended.data.tags["cifar_rounds.end_reason"]
+
+
+def test_a_worker_takes_the_first_free_clone_and_resets_it_to_the_commit_and_the_workspaces_params(tmp_path):
+    from cifar_rounds.analysis.clones import head_commit, take_clone, uncommitted
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    run(["git", "init", "-q"], root)
+    Repo.init(str(root)).close()
+    (root / "params.yaml").write_text("a: 1\n")
+    (root / "code.py").write_text("x = 1\n")
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "base"], root)
+    commit = head_commit(root)
+    (root / "params.yaml").write_text("a: 2\n")  # what `rounds run` left in the workspace: the trials start from it
+    (root / "code.py").write_text("x = 2\n")
+    assert uncommitted(root) == ["code.py"]
+    first = take_clone(root)
+    second = take_clone(root)  # the first is held
+    assert (first.path.name, second.path.name) == ("w0", "w1")
+    (first.path / "stale.txt").write_text("an earlier trial's output")
+    first.reset(commit)
+    assert (first.path / "params.yaml").read_text() == "a: 2\n" and (first.path / "code.py").read_text() == "x = 1\n"
+    assert not (first.path / "stale.txt").exists() and head_commit(first.path) == commit
+    cache = run([sys.executable, "-m", "dvc", "cache", "dir"], first.path).stdout.strip()
+    assert Path(cache) == root / ".dvc" / "cache"  # one cache, shared
+    first.lock.close()  # its worker ended: free again, and reused as it is
+    assert take_clone(root).path == first.path
 
 
 def test_a_trial_of_a_missing_study_is_one_line(tmp_path, monkeypatch):
@@ -627,33 +641,6 @@ def test_the_proposed_sweeps_trial_budget_is_the_reports_option_a_positive_whole
         assert result.returncode == 1 and result.stderr == refusal.format(text), result.stderr
 
 
-def test_queueing_waits_out_a_held_git_index_and_removes_one_a_killed_process_left(tmp_path, monkeypatch):
-    from cifar_rounds.core.errors import StageError
-    from cifar_rounds.search import queue as dvcq
-
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(dvcq, "QUEUE_PAUSE_S", 0.0)
-    lock = tmp_path / ".git" / "index.lock"
-    lock.parent.mkdir()
-    lock.touch()
-    answers = []
-
-    def dvc(cmd, **kwargs):  # git's index stays locked while the lock file is there
-        answers.append(lock.exists())
-        locked = "ERROR: unexpected error - the index is locked; this might be due to a concurrent process\n"
-        return subprocess.CompletedProcess(cmd, 255 if lock.exists() else 0, "", locked if lock.exists() else "")
-
-    monkeypatch.setattr(dvcq.subprocess, "run", dvc)
-    # a fresh lock is another process's: waited for, never removed, and in the end one line
-    with pytest.raises(StageError, match="dvc exp run --queue failed for s-t004: ERROR: unexpected error - the index"):
-        dvcq.queue_experiment("s-t004", {})
-    assert answers == [True] * dvcq.QUEUE_TRIES and lock.exists()
-    os.utime(lock, (time.time() - 60, time.time() - 60))  # left by a killed process
-    answers.clear()
-    dvcq.queue_experiment("s-t004", {})
-    assert answers == [True, False] and not lock.exists()
-
-
 def test_the_busy_share_counts_the_time_k_spans_overlap():
     from cifar_rounds.search.report import most_running, share_running
 
@@ -690,92 +677,6 @@ def test_the_sweep_report_states_the_share_of_time_its_workers_trained(tmp_path,
     assert "2 or more trainings ran 85% of the 2.2 min" in unknown
 
 
-def test_the_driver_keeps_each_workers_next_trial_queued_and_starts_workers_only_when_needed(monkeypatch):
-    """Workers ending together each find their next trial; `dvc queue start` (a DVC process) is not run each poll."""
-    from types import SimpleNamespace
-
-    from cifar_rounds.search import sweep as driver
-
-    queue, budget, seen = [], iter(range(10)), []  # the trials queued or running; when workers were started
-    polled = []
-
-    def queue_next(d):
-        number = next(budget, None)
-        if number is not None:
-            queue.append(number)
-        return number is not None
-
-    def settle(d):
-        if polled and queue:
-            polled.pop()
-            queue.pop(0)  # a trial ends at every poll
-        return list(queue)
-
-    d = SimpleNamespace(study=SimpleNamespace(get_trials=lambda deepcopy: []), ours=lambda t: True)
-    monkeypatch.setattr(driver, "queue_next", queue_next)
-    monkeypatch.setattr(driver, "settle", settle)
-    monkeypatch.setattr(driver, "start_workers", lambda workers: seen.append(len(queue)))
-    monkeypatch.setattr(driver, "stop_idle_workers", lambda: seen.append("stop"))
-    monkeypatch.setattr(driver, "counts", lambda study: {})
-    monkeypatch.setattr(driver.time, "sleep", lambda s: polled.append(s))
-    polls = iter(range(0, 10_000, 5))
-    monkeypatch.setattr(driver.time, "monotonic", lambda: next(polls))
-    driver.drive(d, workers=2, poll_s=5)
-    # 2 training, 2 ready and 1 queued; the workers started as each trial was queued, not at each poll; and
-    # sent away at the end
-    assert seen == [5] * 6 + ["stop"]
-
-
-def test_the_workers_are_stopped_at_the_end_only_when_nothing_else_is_queued_or_running(tmp_path, monkeypatch):
-    """A worker whose monitor died idles for good: the driver stops the workers once the queue is done."""
-    from cifar_rounds.search import queue as dvcq
-
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    (tmp_path / dvcq.WORKERS_LOG).parent.mkdir(parents=True)
-    asked, table = [], ""
-    monkeypatch.setattr(
-        dvcq.subprocess,
-        "run",
-        lambda cmd, **kw: asked.append(cmd[3:]) or subprocess.CompletedProcess(cmd, 0, table, ""),
-    )
-    busy = QUEUE_STATUS
-    done = QUEUE_STATUS.replace("Running", "Success").replace("Queued", "Failed")
-    for table, stopped in (
-        (busy, False),
-        (QUEUE_STATUS.replace("Queued", "Success"), False),
-        (done, True),
-        ("", False),
-    ):
-        asked.clear()
-        assert dvcq.stop_idle_workers() is stopped
-        assert asked == [["queue", "status"]] + ([["queue", "stop"]] if stopped else [])
-
-
-def test_a_task_whose_process_runs_is_not_orphaned_when_its_worker_shuts_down(tmp_path, monkeypatch):
-    """A worker whose monitor asked while it was busy shuts down after its task, answering no inspection: the
-    queue shows 0 active workers while the task's own process still trains it."""
-    from dvc_task.proc.process import ProcessInfo
-
-    from cifar_rounds.search import queue as dvcq
-
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    run(["git", "init", "-q"], tmp_path)
-    with Repo.init(str(tmp_path)) as repo:
-        processes = repo.experiments.celery_queue.proc  # where DVC's queue records its tasks' processes
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    table = QUEUE_STATUS.replace("1 active", "0 active")
-    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, table, ""))
-    rev = "1a2b3c4d5e" + "0" * 30
-    (Path(processes.wdir) / rev).mkdir(parents=True)
-    for pid, returncode, state in (
-        (os.getpid(), None, "Running"),  # alive, not ended: running
-        (os.getpid(), 0, dvcq.ORPHANED),  # ended
-        (int(ended.stdout), None, dvcq.ORPHANED),  # gone without recording its end
-    ):
-        processes[rev] = ProcessInfo(pid, None, None, None, returncode)
-        assert dvcq.queue_states({"r3-t000"}) == {"r3-t000": state}, (pid, returncode)
-
-
 def test_a_trial_ended_by_the_driver_while_it_trains_stops_in_one_line(tmp_path, monkeypatch):
     from cifar_rounds.core.errors import StageError
 
@@ -788,50 +689,8 @@ def test_a_trial_ended_by_the_driver_while_it_trains_stops_in_one_line(tmp_path,
         trial.report(2, {"val_accuracy": 0.6})
 
 
-def test_the_queue_runs_as_many_workers_ready_as_training_and_caps_the_projects_trainings(tmp_path, monkeypatch):
-    from cifar_rounds.search import queue as dvcq
-    from cifar_rounds.training.lease import TRAININGS_ENV
-
-    started = []
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(dvcq.subprocess, "run", lambda cmd, **kw: started.append((cmd, kw)))
-    dvcq.start_workers(3)
-    ((cmd, kw),) = started
-    assert cmd[-4:] == ["queue", "start", "-j", "6"] and kw["env"][TRAININGS_ENV] == "3"
-    assert kw["start_new_session"] and (tmp_path / dvcq.WORKERS_LOG).exists()  # detached, its output logged
-
-
-def test_trials_whose_training_ended_are_the_pruners_references_before_the_driver_concludes_them(tmp_path, monkeypatch):
-    # the driver concludes a trial after its evaluation and DVC's bookkeeping, or not at all while it is stopped;
-    # the trials training meanwhile are judged against those that trained to their end
-    study, url = _study_with_pruner(tmp_path, monkeypatch)
-    for accuracies in ([0.5, 0.7, 0.6], [0.5, 0.65, 0.8]):
-        number = study.ask().number
-        trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
-        assert not any(trial.report(e, {"val_accuracy": a}) for e, a in enumerate(accuracies, 1))
-        trial.finish(pruned=False, best_epoch=3)
-    stopped = study.ask().number  # pruned, not concluded: no reference
-    trial = open_trial(SweepParams(study="s", trial=stopped, storage=url), 60.0)
-    trial.report(1, {"val_accuracy": 0.1})
-    trial.finish(pruned=True, best_epoch=1)
-    assert [t.state.name for t in study.trials] == ["RUNNING"] * 3
-    number = study.ask().number
-    trial = open_trial(SweepParams(study="s", trial=number, storage=url), 60.0)
-    assert trial.report(1, {"val_accuracy": 0.1}) is False  # within the warm-up
-    assert trial.report(2, {"val_accuracy": 0.68}) is False  # above the median of the two trained trials (0.675)
-    assert trial.report(3, {"val_accuracy": 0.5}) is True  # its best (0.68) below their median (0.7): pruned
-    # while one trial has trained, the pruner still waits for its startup trials
-    (tmp_path / "lone").mkdir()
-    lone, lone_url = _study_with_pruner(tmp_path / "lone", monkeypatch)
-    first = open_trial(SweepParams(study="s", trial=lone.ask().number, storage=lone_url), 60.0)
-    [first.report(e, {"val_accuracy": 0.9}) for e in (1, 2, 3)]
-    first.finish(pruned=False, best_epoch=3)
-    second = open_trial(SweepParams(study="s", trial=lone.ask().number, storage=lone_url), 60.0)
-    assert not any(second.report(e, {"val_accuracy": 0.1}) for e in (1, 2, 3))
-
-
 def test_a_threshold_pruner_stops_a_trial_at_chance_after_its_warm_up_whatever_the_others_did(tmp_path, monkeypatch):
-    from cifar_rounds.search.spec import ThresholdPruner
+    from cifar_rounds.training.pruners import ThresholdPruner
 
     study, url = _study_with_pruner(tmp_path, monkeypatch)
     study.set_user_attr("pruner", ThresholdPruner(kind="threshold", lower=0.11, warmup_epochs=2).model_dump())
@@ -851,22 +710,3 @@ def test_the_optimism_of_the_best_trial_is_the_expected_maximum_of_normal_draws(
     assert selection_optimism(3, 2.0) == pytest.approx(2 * 3 / (2 * math.sqrt(math.pi)), abs=1e-6)
     draws = np.random.default_rng(0).normal(0.0, 0.005, (20_000, 12))
     assert selection_optimism(12, 0.005) == pytest.approx(np.mean(draws.max(axis=1) - draws[:, 0]), rel=0.02)
-
-
-def test_a_moved_repository_keeps_its_queues_trials_and_another_repository_has_its_own_queue(tmp_path, monkeypatch):
-    """A trial left RUNNING by the driver of a repository since moved is still its queue's, to settle; the
-    queue's id lives beside DVC's queue state, not in the path."""
-    from cifar_rounds.search.study import new_driver, queue_id
-
-    (tmp_path / "a").mkdir()
-    d = _git_driver(tmp_path / "a", monkeypatch)
-    trial = d.study.ask()
-    trial.set_user_attr("queue", d.queue)  # as the driver queues it
-    (tmp_path / "a").rename(tmp_path / "b")
-    moved = tmp_path / "b"
-    monkeypatch.chdir(moved)
-    monkeypatch.setenv("DVC_ROOT", str(moved))
-    again = new_driver(load_sweep(moved / "sweep.yaml", repo_params(), load_preset), repo_params())
-    assert again.queue == d.queue and again.ours(again.study.trials[trial.number])
-    (tmp_path / "c").mkdir()
-    assert queue_id(tmp_path / "c") != queue_id(moved) == queue_id(moved)

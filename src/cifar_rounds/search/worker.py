@@ -85,7 +85,7 @@ class Worker:
             self.clone.push(name, self.team_remote)
         except StageError as error:
             raise TrialFailed(str(error)) from None
-        return reported(self.d, trial)
+        return reported(self.d.storage, self.d.sweep.study, trial.number)
 
     def run(self, command: list[str]) -> int:
         """`command` in the clone to its end; a signal to this worker is passed on to it as Ctrl-C."""
@@ -154,18 +154,18 @@ def surplus(study, number: int, budget: int) -> bool:
     return over > 0 and number in running[-over:]
 
 
-def reported(d: Driver, trial) -> float:
+def reported(storage, study: str, number: int) -> float:
     """The objective at the epoch train.monitor selected (the checkpoint a round would evaluate): the training's
     report; PRUNED when the pruner stopped it; FAIL, not tried again, when that value is not finite."""
     import optuna
 
-    study_id = d.storage.get_study_id_from_name(d.sweep.study)
-    frozen = d.storage.get_trial(d.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study), number)
+    frozen = storage.get_trial(trial_id)
     if frozen.user_attrs.get(PRUNED_ATTR):
         raise optuna.TrialPruned(f"pruned after epoch {max(frozen.intermediate_values, default=0)}")
     value = frozen.intermediate_values.get(frozen.user_attrs.get(BEST_EPOCH_ATTR))
     if value is None or not math.isfinite(value):
-        trial.set_user_attr(FINAL_ATTR, "no finite objective")
+        storage.set_trial_user_attr(trial_id, FINAL_ATTR, "no finite objective")
         raise TrialFailed(f"no finite objective at its best epoch ({value})")
     return value
 
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
     import optuna
 
-    # the heartbeat's helpers are marked experimental
+    # the heartbeat and its helpers are marked experimental; Optuna warns of a heartbeat used outside optimize (a
+    # study the worker only reads)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is said in one line, below
     base = load_params()
