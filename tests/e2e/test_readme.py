@@ -1,10 +1,10 @@
-"""Every command the README quotes, and the commands the download error suggests, run as written.
+"""Every command the README and docs/ quote, and the commands the download error suggests, run as written.
 
-Each README command is accounted for: run as written here (in a copy of the
-repository, or in the offline demo's repository it leaves), or, where as written
-it trains full rounds or needs other machines, named with the test that runs the
-same command at tiny settings. A command added to the README without an entry
-here fails the first test.
+Each command of README.md and docs/*.md is accounted for: run as written here (in a copy of the
+repository, or in the offline demo's repository it leaves), or, where as written it trains full
+rounds or needs other machines, named with the test that runs the same command at tiny settings.
+A command added to a page without an entry here fails the first test. The README stays a
+first-hour page: at most 200 lines, linking every page of docs/.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from cifar_rounds.data.synthetic import write_archive
 
 from helpers import REPO, read_json, repository_copy, run, serving
 
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+README_MAX_LINES = 200
+SET_UP = "scripts/setup.sh && source .venv/bin/activate"
+DEMO = "cifar-rounds demo"
 AFTER_A_RUN = [
     "dvc metrics show",
     "dvc plots show",
@@ -32,64 +36,84 @@ AFTER_A_RUN = [
     "dvc exp show --no-pager --only-changed --drop 'Created|State|Executor'",
 ]
 UI = "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
-RUN_HERE = ["scripts/pipeline.sh", "scripts/offline.sh", "scripts/test.sh -m gpu", *AFTER_A_RUN, UI]
-# As written these train full rounds (200-250 epochs at full width): the named test runs the same command
-# with tiny settings (a generated archive, width 8, a few epochs) on a real DVC repository.
+# the first hour's opening, run in this order by the demo test: set up, the demo, into its folder, then each command
+RUN_HERE = ["scripts/pipeline.sh", SET_UP, DEMO, "cd offline-demo", "scripts/test.sh -m gpu", *AFTER_A_RUN, UI]
+ROUNDS = "e2e/test_rounds.py::rounds_project"
+LOOP = "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written"
+REPORT = "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements"
+OVERRIDES = "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows"
+SWEEP = (
+    "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round"
+)
+# As written these train full rounds (200-250 epochs at full width), or the demo's rounds and sweep (minutes each):
+# the named test runs the same command with tiny settings (a generated archive, width 8, a few epochs) on a real
+# DVC repository.
 AT_TINY_SETTINGS = {
     'mlflow run . --env-manager local --experiment-name cifar-rounds -P preset=round-1 -P overrides="train.patience=40"': "e2e/test_tracking.py::test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params",
-    "python -m cifar_rounds.analysis.rounds run round-1 --seeds 5": "e2e/test_rounds.py::rounds_project",
-    "python -m cifar_rounds.analysis.rounds run round-2 --seeds 5 --queue": "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
-    "python -m cifar_rounds.analysis.rounds run round-2 -S train.num_epochs=3 -S train.lr_milestones=[1,2]": "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
-    "python -m cifar_rounds.analysis.rounds run round-2 --epochs 10": "e2e/test_rounds.py::rounds_project",
-    "python -m cifar_rounds.analysis.rounds run round-2 --force": "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows",
+    # README, the first hour (in offline-demo/)
+    "cifar-rounds run round-1 --epochs 4 --seeds 3": ROUNDS,
+    "cifar-rounds run round-2 --epochs 4 --seeds 3": ROUNDS,
+    "cifar-rounds report round-1 round-2": REPORT,
+    "cifar-rounds sweep sweeps/demo.yaml --workers 2": SWEEP,
+    "cifar-rounds promote sweeps/demo.yaml round-3": LOOP,
+    "cifar-rounds run round-3 --epochs 4 --seeds 3": LOOP,
+    "cifar-rounds report round-2 round-3 --move-aliases": LOOP,
+    # docs/rounds-and-verdict.md
+    "cifar-rounds run round-1 --seeds 5": ROUNDS,
+    "cifar-rounds run round-2 --seeds 5 --queue": OVERRIDES,
+    "cifar-rounds run round-2 -S train.num_epochs=3 -S train.lr_milestones=[1,2]": OVERRIDES,
+    "cifar-rounds run round-2 --epochs 10": ROUNDS,
+    "cifar-rounds run round-2 --force": OVERRIDES,
     "dvc params diff round-1-s0 round-2-s0": "e2e/test_rounds.py::test_dvc_compares_the_two_rounds",
     "dvc metrics diff round-1-s0 round-2-s0": "e2e/test_rounds.py::test_dvc_compares_the_two_rounds",
-    "python -m cifar_rounds.analysis.report round-1 round-2": "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements",
-    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2": "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round",
-    "python -m cifar_rounds.search.sweep sweeps/round-3.yaml --no-run --promote round-3": "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written",
-    "python -m cifar_rounds.analysis.rounds run round-3 --seeds 5": "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written",
-    "python -m cifar_rounds.analysis.report round-2 round-3": "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements",
-    "python -m cifar_rounds.analysis.report round-1 round-2 --move-aliases": "e2e/test_rounds.py::test_move_aliases_moves_round_aliases_to_best_seeds_by_validation_and_decides_the_champion",
-    "python -m cifar_rounds.analysis.report round-2 round-3 --move-aliases": "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written",
+    "cifar-rounds report round-1 round-2 --move-aliases": "e2e/test_rounds.py::test_move_aliases_moves_round_aliases_to_best_seeds_by_validation_and_decides_the_champion",
+    # docs/sweep.md
+    "cifar-rounds sweep sweeps/round-3.yaml --workers 2": SWEEP,
+    "cifar-rounds promote sweeps/round-3.yaml round-3": LOOP,
+    "cifar-rounds run round-3 --seeds 5": LOOP,
+    "cifar-rounds report round-2 round-3": REPORT,
 }
 # As written these need what one test machine lacks: 8 GPUs, a team's server host, a shared remote, a clone URL.
 # The named test runs the same flow on 127.0.0.1, a local remote and a local clone.
 SHARED = "e2e/test_shared_store.py::test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rounds"
+TEAM = "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server"
+DDP = "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes"
 ELSEWHERE = {
     "torchrun --standalone --nproc_per_node=8 -m cifar_rounds.stages.train --split data/split.npz --models models "
-    "--history reports/history.csv --summary reports/train_summary.json": "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes",
+    "--history reports/history.csv --summary reports/train_summary.json": DDP,
     "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///srv/mlflow/mlflow.db "
-    "--artifacts-destination /srv/mlflow/artifacts": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    "dvc remote add -d team /shared/dvc-remote": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    'dvc repro && git add -A && git commit -m "round 2" && dvc push && git push': "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    "git clone ... && cd ... && scripts/setup.sh && .venv/bin/dvc pull": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
-    ".venv/bin/dvc repro": "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server",
+    "--artifacts-destination /srv/mlflow/artifacts": TEAM,
+    "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000": TEAM,
+    "dvc remote add -d team /shared/dvc-remote": TEAM,
+    'dvc repro && git add -A && git commit -m "round 2" && dvc push && git push': TEAM,
+    "git clone ... && cd ... && scripts/setup.sh && .venv/bin/dvc pull": TEAM,
+    ".venv/bin/dvc repro": TEAM,
     "createdb optuna && createdb mlflow": SHARED,
     "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri postgresql+psycopg2://team@db.internal/mlflow "
     "--artifacts-destination /shared/mlartifacts": SHARED,
     "export PGPASSWORD=...  MLFLOW_TRACKING_URI=http://127.0.0.1:5000": SHARED,
-    "python -m cifar_rounds.search.sweep sweeps/team.yaml --workers 8": SHARED,
+    "cifar-rounds sweep sweeps/team.yaml --workers 8": SHARED,
     "dvc exp push origin round-2-s0 && dvc exp pull origin round-2-s0": SHARED,
     "torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=node0.internal:29500 -m cifar_rounds.stages.train "
-    "--split data/split.npz --models models --history reports/history.csv --summary reports/train_summary.json": "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes",
+    "--split data/split.npz --models models --history reports/history.csv --summary reports/train_summary.json": DDP,
     # the suite itself, as CI runs it, and its fast subset
     "scripts/test.sh": "CI",
     'scripts/test.sh -m "not slow"': "CI",
     "scripts/test.sh tests/e2e/test_ui.py": "CI",
 }
-# As written, run by the named test (in a copy it makes, whose original it deletes).
+# As written, run by the named test.
 RUN_BY_TEST = {
-    "python -m cifar_rounds.stages.relocate": "e2e/test_record.py::test_a_copy_whose_original_is_gone_loads_and_serves_its_champion_after_one_command",
+    # in a copy it makes, whose original it deletes
+    "cifar-rounds relocate": "e2e/test_record.py::test_a_copy_whose_original_is_gone_loads_and_serves_its_champion_after_one_command",
+    "scripts/figures.sh": "e2e/test_figures.py::test_the_figures_script_makes_both_images_from_the_offline_demo",
 }
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def readme_commands() -> list[str]:
-    """Every command of the README's bash blocks: continuation lines joined, comments dropped."""
-    text = (REPO / "README.md").read_text()
+def page_commands(page: Path) -> list[str]:
+    """Every command of a page's bash blocks (indented ones too): continuation lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
         for line in re.sub(r"\\\n\s*", "", block).splitlines():
             command = line.split("  #")[0].strip()
             if command and not command.startswith("#"):
@@ -97,13 +121,35 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def test_every_readme_command_is_run_here_or_by_a_named_test():
+def test_every_command_of_the_readme_and_docs_is_run_here_or_by_a_named_test():
     accounted = {*RUN_HERE, *AT_TINY_SETTINGS, *ELSEWHERE, *RUN_BY_TEST}
-    assert set(readme_commands()) == accounted
+    assert {c for page in PAGES for c in page_commands(page)} == accounted
     for where in [*AT_TINY_SETTINGS.values(), *ELSEWHERE.values(), *RUN_BY_TEST.values()]:
         if where != "CI":
             file, name = where.split("::")
             assert re.search(rf"^def {name}\(", (REPO / "tests" / file).read_text(), re.M), where
+
+
+def test_the_readme_is_a_first_hour_page_that_links_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)(?:#[^)]*)?\)", readme))
+    assert {f"docs/{p.name}" for p in PAGES[1:]} <= linked
+    assert not [c for c in page_commands(REPO / "README.md") if "python -m cifar_rounds" in c]  # the command's name
+
+
+def test_every_relative_link_and_image_of_the_pages_is_a_file_and_every_anchor_a_heading():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.is_file(), f"{page.name}: {target}"
+            if anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                assert anchor in slugs, f"{page.name}: {target}"
 
 
 def official_url_reachable() -> bool:
@@ -146,15 +192,18 @@ def test_pipeline_offline_fails_with_the_download_error_whose_advice_works_as_wr
 
 
 @pytest.mark.slow
-def test_the_offline_demo_then_every_after_a_run_command_and_the_ui_as_written(tmp_path):
+def test_the_first_hour_opening_then_every_after_a_run_command_and_the_ui_as_written(tmp_path):
+    opening = [SET_UP, DEMO, "cd offline-demo", *AFTER_A_RUN, UI]
+    assert page_commands(REPO / "README.md")[2 : 2 + len(opening)] == opening  # the README's order
     repo = repository_copy(tmp_path / "repo")
     before = (repo / "params.yaml").read_bytes()
     start = time.monotonic()
-    out = run(["scripts/offline.sh"], repo).stdout
-    print(f"scripts/offline.sh took {time.monotonic() - start:.0f} s")
+    # as a user types them, in a shell whose PATH has no .venv: activating it puts `cifar-rounds` there
+    out = run(["bash", "-c", f"{SET_UP} && {DEMO}"], repo, PATH="/usr/local/bin:/usr/bin:/bin").stdout
+    print(f"{DEMO} took {time.monotonic() - start:.0f} s")
     for stage in ("download", "split", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
-    demo = repo / "offline-demo"
+    demo = repo / "offline-demo"  # cd offline-demo
     metrics = read_json(demo / "metrics.json")
     # it ends with the headline, not a table; DVC's advice to `git add` is not printed (the demo commits)
     assert out.strip().splitlines()[-1] == "every metric: dvc metrics show" and "per_class_accuracy" not in out

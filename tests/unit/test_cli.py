@@ -176,6 +176,17 @@ def test_check_of_a_sweep_reads_params_yaml_as_its_trials_would(workdir, capsys)
     assert status == 1 and out == [] and len(err) == 1 and err[0].startswith("error: params.yaml: ")
 
 
+def test_the_shipped_presets_and_sweep_files_pass_the_check(monkeypatch, capsys):
+    """What the README and docs run: every preset of rounds/ and sweep file of sweeps/, on the repository's params."""
+    monkeypatch.chdir(REPO)
+    presets = sorted(p.stem for p in (REPO / "rounds").glob("*.yaml"))
+    sweeps = sorted(str(p.relative_to(REPO)) for p in (REPO / "sweeps").glob("*.yaml"))
+    assert "sweeps/demo.yaml" in sweeps and presets == ["round-1", "round-2"]
+    argv = [f"--preset={name}" for name in presets] + [f"--sweep={path}" for path in sweeps]
+    status, out, err = check(argv, capsys)
+    assert (status, err) == (0, []) and len(out) == len(presets) + len(sweeps)
+
+
 def test_the_console_script_and_python_m_print_the_same_help():
     installed = Path(BIN) / "cifar-rounds"
     assert installed.exists(), "run scripts/setup.sh: it installs the package with its console script"

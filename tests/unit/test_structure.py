@@ -117,9 +117,9 @@ def test_tracking_and_report_import_no_torch_heavy_module():
         assert not closure(light) & heavy, light
 
 
-def test_readme_rounds_table_is_the_preset_files(monkeypatch):
+def test_the_docs_rounds_table_is_the_preset_files(monkeypatch):
     monkeypatch.chdir(REPO)
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "rounds-and-verdict.md").read_text()
     header = re.search(r"^\| \| (learning_rate.*) \|$", readme, re.M).group(1).split(" | ")
     for name in preset_names():
         row = re.search(rf"^\| {name} \| (.*) \|$", readme, re.M).group(1).split(" | ")
