@@ -379,15 +379,16 @@ def _worker(d):
     return Worker(d, None, "HEAD", 1, None, Interrupts())
 
 
-def test_a_failed_trial_is_tried_again_once_by_optunas_retry_and_only_final_fails_count(tmp_path, monkeypatch):
+def test_a_failed_trial_is_tried_again_by_optunas_retry_and_only_its_second_own_failure_counts(tmp_path, monkeypatch):
     from cifar_rounds.search.study import counts, spent
-    from cifar_rounds.search.worker import FINAL_ATTR, TrialFailed
+    from cifar_rounds.search.worker import FAILURES_ATTR, FINAL_ATTR, TrialFailed
 
     d = _git_driver(tmp_path, monkeypatch, enqueue=[])  # no preset waits before the retry
     worker = _worker(d)
 
     def failing(trial):
         d.trial_values(trial)  # the values suggested, as a real trial's
+        trial.set_user_attr(FAILURES_ATTR, trial.user_attrs.get(FAILURES_ATTR, 0) + 1)  # as the worker counts them
         raise TrialFailed("its experiment failed")
 
     d.study.optimize(failing, n_trials=1, catch=(TrialFailed,), callbacks=[worker.ended])
@@ -406,6 +407,14 @@ def test_a_failed_trial_is_tried_again_once_by_optunas_retry_and_only_final_fail
 
     d.study.optimize(invalid, n_trials=1, catch=(TrialFailed,), callbacks=[worker.ended])
     assert counts(d.study) == {"RETRIED": 1, "FAIL": 2}  # values that cannot succeed are not tried again
+
+    def stopped(trial):
+        d.trial_values(trial)
+        raise TrialFailed("stopped with its sweep")  # no failure of its own counted
+
+    for _ in range(3):  # the sweep stopped during this trial, its retry and the retry's
+        d.study.optimize(stopped, n_trials=1, catch=(TrialFailed,), callbacks=[worker.ended])
+    assert counts(d.study) == {"RETRIED": 4, "FAIL": 2, "WAITING": 1}
 
 
 def test_workers_that_started_together_past_the_budget_leave_the_last_started_trial_surplus(tmp_path, monkeypatch):

@@ -16,23 +16,29 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from contextlib import suppress
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import IO
 
 from cifar_rounds.core.errors import StageError
+from cifar_rounds.core.interrupts import Interrupts
 from cifar_rounds.core.names import TRAININGS_ENV
 from cifar_rounds.core.params import PARAMS_FILE
-from cifar_rounds.tracking.store import PROJECT_ENV
+from cifar_rounds.tracking.store import PROJECT_ENV, repo_root
 
 CLONES_DIR = Path(".dvc/tmp/clones")  # in the repository: DVC's own .gitignore keeps .dvc/tmp out of git
 STARTED_FROM = (PARAMS_FILE, Path("dvc.lock"))  # the workspace's files an experiment starts from
 LINKS = "hardlink,symlink"  # outputs are links into the shared cache: an experiment copies no file
 MADE = Path(".dvc/config.local")  # written last when a clone is made: a clone without it was cut short
 IDENTITY = ("user.name", "user.email")  # the repository's committer, for the experiments' commits
+LOGS_DIR = CLONES_DIR / "logs"  # each experiment's DVC output, by its name
+POLL_S = 0.5  # how often experiments running side by side are looked at
 
 
 def last_line(text: str) -> str:
@@ -139,3 +145,35 @@ def made(root: Path, path: Path) -> None:
             git(["config", key, value], path)
     dvc(["config", "--local", "cache.type", LINKS], path)
     dvc(["config", "--local", "cache.dir", dvc(["cache", "dir"], root)], path)
+
+
+def run_in_clones(runs: list[tuple[str, list[str]]], workers: int, interrupts: Interrupts) -> None:
+    """Each named experiment command in a clone, `workers` at once, each pushed to the repository once saved; raises
+    if any failed or a signal came (passed on to each running experiment as Ctrl-C)."""
+    root = repo_root()
+    commit, todo, running, failed, passed_on = head_commit(root), list(runs), {}, [], 0
+    free = [take_clone(root) for _ in range(min(workers, len(runs)))]
+    while (todo and not interrupts.signals) or running:
+        while todo and free and not interrupts.signals:
+            clone, (name, command) = free.pop(), todo.pop(0)
+            clone.reset(commit)
+            log = root / LOGS_DIR / f"{name}.log"
+            print(f"{name}: runs in {clone.path.relative_to(root)}; DVC's output: {log.relative_to(root)}", flush=True)
+            running[clone.start(command, log, workers)] = (clone, name)
+        if len(interrupts.signals) > passed_on:
+            passed_on = len(interrupts.signals)
+            for proc in running:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+        for proc in [p for p in running if p.poll() is not None]:
+            clone, name = running.pop(proc)
+            if proc.returncode == 0:
+                clone.push(name, None)
+                print(f"{name}: saved; `dvc exp show` lists it", flush=True)
+            else:
+                failed.append(f"{name} (exit {proc.returncode}; {(root / LOGS_DIR / f'{name}.log').relative_to(root)})")
+            free.append(clone)
+        time.sleep(POLL_S)
+    interrupts.stop_if_any("the replicates (the saved ones are kept; the same command runs the others)")
+    if failed:
+        raise StageError(f"dvc exp run failed for {', '.join(failed)}; the same command runs what is not saved")

@@ -4,7 +4,9 @@ A round's values live in `rounds/<name>.yaml` (a partial params.yaml, validated
 by `Params`). Every value of the preset is passed with -S, because `dvc exp run
 -S` in the workspace keeps earlier changes to params.yaml: a round is fully
 defined by its preset plus the overrides given here, never by what ran before.
-Replicates (`--seeds N`) differ only in `train.seed` and are named NAME-s0 ... NAME-s{N-1}.
+Replicates (`--seeds N`) differ only in `train.seed` and are named NAME-s0 ... NAME-s{N-1};
+`--workers K` runs K at once, each in a clone of the repository (analysis/clones.py), and saves
+each here as it finishes. `--queue` hands them to DVC's own queue, as `dvc exp run --queue` does.
 
 A rerun continues: an experiment already saved on this commit with the same values
 is skipped (said so), so `--seeds 3` after `--seeds 2` runs NAME-s2 only; `--force`
@@ -19,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from cifar_rounds.analysis.clones import run_in_clones
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.inputs import read_text
@@ -196,12 +199,12 @@ def run_preset(args: argparse.Namespace) -> None:
         runs = replicates(name, values, args.seeds)
         if not args.force:
             runs = runs_to_do(runs, saved_experiments(Path.cwd()), load_params())
-        run_all(runs, mode, interrupts)
+        if args.workers is None:
+            run_all(runs, mode, interrupts)
+        else:  # side by side, each in a clone: this workspace's params.yaml is not touched
+            run_in_clones([(n, exp_run_command(n, v, mode)) for n, v in runs], args.workers, interrupts)
     if args.queue and runs:
-        print(
-            "queued; start the workers with: dvc queue start -j 2 (and watch: dvc queue status); each training "
-            "takes its share of the machine's GPUs or CPU cores by itself"
-        )
+        print("queued in DVC's own queue; start it with: dvc queue start (and watch: dvc queue status)")
 
 
 def show_preset(args: argparse.Namespace) -> None:
@@ -238,7 +241,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     )
     run.add_argument("-f", "--force", action="store_true", help="replace an experiment of the same name")
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--queue", action="store_true", help="queue it (then: dvc queue start)")
+    where.add_argument(
+        "--workers",
+        type=int,
+        metavar="K",
+        help="run K experiments at once, each in its own clone of the repository, saved here as they finish",
+    )
+    where.add_argument("--queue", action="store_true", help="queue them in DVC's own queue (then: dvc queue start)")
     where.add_argument("--temp", action="store_true", help="run in a temporary copy; the workspace stays as it is")
     show = sub.add_parser("show", help="print a preset's values")
     show.add_argument("preset", help="a preset name")
@@ -246,6 +255,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "seeds", None) is not None and args.seeds < 1:
         parser.error("--seeds: at least 1")
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        parser.error("--workers: at least 1")
     args.handler(args)
 
 

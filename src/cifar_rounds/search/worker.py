@@ -6,8 +6,8 @@ tried again with the same values by Optuna's retry callback, in whichever worker
 trial is `dvc exp run` up to `train` with every value set; the training reports each epoch to the trial
 and stops when it is pruned. The objective is the value reported at the epoch `train.monitor` selected.
 The saved experiment is then pushed to the repository. A trial whose experiment failed (its training
-killed, say) has its MLflow runs ended and is tried again once with the same values by the same callback;
-a second failure counts against the budget. The worker stops once the study's budget is spent and no
+killed, say) has its MLflow runs ended and is tried again with the same values by the same callback;
+a second failure of those values counts against the budget, a trial stopped with its sweep never does. The worker stops once the study's budget is spent and no
 trial runs; when the sweep that started it ends, it stops its trial, which is then tried again.
 """
 
@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifar_rounds.analysis.clones import CLONES_DIR, Clone, take_clone
+from cifar_rounds.analysis.clones import LOGS_DIR, Clone, take_clone
 from cifar_rounds.analysis.rounds import exp_run_command, load_preset
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.interrupts import Interrupts, interrupts_caught
@@ -47,7 +47,7 @@ HEARTBEAT_S = 10  # how often a worker's running trial says it is alive, seconds
 GRACE_S = 60  # a trial silent this long is failed (its worker died) and tried again
 POLL_S = 5.0  # how often a worker with nothing to start looks at the study again (others' trials may fail)
 FINAL_ATTR = "not_retried"  # why a FAIL trial is not tried again (its values are invalid, or it diverged)
-LOGS_DIR = CLONES_DIR / "logs"  # each trial's DVC output, by experiment name
+FAILURES_ATTR = "failures"  # experiments of these values that failed by themselves (not stopped by a signal)
 
 
 class TrialFailed(Exception):
@@ -80,6 +80,8 @@ class Worker:
         code = self.run(exp_run_command(name, values, ["train"]))
         if code != 0:
             self.end_runs(trial.number, f"its experiment failed (exit {code}; {log})")
+            if not self.interrupts.signals:  # stopped with the sweep, the values are not at fault
+                trial.set_user_attr(FAILURES_ATTR, trial.user_attrs.get(FAILURES_ATTR, 0) + 1)
             raise TrialFailed(f"its experiment failed (exit {code}); DVC's output: {log}")
         try:
             self.clone.push(name, self.team_remote)
@@ -109,8 +111,9 @@ class Worker:
                 d.store("ending the trial's run", lambda: d.client.set_terminated(r.info.run_id, "KILLED"))
 
     def ended(self, study, trial) -> None:
-        """Optuna's callback after each trial: its end said in one line; a FAIL tried again once with the same
-        values (Optuna's retry), unless it was surplus or its values cannot succeed."""
+        """Optuna's callback after each trial: its end said in one line; a FAIL tried again with the same values
+        (Optuna's retry) unless it was surplus, its values cannot succeed, or their experiment failed twice by
+        itself (a trial stopped with its sweep or worker is always tried again)."""
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         name = self.d.trial_name(trial.number)
@@ -119,11 +122,11 @@ class Worker:
             return
         if trial.user_attrs.get(SURPLUS_ATTR):
             return
-        again = FINAL_ATTR not in trial.user_attrs and not trial.system_attrs.get("retry_history")
+        again = FINAL_ATTR not in trial.user_attrs and trial.user_attrs.get(FAILURES_ATTR, 0) < 2
         why = "trying its values again" if again else trial.user_attrs.get(FINAL_ATTR, "its values failed twice")
         print(f"sweep: trial {trial.number} ({name}) failed; {why}", flush=True)
         if again:
-            RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+            RetryHeartbeatStaleTrialCallback()(study, trial)
 
     def stale(self, study, trial) -> None:
         """Optuna's callback for a trial whose heartbeat stopped (its worker died): its runs ended, then as `ended`."""
