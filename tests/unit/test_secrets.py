@@ -18,8 +18,8 @@ from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import PARAMS_FILE, ParamsError, SweepParams, with_overrides
 from cifar_rounds.search.spec import load_sweep
 from cifar_rounds.search.study import open_storage
-from cifar_rounds.training.trial import open_trial
 from cifar_rounds.tracking.store import check_reachable, tracking_uri
+from cifar_rounds.training.trial import open_trial
 
 from helpers import REPO, repo_params, run
 

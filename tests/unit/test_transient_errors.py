@@ -23,10 +23,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from cifar_rounds.core.errors import StageError
-from cifar_rounds.tracking.study_storage import patient_storage
 from cifar_rounds.tracking.patience import patiently
 from cifar_rounds.tracking.run import Tracker
 from cifar_rounds.tracking.store import patient_sqlite
+from cifar_rounds.tracking.study_storage import patient_storage
 
 from helpers import free_port
 

@@ -7,8 +7,9 @@ trial is `dvc exp run` up to `train` with every value set; the training reports 
 and stops when it is pruned. The objective is the value reported at the epoch `train.monitor` selected.
 The saved experiment is then pushed to the repository. A trial whose experiment failed (its training
 killed, say) has its MLflow runs ended and is tried again with the same values by the same callback;
-a second failure of those values counts against the budget, a trial stopped with its sweep never does. The worker stops once the study's budget is spent and no
-trial runs; when the sweep that started it ends, it stops its trial, which is then tried again.
+a second failure of those values counts against the budget, a trial stopped with its sweep never does.
+The worker stops once the study's budget is spent and no trial runs; when the sweep that started it
+ends, it stops its trial, which is then tried again.
 """
 
 from __future__ import annotations
