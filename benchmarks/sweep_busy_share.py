@@ -1,25 +1,23 @@
-"""How busy a sweep keeps its workers: the share of its time during which `--workers` trainings ran.
+"""How busy a sweep keeps its trainings: the share of its time during which `--workers` trainings ran, and what each
+trial costs besides its training.
 
-    python benchmarks/sweep_busy_share.py [--trials 6] [--workers 2] [--epochs 12] [--train-images 4000]
-                                          [--width 16] [--keep DIR]
+    python benchmarks/sweep_busy_share.py [--trials 6] [--workers 2] [--ready N] [--epochs 12]
+                                          [--train-images 4000] [--width 16] [--keep DIR]
 
 Builds a throwaway git + DVC project on a generated CIFAR-format archive (its
 download and split stages run and committed first, as a user's baseline is), then
-runs the real driver,
-`python -m cifar_rounds.search.sweep busy.yaml --workers N`, on trials of equal
+runs the real sweep,
+`python -m cifar_rounds.search.sweep busy.yaml --workers N [--ready R]`, on trials of equal
 length (fixed epochs, no pruner, one batch size, the learning rate searched) so
-that the workers end together. A training is a trial's MLflow run, start to end.
+that the trainings end together. A training is a trial's MLflow run, start to end.
 Prints the share of the time from the first training's start to the last one's
 end during which N trainings ran (and up to the last training's start: after it,
 a worker that ends has nothing left to run), the sweep's wall time, the load
-average while it ran, and each worker's gap between a training's end and its
-next one's start, split by the times in the trainings' MLflow runs and in DVC's
-queue worker logs into: to evaluate (the train process's exit, DVC recording the
-train stage, the evaluate stage up to its results in the run); saving (DVC
-recording evaluate and saving the experiment); waiting for a task (the queue
-empty: the driver had not queued the next trial); before training (DVC's
-temporary workspace, the data stages found unchanged, the train stage's start-up
-up to its MLflow run).
+average while it ran, and each trial's overhead from its worker's lines (stamped
+as they arrive) and its run's times: before its training (the clone's reset,
+`dvc exp run`'s set-up, the data stages found unchanged, the train stage's start-up
+up to its MLflow run, and a ready worker's wait for a training place) and after it
+(DVC saving the experiment, the push to the repository, the study told).
 """
 
 from __future__ import annotations
@@ -33,23 +31,21 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cifar_rounds.cli.demo import commit_all, init_project, offline_params
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.synthetic import write_archive
 from cifar_rounds.search.report import most_running, share_running
-from cifar_rounds.stages.demo import commit_all, init_project, offline_params
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "busy"
-# celery's worker log: "[2026-12-01 20:00:00,123: INFO/MainProcess] Task ...run_exp[id] received"
-TASK_LINE = re.compile(
-    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\] Task \S+\[([\w-]+)\] (received|succeeded)"
-)
+# a worker's lines: "sweep: trial 3 (busy-t003) starts in w1", "sweep: trial 3 (busy-t003) complete"
+TRIAL_LINE = re.compile(r"^sweep: trial (\d+) \(\S+\) (starts|complete|pruned|failed)")
 
 
 def environment() -> dict[str, str]:
@@ -105,58 +101,43 @@ def load_sampler(samples: list[float], stop: threading.Event, every_s: float = 1
         samples.append(os.getloadavg()[0])
 
 
-def trainings(project: Path) -> list[tuple[int, int, int | None]]:
-    """Each trial's finished MLflow run: start, end and when the evaluate stage logged to it (ms), by start."""
+def trainings(project: Path) -> dict[int, tuple[int, int]]:
+    """Each trial's finished MLflow run: start and end (ms), by trial number."""
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name("cifar-rounds").experiment_id
     runs = client.search_runs([experiment], f"tags.sweep = '{STUDY}'")
-    out = []
-    for r in runs:
-        if "sweep.trial" in r.data.tags and r.info.status == "FINISHED":
-            evaluated = [m.timestamp for m in client.get_metric_history(r.info.run_id, "test_accuracy")]
-            out.append((r.info.start_time, r.info.end_time, max(evaluated, default=None)))
-    return sorted(out)
+    return {
+        int(r.data.tags["sweep.trial"]): (r.info.start_time, r.info.end_time)
+        for r in runs
+        if "sweep.trial" in r.data.tags and r.info.status == "FINISHED"
+    }
 
 
-def queue_tasks(project: Path) -> list[tuple[float, float, str]]:
-    """(received, succeeded, worker) of each experiment DVC's queue workers ran (ms), from their celery logs."""
-    seen: dict[str, dict[str, float | str]] = {}
-    for log in (project / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.out"):
-        for line in log.read_text(errors="replace").splitlines():
-            if m := TASK_LINE.match(line):
-                at = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() * 1000
-                seen.setdefault(m[2], {"worker": log.stem})[m[3]] = at
-    return sorted((t["received"], t["succeeded"], t["worker"]) for t in seen.values() if len(t) == 3)
+def stamped_lines(stream, into: list[tuple[float, str]]) -> None:
+    """Each line of `stream` with the time (ms) it arrived."""
+    for line in stream:
+        into.append((time.time() * 1000, line.rstrip("\n")))
 
 
-def gap_lines(runs: list[tuple[int, int, int | None]], tasks: list[tuple[float, float, str]]) -> list[str]:
-    """Each worker's gap between a training's end and its next one's start, and where it went."""
-    lines = [
-        "| worker | gap s | to evaluate s | saving s | waiting for a task s | before training s |",
-        "|---|---|---|---|---|---|",
+def overheads(lines: list[tuple[float, str]], runs: dict[int, tuple[int, int]]) -> list[tuple[float, float]]:
+    """(before, after) its training of each trial, s: from its worker's start line to its run's start, and from its
+    run's end to its worker's end line."""
+    starts, ends = {}, {}
+    for at, line in lines:
+        if m := TRIAL_LINE.match(line):
+            (starts if m[2] == "starts" else ends)[int(m[1])] = at
+    return [
+        ((runs[n][0] - starts[n]) / 1000, (ends[n] - runs[n][1]) / 1000)
+        for n in sorted(runs)
+        if n in starts and n in ends
     ]
-    held, free = [], list(tasks)  # each training with the queue task that ran it: the first to end that holds it
-    for run in sorted(runs, key=lambda r: r[1]):
-        task = min((t for t in free if t[0] <= run[0] and run[1] <= t[1] + 1000), key=lambda t: t[1], default=None)
-        if task is not None:  # (the logs' times are rounded to ms)
-            free.remove(task)
-            held.append((task, run))
-    for worker in sorted({task[2] for task, _ in held}):
-        chain = sorted((task, run) for task, run in held if task[2] == worker)
-        for (this, (_, end, evaluated)), (after, (start, _, _)) in zip(chain, chain[1:]):
-            ev = f"{(evaluated - end) / 1000:.1f}" if evaluated else "?"
-            save = f"{(this[1] - evaluated) / 1000:.1f}" if evaluated else "?"
-            lines.append(
-                f"| {worker.removeprefix('dvc-exp-')} | {(start - end) / 1000:.1f} | {ev} | {save} "
-                f"| {(after[0] - this[1]) / 1000:.1f} | {(start - after[0]) / 1000:.1f} |"
-            )
-    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ready", type=int, help="the sweep's --ready (default: its own)")
     parser.add_argument("--epochs", type=int, default=12, help="every trial trains exactly this many")
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--val-images", type=int, default=500)
@@ -168,18 +149,22 @@ def main() -> None:
         project.mkdir(parents=True)
         make_project(project, args)
         cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", f"{STUDY}.yaml", "--workers", str(args.workers)]
+        cmd += [] if args.ready is None else ["--ready", str(args.ready)]
         loads, stop = [os.getloadavg()[0]], threading.Event()
         sampler = threading.Thread(target=load_sampler, args=(loads, stop), daemon=True)
         sampler.start()
-        began = time.time()
-        result = subprocess.run(cmd, cwd=project, env=environment(), capture_output=True, text=True)
+        began, lines = time.time(), []
+        sweep = subprocess.Popen(
+            cmd, cwd=project, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        stamped_lines(sweep.stdout, lines)
+        code = sweep.wait()
         wall = time.time() - began
         stop.set()
-        if result.returncode != 0:
-            sys.exit(f"the sweep failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        if code != 0:
+            sys.exit(f"the sweep failed ({code}):\n" + "\n".join(line for _, line in lines[-40:]))
         runs = trainings(project)
-        tasks = queue_tasks(project)
-    spans = [(s, e) for s, e, _ in runs]
+    spans = list(runs.values())
     share = share_running(spans, args.workers)
     first = min(s for s, _ in spans) / 1000 - began
     print(
@@ -200,7 +185,14 @@ def main() -> None:
     last_start = max(s for s, _ in spans)  # then nothing is left to give a worker that ends: the sweep drains
     steady = share_running([(s, min(e, last_start)) for s, e in spans if s < last_start], args.workers)
     print(f"{args.workers} trainings running {steady:.1%} of the time from the first training's start to the last's")
-    print(*gap_lines(runs, tasks), sep="\n")
+    costs = overheads(lines, runs)
+    before, after = [b for b, _ in costs], [a for _, a in costs]
+    print(
+        f"per trial, besides its training (s, median and range of {len(costs)}): "
+        f"before {statistics.median(before):.1f} "
+        f"({min(before):.1f} to {max(before):.1f}), after {statistics.median(after):.1f} "
+        f"({min(after):.1f} to {max(after):.1f})"
+    )
 
 
 if __name__ == "__main__":

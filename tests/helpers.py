@@ -128,16 +128,6 @@ def tracking_server(backend: str, artifacts: Path, *options: str, **extra_env: s
         yield url
 
 
-def wait_for_queue_workers_to_exit(project: Path) -> None:
-    """DVC's queue workers (started through a sweep) leave by themselves once the queue is empty."""
-    deadline = time.time() + 120
-    while (
-        "Worker status: 0 active, 0 idle" not in run([sys.executable, "-m", "dvc", "queue", "status"], project).stdout
-    ):
-        assert time.time() < deadline
-        time.sleep(2)
-
-
 # the seven values round 2 of the founding analysis changes from round 1
 SEED_CHANGES = {
     "train.learning_rate",

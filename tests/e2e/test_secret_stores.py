@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import make_project, run, tracking_server, wait_for_queue_workers_to_exit
+from helpers import make_project, run, tracking_server
 from pg import SMALL, postgresql
 
 PG_SECRET, MLFLOW_SECRET, MLFLOW_USER = "PgS3cretQ7v2Lx9K", "MlS3cretW4n8Tz6R", "alice"
@@ -38,8 +38,7 @@ SWEEP = {
 
 
 def forms(secret: str) -> list[bytes]:
-    """The secret as text, and as base64 from each of the three offsets it may start at (a basic-auth header, a
-    queue message)."""
+    """The secret as text, and as base64 from each of the three offsets it may start at (a basic-auth header, say)."""
     raw = secret.encode()
     encoded = [base64.b64encode(b"\0" * k + raw) for k in range(3)]
     return [raw, *(e[4 * math.ceil(k / 3) : 4 * ((k + len(raw)) // 3)] for k, e in enumerate(encoded))]
@@ -91,7 +90,7 @@ def mlflow_records(url: str, folder: Path) -> dict[str, bytes]:
 
 
 def repository_records(project: Path) -> dict[str, bytes]:
-    """Every file under the project (.git, .dvc's cache and queue included), and every git object unpacked
+    """Every file under the project (.git, .dvc's cache and the workers' clones included), and every git object unpacked
     (commits, experiment refs, stashes)."""
     found = {f"file {p.relative_to(project)}": p.read_bytes() for p in project.rglob("*") if p.is_file()}
     objects = subprocess.run(
@@ -138,20 +137,23 @@ def test_a_sweep_and_a_report_on_stores_that_need_passwords_leave_them_nowhere(t
         # the passwords from the environment only
         sweep = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/sec.yaml", "--workers", "2"]
         outputs.append(run(sweep, project, **creds))
-        wait_for_queue_workers_to_exit(project)
-        report = [sys.executable, "-m", "cifar_rounds.analysis.report", "sec-t000", "sec-t001"]
+        # two short rounds, one beside the workspace in a clone, and their report
+        rounds = [sys.executable, "-m", "cifar_rounds.analysis.rounds", "run", "--epochs", "1", "--seeds", "1"]
+        outputs.append(run([*rounds, "round-1", "-n", "seca"], project, **creds))
+        outputs.append(run([*rounds, "round-2", "-n", "secb", "--workers", "1"], project, **creds))
+        report = [sys.executable, "-m", "cifar_rounds.analysis.report", "seca", "secb"]
         outputs.append(run(report, project, **creds))
-        assert (project / "reports" / "round-sec-t000-vs-sec-t001.md").exists(), outputs[-1].stdout[-2000:]
+        assert (project / "reports" / "round-seca-vs-secb.md").exists(), outputs[-1].stdout[-2000:]
 
         for name, value in creds.items():
             monkeypatch.setenv(name, value)
         records = mlflow_records(server, tmp_path / "downloaded")
         runs = [k for k in records if k.startswith("run ")]
-        assert len(runs) == 3, runs  # the sweep's run and its two trials
+        assert len(runs) == 5, runs  # the sweep's run, its two trials, the two rounds' runs
         assert {"params.yaml", "sweep.json"} <= {k.rsplit("/", 1)[-1] for k in records}
         records |= repository_records(project)
         records |= {f"output {i}": (r.stdout + r.stderr).encode() for i, r in enumerate(outputs)}
-        assert "git objects" in records and any(".dvc/tmp/exps" in k for k in records)
+        assert "git objects" in records and any(".dvc/tmp/clones/w1/.git" in k for k in records)
         header = b"Authorization: Basic " + base64.b64encode(f"{MLFLOW_USER}:{MLFLOW_SECRET}".encode())
         assert leaks({"a basic-auth header": header}, [MLFLOW_SECRET]) == ["a basic-auth header"]  # the search finds
         assert leaks(records, [PG_SECRET, MLFLOW_SECRET]) == []

@@ -1,8 +1,9 @@
 """Several machines, one study, one tracking store: a real PostgreSQL behind Optuna and an `mlflow server`.
 
-Two clones of the project stand for two machines: each has its own DVC queue and its own sweep
-driver, on one study in PostgreSQL and one tracking server whose backend store is PostgreSQL. Their
-experiments travel through a shared git and DVC remote to a third clone, which compares them.
+Two clones of the project stand for two machines: each runs the same sweep command (its own workers
+in its own clones), on one study in PostgreSQL and one tracking server whose backend store is
+PostgreSQL, pushing each trial to the team's git remote with its files in the DVC remote. Their
+experiments reach a third clone, which compares the rounds and promotes the study's best trial.
 """
 
 import os
@@ -26,7 +27,7 @@ TRIALS = 4
 
 
 def machine(origin: Path, target: Path) -> Path:
-    """A clone of the shared repository: another machine with its own queue."""
+    """A clone of the shared repository: another machine."""
     run(["git", "clone", "-q", str(origin), str(target)], origin.parent)
     run(["git", "config", "user.email", "pipeline@localhost"], target)
     run(["git", "config", "user.name", "cifar-rounds"], target)
@@ -62,10 +63,11 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
         second = machine(origin, tmp_path / "second")
         shared = {"MLFLOW_TRACKING_URI": server}
         cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/team.yaml", "--workers", "1"]
+        push = ["--push", "origin"]  # each trial to the team's git remote, its files to the DVC remote
         started = time.time()
         drivers = [
             subprocess.Popen(
-                cmd,
+                cmd + push,
                 cwd=m,
                 env=env(**shared),
                 stdout=subprocess.PIPE,
@@ -82,13 +84,17 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
                 if d.poll() is None:
                     os.killpg(d.pid, signal.SIGKILL)
         assert [d.returncode for d in drivers] == [0, 0], "\n".join(o[-2000:] for o in outs)
-        print(f"two drivers, one worker each: the study's {TRIALS} trials in {time.time() - started:.0f} s")
+        print(f"two machines, one worker each: the study's {TRIALS} trials in {time.time() - started:.0f} s")
 
         study = optuna.load_study(study_name="team", storage=pg.url("optuna"))
-        counted = [t for t in study.trials if not t.user_attrs.get("retried")]
+        counted = [t for t in study.trials if not t.user_attrs.get("surplus")]  # both asked for the last place
         assert len(counted) == TRIALS and all(t.state.name == "COMPLETE" for t in counted)  # the budget, across both
-        machines = {t.user_attrs["queue"] for t in counted}
-        print("trials per machine:", {q: sum(t.user_attrs["queue"] == q for t in counted) for q in machines})
+        on = {
+            m.name: [n for n in range(TRIALS) if f"trial {n} (team-t{n:03d}) complete" in o]
+            for m, o in zip((first, second), outs)
+        }
+        assert sorted(on["first"] + on["second"]) == list(range(TRIALS)), outs  # each trial run on one machine
+        print("trials per machine:", on)
         started = time.time()
         run([*cmd[:3], "sweeps/solo.yaml", "--workers", "2"], first, **shared)
         solo = optuna.load_study(study_name="solo", storage=pg.url("optuna"))
@@ -111,6 +117,13 @@ def test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rou
             run(["dvc", "exp", "push", "origin", f"{preset}-s0"], m)
         third = machine(origin, tmp_path / "third")
         run(["dvc", "exp", "pull", "origin", "round-1-s0", "round-2-s0"], third)
+        # every trial of both machines, through the team's remotes, its trained model with it
+        trials = [f"team-t{n:03d}" for n in range(TRIALS)]
+        run(["dvc", "exp", "pull", "origin", *trials], third)
+        assert set(trials) <= set(run(["dvc", "exp", "ls", "--name-only", "-A"], third).stdout.split())
+        run(["dvc", "exp", "apply", trials[-1]], third)
+        assert (third / "models" / "best.pt").stat().st_size > 0
+        run(["git", "checkout", "--", "."], third)
         run([sys.executable, "-m", "cifar_rounds.analysis.report", "round-1", "round-2"], third, **shared)
         # each round's replicate reached the third machine (its stdout names the rounds whatever it found)
         text = (third / "reports" / "round-round-1-vs-round-2.md").read_text()

@@ -1,4 +1,5 @@
-"""A sweep's trials through DVC's real queue: each one trains and reports, whatever the workspace holds."""
+"""A sweep's trial in a worker's clone: it trains and reports, whatever the workspace holds, and the workspace stays as
+it was."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.analysis.rounds import load_preset
 from cifar_rounds.data.synthetic import write_archive
 
-from helpers import REPO, make_project, read_json, run, wait_for_queue_workers_to_exit
+from helpers import REPO, make_project, read_json, run
 
 FIXED = {"train.num_epochs": 3, "train.lr_milestones": [2], "train.patience": 3}
 SWEEP = {
@@ -55,7 +56,6 @@ def test_a_trial_with_the_committed_runs_values_trains_and_reports_its_monitors_
     last_pt = (project / "models" / "last.pt").read_bytes()
 
     out = run([sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/w.yaml"], project).stdout
-    wait_for_queue_workers_to_exit(project)
 
     (trial,) = optuna.load_study(study_name="w", storage=f"sqlite:///{project}/optuna.db").trials
     assert trial.params == {"train.learning_rate": 0.05, "train.batch_size": "96"}  # the committed values
@@ -68,10 +68,13 @@ def test_a_trial_with_the_committed_runs_values_trains_and_reports_its_monitors_
     assert len(client.get_metric_history(trial_run.info.run_id, "val_accuracy")) == 3  # trained here, epoch by epoch
     summary = json.loads(dvc.api.read("reports/train_summary.json", repo=str(project), rev="w-t000"))
     assert summary["mlflow_run_id"] == trial_run.info.run_id
-    # the trial's objective: validation accuracy at the epoch train.monitor chose, whose checkpoint is evaluated
+    # the trial's objective: validation accuracy at the epoch train.monitor chose, whose checkpoint a round evaluates
     history = list(csv.DictReader(io.StringIO(dvc.api.read("reports/history.csv", repo=str(project), rev="w-t000"))))
     (chosen,) = [row for row in history if int(row["epoch"]) == summary["best_epoch"]]
     assert trial.value == pytest.approx(float(chosen["val_accuracy"]), abs=1e-12)
     # the workspace's own run is as it was
     assert client.get_run(workspace_run).info.status == "FINISHED"
     assert (project / "models" / "last.pt").read_bytes() == last_pt
+    assert read_json(project / "metrics.json")["mlflow_run_id"] == workspace_run
+    # a trial scores no test set: its experiment holds no metrics of its own (metrics.json is the commit's)
+    assert json.loads(dvc.api.read("metrics.json", repo=str(project), rev="w-t000"))["mlflow_run_id"] == workspace_run

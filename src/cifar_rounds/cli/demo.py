@@ -53,7 +53,9 @@ def git(*args: str, cwd: Path) -> None:
 def dvc(*args: str, cwd: Path) -> None:
     """DVC from this interpreter's environment, whose `python` also runs the stages, whatever PATH says."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True, env={**os.environ, "PATH": path})
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env={**os.environ, "PATH": path})
+    if done.returncode != 0:  # DVC has said why above
+        raise StageError(f"dvc {' '.join(args)} failed in {cwd} (exit status {done.returncode})")
 
 
 def init_project(source: Path, target: Path, params: Params) -> None:

@@ -9,16 +9,13 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cifar_rounds.core.figures import pyplot, save_figure
 from cifar_rounds.core.files import atomic_path
 from cifar_rounds.core.names import SWEEP_REPORT_ARTIFACTS
 from cifar_rounds.core.params import with_overrides
+from cifar_rounds.search.study import SURPLUS_ATTR, Driver, states
 from cifar_rounds.training.trial import SWEEP_TAG, TRIAL_TAG
-
-if TYPE_CHECKING:
-    from cifar_rounds.search.study import Driver
 
 REPORTS_DIR = Path("reports")
 
@@ -56,12 +53,13 @@ def trial_table(d: Driver, trials: list) -> list[str]:
         f"| rank | trial | state | {d.sweep.objective.metric} | epochs | " + " | ".join(names) + " |",
         "|" + "---|" * (5 + len(names)),
     ]
+    shown = states(d.study)  # a FAIL whose values were tried again reads RETRIED
     for i, t in enumerate(ranked(d, trials), 1):
         values = d.sweep.decoded(t.params)
         value = f"{t.value:.4f}" if t.value is not None else "–"
         origin = f" ({t.user_attrs['preset']})" if "preset" in t.user_attrs else ""
         lines.append(
-            f"| {i} | {t.number}{origin} | {t.state.name} | {value} | {epochs_trained(t)} | "
+            f"| {i} | {t.number}{origin} | {shown[t.number]} | {value} | {epochs_trained(t)} | "
             + " | ".join(str(values.get(n, "–")) for n in names)
             + " |"
         )
@@ -189,9 +187,8 @@ def busy_lines(spans: list[tuple[int, int]], workers: int | None) -> list[str]:
 
 
 def render(d: Driver, workers: int | None = None) -> str:
-    trials = [
-        t for t in d.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-    ]
+    trials = [t for t in d.study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
+    trials = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     lines = [
         f"# Sweep {d.sweep.study}",

@@ -1,10 +1,12 @@
 """`python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2`: search round N+1 on Optuna's own loop.
 
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or any
-database URL, which lets sweeps on several machines share one study). The sweep starts
-`--workers` worker processes (search/worker.py), one per training place, each running
-the study's trials in its own clone of the repository at this commit; each trial is the
-DVC experiment STUDY-t007, pushed to this repository, and one MLflow run under the
+database URL, which lets sweeps on several machines share one study). The sweep trains
+`--workers` trials at once: it starts that many worker processes (search/worker.py) and
+`--ready` more, each running the study's trials in its own clone of the repository at
+this commit, its trainings capped at `--workers` (a ready worker's trial gets through
+DVC's set-up while the others train, and takes the first place that frees). Each trial is
+the DVC experiment STUDY-t007, pushed to this repository, and one MLflow run under the
 sweep's parent run. Killed and run again, the sweep continues the same study: Optuna
 fails the trials whose workers died and tries their values again.
 """
@@ -33,14 +35,15 @@ from cifar_rounds.tracking.store import repo_root
 POLL_S = 0.5  # how often the sweep looks at its workers and at the signals it received
 
 
-def worker_command(sweep: Path, commit: str, workers: int, team_remote: str | None) -> list[str]:
+def worker_command(sweep: Path, commit: str, trainings: int, team_remote: str | None) -> list[str]:
     team = ["--team-remote", team_remote] if team_remote else []
     command = [sys.executable, "-m", "cifar_rounds.search.worker", str(sweep), "--commit", commit]
-    return [*command, "--workers", str(workers), *team]
+    return [*command, "--trainings", str(trainings), *team]
 
 
-def run_workers(d: Driver, sweep: Path, workers: int, team: str | None) -> None:
-    """`workers` workers until each has stopped: the budget spent, or a signal, passed on to each of them."""
+def run_workers(d: Driver, sweep: Path, workers: int, ready: int, team: str | None) -> None:
+    """`workers` + `ready` workers, `workers` training at once, until each has stopped: the budget spent, or a
+    signal, passed on to each of them."""
     root = repo_root()
     commit = head_commit(root)
     changed = uncommitted(root)
@@ -50,7 +53,7 @@ def run_workers(d: Driver, sweep: Path, workers: int, team: str | None) -> None:
     command = worker_command(sweep, commit, workers, url)
     with interrupts_caught() as interrupts:
         # each in its own process group: a terminal's Ctrl-C reaches them once, through here
-        procs = [subprocess.Popen(command, process_group=0) for _ in range(workers)]
+        procs = [subprocess.Popen(command, process_group=0) for _ in range(workers + ready)]
         passed_on = 0
         while any(p.poll() is None for p in procs):
             if len(interrupts.signals) > passed_on:
@@ -71,6 +74,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/round-3.yaml")
     parser.add_argument("--workers", type=int, default=1, help="trials trained at once, each worker in its own clone")
     parser.add_argument(
+        "--ready",
+        type=int,
+        metavar="N",
+        help="workers more, whose trials get ready while the others train (default: as many as --workers; "
+        "benchmarks/RESULTS.md measures both)",
+    )
+    parser.add_argument(
         "--push",
         metavar="GIT_REMOTE",
         help="push each trial's experiment to this git remote too (and its files to "
@@ -84,6 +94,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers: at least 1")
+    if args.ready is not None and args.ready < 0:
+        parser.error("--ready: 0 or more")
     base = load_params()
     sweep = load_sweep(args.sweep, base, load_preset)
     if args.promote:
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     d = new_driver(sweep, base)
     with sweep_run_ended(d):
         if not args.no_run:
-            run_workers(d, args.sweep, args.workers, args.push)
+            run_workers(d, args.sweep, args.workers, args.workers if args.ready is None else args.ready, args.push)
         write_sweep_report(d, None if args.no_run else args.workers)
     if args.promote:
         promote(d, args.promote, args.force)

@@ -60,7 +60,7 @@ class Worker:
     d: Driver | None  # set once the study is open: its storage's heartbeat calls back here
     clone: Clone
     commit: str
-    trainings: int  # the sweep's workers: the project's trainings at once
+    trainings: int  # the project's trainings at once: the sweep's `--workers`
     team_remote: str | None
     interrupts: Interrupts
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="the sweep file")
     parser.add_argument("--commit", required=True, help="the commit every trial runs")
-    parser.add_argument("--workers", type=int, required=True, help="the sweep's workers: its trainings at once")
+    parser.add_argument("--trainings", type=int, required=True, help="the sweep's trainings at once (--workers)")
     parser.add_argument("--team-remote", help="a git remote URL each trial's experiment is pushed to as well")
     args = parser.parse_args(argv)
     threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     url, root = study_storage(sweep.storage, repo_root()), repo_root()
     with interrupts_caught() as interrupts:
         client, _ = open_client(base)
-        worker = Worker(None, take_clone(root), args.commit, args.workers, args.team_remote, interrupts)
+        worker = Worker(None, take_clone(root), args.commit, args.trainings, args.team_remote, interrupts)
         heartbeat = {
             "heartbeat_interval": HEARTBEAT_S,
             "grace_period": GRACE_S,
