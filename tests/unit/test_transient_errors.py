@@ -248,3 +248,20 @@ def test_a_server_refusing_a_duplicate_dataset_in_its_own_language_is_tried_once
     with Server([refused, (200, {})], free_port()) as server:
         Tracker(MlflowClient(server.url), RUN_ID, patience_s=5).log_inputs(datasets())
     assert server.paths == ["/api/2.0/mlflow/runs/log-inputs"] * 2
+
+
+def test_a_lost_race_to_create_the_studys_tables_is_known_by_its_code_not_its_words():
+    """Sweeps on two machines starting on a new database both create its tables: the loser tries again."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    from cifar_rounds.tracking.patience import lost_a_creation_race
+
+    class PgError(Exception):
+        def __init__(self, words: str, pgcode: str) -> None:
+            super().__init__(words)
+            self.pgcode = pgcode
+
+    assert lost_a_creation_race(ProgrammingError("CREATE TABLE studies", {}, PgError("no words", "42P07")))
+    assert lost_a_creation_race(IntegrityError("CREATE TYPE", {}, PgError("no words", "23505")))
+    assert not lost_a_creation_race(ProgrammingError("x", {}, PgError('relation "studies" already exists', "42601")))
+    assert not lost_a_creation_race(RuntimeError("duplicate key value violates unique constraint"))

@@ -23,7 +23,7 @@ from cifar_rounds.core.errors import StageError
 from cifar_rounds.core.params import Params
 from cifar_rounds.core.urls import missing_driver
 from cifar_rounds.search.spec import Sweep
-from cifar_rounds.tracking.patience import patiently
+from cifar_rounds.tracking.patience import lost_a_creation_race, patiently
 from cifar_rounds.tracking.store import open_client, repo_root
 from cifar_rounds.tracking.study_storage import patient_storage, shown
 from cifar_rounds.training.trial import OBJECTIVE_ATTR, PARENT_RUN_ATTR, PRUNER_ATTR, SWEEP_TAG, study_storage
@@ -84,10 +84,10 @@ def open_storage(url: str, patience_s: float, heartbeat: dict | None = None, att
             line = missing_driver(error, "sweep storage", url)  # a driver not installed: the package named
             if line is not None:
                 raise StageError(line) from None
-            first = str(error).splitlines()[0][:160]
-            if attempt + 1 < attempts and ("duplicate key" in first or "already exists" in first):
+            if attempt + 1 < attempts and lost_a_creation_race(error):
                 time.sleep(1.0 + attempt)
                 continue
+            first = str(error).splitlines()[0][:160]
             raise StageError(f"sweep storage: cannot open {shown(url)} ({first})") from None
 
 

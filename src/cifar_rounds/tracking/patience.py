@@ -23,6 +23,7 @@ T = TypeVar("T")
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 SQLITE_UNIQUE_CODES = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
 PG_UNIQUE_VIOLATION = "23505"  # SQLSTATE unique_violation
+PG_ALREADY_EXISTS = frozenset({"42P07", "42710"})  # SQLSTATE duplicate_table, duplicate_object
 MYSQL_DUPLICATE_ENTRY = 1062  # ER_DUP_ENTRY
 
 
@@ -81,6 +82,19 @@ def unique_violation(driver: BaseException) -> bool:
     if state:
         return state == PG_UNIQUE_VIOLATION
     return bool(driver.args) and driver.args[0] == MYSQL_DUPLICATE_ENTRY
+
+
+def lost_a_creation_race(error: BaseException) -> bool:
+    """Whether another process created the same tables (or their rows) a moment earlier: a unique violation, or
+    PostgreSQL's duplicate table or object, anywhere in the error's chain."""
+    from sqlalchemy.exc import DBAPIError
+
+    for link in causes(error):
+        if isinstance(link, DBAPIError) and isinstance(link.orig, Exception):
+            state = getattr(link.orig, "pgcode", None) or getattr(link.orig, "sqlstate", None)
+            if state in PG_ALREADY_EXISTS or unique_violation(link.orig):
+                return True
+    return False
 
 
 def after_a_lost_insert_race(call: Callable[[], T]) -> T:
