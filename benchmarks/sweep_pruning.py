@@ -5,10 +5,10 @@
 Both sweeps propose the same configurations in the same order (the random sampler
 with one seed does not look at results), so they differ only in pruning. Each
 trial is the real train stage (`train.fit`, reporting to its Optuna trial through
-params.yaml's `sweep` section, exactly as a queued DVC experiment does; then concluded
-as the driver concludes it) on a
-generated CIFAR-format archive split by the real download and split stages; DVC's
-queue itself is left out, as it costs the same in both sweeps. Seed noise: the
+params.yaml's `sweep` section, exactly as a worker's experiment does; then told to the
+study as the worker tells it) on a
+generated CIFAR-format archive split by the real download and split stages; the
+workers and DVC are left out, as they cost the same in both sweeps. Seed noise: the
 validation accuracy of the best configuration over `--seeds` training seeds.
 """
 
@@ -28,16 +28,18 @@ from pathlib import Path
 import optuna
 import torch
 
+from cifar_rounds.cli.demo import offline_params
 from cifar_rounds.core.files import file_md5
 from cifar_rounds.core.params import dump_params, load_params, with_overrides
 from cifar_rounds.data.dataset import Split
 from cifar_rounds.data.synthetic import write_archive
-from cifar_rounds.search.spec import MedianPruner, NoPruner, Objective
-from cifar_rounds.search.trial import OBJECTIVE_ATTR, PRUNER_ATTR, conclude
-from cifar_rounds.stages.demo import offline_params
+from cifar_rounds.search.spec import Objective
+from cifar_rounds.search.worker import TrialFailed, reported
 from cifar_rounds.stages.train import fit
 from cifar_rounds.training.checkpoint import Outputs
+from cifar_rounds.training.pruners import MedianPruner, NoPruner
 from cifar_rounds.training.runtime import configure_cpu
+from cifar_rounds.training.trial import OBJECTIVE_ATTR, PRUNER_ATTR
 
 CPU = torch.device("cpu")
 SPACE = {"train.learning_rate": (1e-4, 0.3), "train.weight_decay": (1e-5, 1e-2)}  # log-uniform
@@ -103,7 +105,12 @@ def sweep(pruned: bool, args, params, split: Split, digest: str, folder: Path) -
             },
         )
         summary = run_trial(trial_params, split, digest, folder, f"{study_name}-{trial.number}")
-        conclude(study, trial.number)  # as the driver does once the trial's experiment has succeeded
+        try:  # as its worker tells the study once the trial's experiment is saved
+            study.tell(trial.number, reported(study._storage, study_name, trial.number))
+        except optuna.TrialPruned:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+        except TrialFailed:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         epochs += summary["stopped_epoch"]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     best = max(complete, key=lambda t: t.value)
