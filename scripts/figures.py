@@ -40,7 +40,8 @@ def command(args: list[str], cwd: Path) -> None:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     print(f"figures: {' '.join(args)}", flush=True)
-    subprocess.run(args, cwd=cwd, env=env, check=True)
+    if subprocess.run(args, cwd=cwd, env=env).returncode != 0:
+        raise SystemExit(f"figures: {' '.join(args)} failed; its output is above")
 
 
 def free_port() -> int:
