@@ -117,7 +117,9 @@ def test_a_database_outage_is_waited_out_and_one_past_the_patience_stops_everyth
 
             wait_for("the caught trials to end and a later one to train", later_trial_training)
             pg.stop()
-            driver.wait(timeout=PATIENCE_S + 120)
+            # a worker may meet the outage up to three times in a row (its training's report, ending the trial's
+            # run, telling the study), a ready worker's training once more before: each waits out the patience
+            driver.wait(timeout=4 * PATIENCE_S + 120)
             wait_for("the trials' experiments to stop", lambda: not experiments_running(project), 600)
         finally:
             if driver.poll() is None:
