@@ -42,9 +42,7 @@ ROUNDS = "e2e/test_rounds.py::rounds_project"
 LOOP = "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written"
 REPORT = "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements"
 OVERRIDES = "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows"
-SWEEP = (
-    "e2e/test_sweep_queue.py::test_a_pruned_sweep_through_the_queue_survives_a_kill_and_its_best_trial_becomes_a_round"
-)
+SWEEP = "e2e/test_sweep_workers.py::test_a_pruned_sweep_survives_kills_of_a_training_a_worker_and_itself_and_its_best_trial_becomes_a_round"
 # As written these train full rounds (200-250 epochs at full width), or the demo's rounds and sweep (minutes each):
 # the named test runs the same command with tiny settings (a generated archive, width 8, a few epochs) on a real
 # DVC repository.
