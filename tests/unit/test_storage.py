@@ -71,3 +71,27 @@ def test_a_study_on_the_patient_storage_works_and_each_storage_call_is_retried(t
     study.tell(trial, 0.5)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] and failures == [1]
     assert capsys.readouterr().out.count("is unreachable") == 1
+
+
+def test_after_waiting_out_the_patience_every_call_fails_at_once_and_a_missed_heartbeat_is_silent(tmp_path, capsys):
+    import time
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = patient_storage(url, 1.0, wait_to_open=False, heartbeat={"heartbeat_interval": 1, "grace_period": 2})
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+
+    def away(*args, **kwargs):
+        raise refused()
+
+    storage.inner.get_all_trials = away
+    storage.inner.record_heartbeat = away
+    storage.record_heartbeat(trial._trial_id)  # missed, said nowhere: the next beat tries again
+    assert capsys.readouterr().out == ""
+    with pytest.raises(StageError):
+        study.trials  # waits out the patience, saying so once
+    started = time.monotonic()
+    with pytest.raises(StageError) as again:
+        storage.get_trial(trial._trial_id)  # the process is stopping: no second wait, no second line
+    assert time.monotonic() - started < 0.5 and "stayed unreachable" in str(again.value)
+    assert capsys.readouterr().out.count("is unreachable") == 1

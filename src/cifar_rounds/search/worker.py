@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cifar_rounds.analysis.clones import LOGS_DIR, Clone, take_clone
 from cifar_rounds.analysis.rounds import exp_run_command, load_preset
-from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.errors import StageError, causes, run_stage
 from cifar_rounds.core.interrupts import Interrupts, interrupts_caught
 from cifar_rounds.core.params import ParamsError, load_params, with_overrides
 from cifar_rounds.search.spec import load_sweep
@@ -134,6 +134,19 @@ class Worker:
         self.end_runs(trial.number, f"the sweep's worker running this trial sent no heartbeat for {GRACE_S} s")
         self.ended(study, trial)
 
+    def one_trial(self) -> None:
+        """One trial through `study.optimize`. A storage that stayed away stops the worker in its one line: Optuna,
+        failing to tell the study, may raise another error while handling it."""
+        try:
+            self.d.study.optimize(
+                self.objective, n_trials=1, catch=(TrialFailed,), callbacks=[self.ended], gc_after_trial=False
+            )
+        except Exception as error:
+            stopped = next((link for link in causes(error) if isinstance(link, StageError)), None)
+            if stopped is None or stopped is error:
+                raise
+            raise StageError(str(stopped)) from None
+
     def loop(self) -> None:
         """Trials one at a time until the budget is spent and none runs, or a signal comes."""
         import optuna
@@ -141,9 +154,7 @@ class Worker:
         while not self.interrupts.signals:
             optuna.storages.fail_stale_trials(self.d.study)
             if spent(self.d.study) < self.d.sweep.trials:
-                self.d.study.optimize(
-                    self.objective, n_trials=1, catch=(TrialFailed,), callbacks=[self.ended], gc_after_trial=False
-                )
+                self.one_trial()
             elif any(t.state.name == "RUNNING" for t in self.d.study.get_trials(deepcopy=False)):
                 time.sleep(POLL_S)  # another trial may yet fail, and its values need a worker
             else:

@@ -16,7 +16,7 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
-from cifar_rounds.core.errors import causes, database_error_transient, with_patience
+from cifar_rounds.core.errors import StageError, causes, database_error_transient, with_patience
 from cifar_rounds.core.urls import without_password
 
 RETRY_CAP_S = 5.0  # the longest pause between two tries: a database back is used within seconds
@@ -56,13 +56,20 @@ def retried(call: Callable[[], T], url: str, patience_s: float) -> T:
 def patient_storage_class() -> type:
     """A storage whose every public call, and every heartbeat call, is `retried` on the RDB storage it wraps (built
     once, on first use: Optuna is imported only by sweeps). Optuna runs its heartbeat for a storage that is a
-    BaseHeartbeat with an interval: so is this one when the wrapped one is."""
+    BaseHeartbeat with an interval: so is this one when the wrapped one is. Once a call has waited out the
+    patience, the process is stopping: every later call fails at once, with the same line."""
     from optuna.storages import BaseStorage
     from optuna.storages._heartbeat import BaseHeartbeat
 
     def delegate(name: str) -> Callable:
         def call(self, *args, **kwargs):
-            return retried(lambda: getattr(self.inner, name)(*args, **kwargs), self.url, self.patience_s)
+            if self.gave_up is not None:
+                raise StageError(self.gave_up)
+            try:
+                return retried(lambda: getattr(self.inner, name)(*args, **kwargs), self.url, self.patience_s)
+            except StageError as error:
+                self.gave_up = str(error)
+                raise
 
         call.__name__ = name
         return call
@@ -70,11 +77,21 @@ def patient_storage_class() -> type:
     class PatientStorage(BaseStorage, BaseHeartbeat):
         def __init__(self, inner: BaseStorage, url: str, patience_s: float) -> None:
             self.inner, self.url, self.patience_s = inner, url, patience_s
+            self.gave_up: str | None = None
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            """One beat, not waited for: a beat the database missed is the next one's to make (a trial silent for
+            the grace period is failed and retried), and Optuna's heartbeat thread must not die of it."""
+            try:
+                self.inner.record_heartbeat(trial_id)
+            except Exception as error:
+                if unreachable(error) is None:
+                    raise
 
     heartbeat = {"_get_stale_trial_ids"}  # Optuna's own helpers call this private one
     for base in (BaseStorage, BaseHeartbeat):
         for name, member in vars(base).items():
-            if callable(member) and (not name.startswith("_") or name in heartbeat):
+            if callable(member) and name != "record_heartbeat" and (not name.startswith("_") or name in heartbeat):
                 setattr(PatientStorage, name, delegate(name))
     return abc.update_abstractmethods(PatientStorage)
 
