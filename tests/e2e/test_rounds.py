@@ -395,7 +395,7 @@ def test_the_readme_loop_runs_on_the_files_the_report_writes_as_written(rounds_p
     assert champion_line_holds(project, report).startswith("- @champion -> version ")  # crowned
     section = report.split("## Next round (after round-2)")[1]
     # round-2 stopped early (EARLY_STOP): the patience proposal, and the command that runs its file
-    command = re.search(r"search: `(python -m cifar_rounds\.search\.sweep \S+/patience\.yaml)`", section).group(1)
+    command = re.search(r"search: `(cifar-rounds sweep \S+/patience\.yaml)`", section).group(1)
     sweep_file = project / command.split()[-1]
     written = sweep_file.read_bytes()
     spec = yaml.safe_load(written)

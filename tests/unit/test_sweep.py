@@ -605,7 +605,7 @@ def test_proposed_sweep_files_load_and_cover_the_round_and_its_preset(tmp_path, 
     lines = next_round_lines(Round(name, [rep, rep]), WORKSPACE, tmp_path / "next")
     files = sorted((tmp_path / "next").glob("*.yaml"))
     assert [f.stem for f in files] == ["batch", "learning-rate", "patience", "regularisation"]
-    assert all(f"python -m cifar_rounds.search.sweep {f}" in "".join(lines) for f in files)
+    assert all(f"cifar-rounds sweep {f}" in "".join(lines) for f in files)
     ran = rep.params.flat()
     for path in files:
         sweep = load_sweep(path, repo_params(), load_preset)

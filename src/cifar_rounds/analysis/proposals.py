@@ -2,7 +2,7 @@
 
 A proposal is made only where a measured value crosses a stated line; each comes
 with the overrides it suggests and a sweep file that searches around them, which
-`python -m cifar_rounds.search.sweep FILE` runs as it stands: its trials are the
+`cifar-rounds sweep FILE` runs as it stands: its trials are the
 round's configuration with only the searched values changed, and each space holds
 both the round's value and its preset's. Proposals read training and validation
 data only; the test set decides nothing here.
@@ -259,9 +259,9 @@ def next_round_lines(r: Round, rp: ReportParams, folder: Path, trials: int = SWE
         values = " ".join(f"-S {k}={v:.4g}" if isinstance(v, float) else f"-S {k}={v}" for k, v in p.overrides.items())
         path = write_sweep_file(p, r, folder, trials)
         run = (
-            f"`python -m cifar_rounds.search.sweep {path}`"
+            f"`cifar-rounds sweep {path}`"
             if path
-            else f"`python -m cifar_rounds.analysis.rounds run PRESET {values}` (the round is not a preset)"
+            else f"`cifar-rounds run PRESET {values}` (the round is not a preset)"
         )
         lines += [f"- **{p.action}**. Evidence: {p.evidence}. Try: `{values}`; search: {run}."]
     return lines

@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.analysis.rounds run round-1`: the founding analysis's rounds as named DVC experiments.
+"""`cifar-rounds run round-1`: the founding analysis's rounds as named DVC experiments.
 
 A round's values live in `rounds/<name>.yaml` (a partial params.yaml, validated
 by `Params`). Every value of the preset is passed with -S, because `dvc exp run

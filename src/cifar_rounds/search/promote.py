@@ -90,8 +90,7 @@ def promote(d: Driver, name: str, force: bool, folder: Path = PRESETS_DIR) -> Pa
         write_yaml(unflatten(values), tmp, header)
     kept = f" (the previous {path.name} is kept as {backup})" if backup else ""
     print(
-        f"sweep: promoted trial {best.number} to {path}{kept}; next: a pilot, python -m "
-        f"cifar_rounds.analysis.rounds run {name} --seeds 2, then the round report against the champion's round "
-        "advises the seeds to plan (--seeds N)"
+        f"sweep: promoted trial {best.number} to {path}{kept}; next: a pilot, cifar-rounds run {name} --seeds 2, "
+        "then the round report against the champion's round advises the seeds to plan (--seeds N)"
     )
     return path

@@ -1,4 +1,4 @@
-"""`python -m cifar_rounds.search.sweep sweeps/round-3.yaml --workers 2`: search round N+1 on Optuna's own loop.
+"""`cifar-rounds sweep sweeps/round-3.yaml --workers 2`: search round N+1 on Optuna's own loop.
 
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or any
 database URL, which lets sweeps on several machines share one study). The sweep trains

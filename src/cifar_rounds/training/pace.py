@@ -26,7 +26,7 @@ from cifar_rounds.training.runtime import amp_dtype, configure_cpu, memory_forma
 
 SHORT_EPOCHS = 3  # of the short round suggested instead of a long CPU training
 SHORT_RUNS = (
-    f"python -m cifar_rounds.analysis.rounds run round-2 --epochs {SHORT_EPOCHS}",  # a real round, a few epochs
+    f"cifar-rounds run round-2 --epochs {SHORT_EPOCHS}",  # a real round, a few epochs
     "scripts/offline.sh",  # the offline demo on generated data
 )
 EVAL_COST = 1 / 3  # an evaluated image against a trained one: the forward pass of forward + backward (2 x forward)
