@@ -54,11 +54,11 @@ AT_TINY_SETTINGS = {
     "cifar-rounds report round-1 round-2": REPORT,
     "cifar-rounds sweep sweeps/demo.yaml --workers 2": SWEEP,
     "cifar-rounds promote sweeps/demo.yaml round-3": LOOP,
-    "cifar-rounds run round-3 --epochs 4 --seeds 3": LOOP,
+    "cifar-rounds run round-3 --epochs 4 --seeds 3 --workers 2": LOOP,
     "cifar-rounds report round-2 round-3 --move-aliases": LOOP,
     # docs/rounds-and-verdict.md
     "cifar-rounds run round-1 --seeds 5": ROUNDS,
-    "cifar-rounds run round-2 --seeds 5 --queue": OVERRIDES,
+    "cifar-rounds run round-2 --seeds 5 --workers 2": LOOP,
     "cifar-rounds run round-2 -S train.num_epochs=3 -S train.lr_milestones=[1,2]": OVERRIDES,
     "cifar-rounds run round-2 --epochs 10": ROUNDS,
     "cifar-rounds run round-2 --force": OVERRIDES,
@@ -90,7 +90,7 @@ ELSEWHERE = {
     "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri postgresql+psycopg2://team@db.internal/mlflow "
     "--artifacts-destination /shared/mlartifacts": SHARED,
     "export PGPASSWORD=...  MLFLOW_TRACKING_URI=http://127.0.0.1:5000": SHARED,
-    "cifar-rounds sweep sweeps/team.yaml --workers 8": SHARED,
+    "cifar-rounds sweep sweeps/team.yaml --workers 8 --push origin": SHARED,
     "dvc exp push origin round-2-s0 && dvc exp pull origin round-2-s0": SHARED,
     "torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=node0.internal:29500 -m cifar_rounds.stages.train "
     "--split data/split.npz --models models --history reports/history.csv --summary reports/train_summary.json": DDP,
