@@ -102,11 +102,11 @@ def screenshot(chromium: str, url: str, path: Path, profile: Path) -> None:
         raise SystemExit(f"figures: chromium made no screenshot of {url}: {result.stderr.strip()[-500:]}")
 
 
-def make_figures(work: Path, out: Path, chromium: str) -> None:
+def make_figures(work: Path, out: Path, chromium: str, epochs: int, seeds: int) -> None:
     demo = work / "demo"
     command(["cifar-rounds", "demo", "--dir", str(demo)], REPO)
     for name in ROUNDS:
-        command(["cifar-rounds", "run", name, "--epochs", str(EPOCHS), "--seeds", str(SEEDS)], demo)
+        command(["cifar-rounds", "run", name, "--epochs", str(epochs), "--seeds", str(seeds)], demo)
     report = work / "report" / "round-1-vs-round-2.md"
     command(["cifar-rounds", "report", *ROUNDS, "--out", str(report)], demo)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,11 @@ def make_figures(work: Path, out: Path, chromium: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images", help="folder for the two PNG files")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="each round's epochs (the README's: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="each round's seeds (the README's: %(default)s)")
     args = parser.parse_args()
+    if args.epochs < 1 or args.seeds < 2:
+        parser.error("--epochs: at least 1; --seeds: at least 2 (the report's bands)")
     chromium = browser()
     if chromium is None:
         raise SystemExit(
@@ -127,7 +131,7 @@ def main() -> None:
             "photographed, so no image was made"
         )
     with tempfile.TemporaryDirectory(prefix="cifar-rounds-figures-") as work:
-        make_figures(Path(work), args.out.resolve(), chromium)
+        make_figures(Path(work), args.out.resolve(), chromium, args.epochs, args.seeds)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ def test_without_chromium_the_script_says_so_and_makes_nothing(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
-@pytest.mark.timeout(2400)  # the demo and six short trainings: about 10 minutes on 2 shared cores
+@pytest.mark.timeout(2400)  # the demo and four trainings of 2 epochs: minutes on 2 shared cores
 def test_the_figures_script_makes_both_images_from_the_offline_demo(tmp_path):
     repo = repository_copy(tmp_path / "repo")
     images = repo / "docs" / "images"
     for name in IMAGES:
         (images / name).unlink(missing_ok=True)
-    out = run(["scripts/figures.sh"], repo).stdout
+    out = run(["scripts/figures.sh", "--epochs", "2", "--seeds", "2"], repo).stdout
     assert f"figures: wrote {images / IMAGES[0]} and {images / IMAGES[1]}" in out
     curves, page = (imread(images / name) for name in IMAGES)  # height x width x channels
     assert curves.shape[1] > 2 * curves.shape[0]  # the report's three panels side by side

@@ -48,6 +48,7 @@ SWEEP = "e2e/test_sweep_workers.py::test_a_pruned_sweep_survives_kills_of_a_trai
 # DVC repository.
 AT_TINY_SETTINGS = {
     'mlflow run . --env-manager local --experiment-name cifar-rounds -P preset=round-1 -P overrides="train.patience=40"': "e2e/test_tracking.py::test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params",
+    "scripts/figures.sh": "e2e/test_figures.py::test_the_figures_script_makes_both_images_from_the_offline_demo",
     # README, the first hour (in offline-demo/)
     "cifar-rounds run round-1 --epochs 4 --seeds 3": ROUNDS,
     "cifar-rounds run round-2 --epochs 4 --seeds 3": ROUNDS,
@@ -103,7 +104,6 @@ ELSEWHERE = {
 RUN_BY_TEST = {
     # in a copy it makes, whose original it deletes
     "cifar-rounds relocate": "e2e/test_record.py::test_a_copy_whose_original_is_gone_loads_and_serves_its_champion_after_one_command",
-    "scripts/figures.sh": "e2e/test_figures.py::test_the_figures_script_makes_both_images_from_the_offline_demo",
 }
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
