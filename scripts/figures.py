@@ -74,7 +74,7 @@ def mlflow_ui(store: Path) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def compare_url(url: str, store: Path) -> str:
+def compare_url(url: str, store: Path, seeds: int) -> str:
     """The comparison page of the rounds' runs, in the order MLflow lists them."""
     from mlflow.tracking import MlflowClient
 
@@ -82,8 +82,8 @@ def compare_url(url: str, store: Path) -> str:
     experiment = client.get_experiment_by_name("cifar-rounds").experiment_id
     tagged = " OR ".join(f"tags.round = '{name}'" for name in ROUNDS)
     runs = [r for name in ROUNDS for r in client.search_runs([experiment], f"tags.round = '{name}'")]
-    if len(runs) != len(ROUNDS) * SEEDS:
-        raise SystemExit(f"figures: expected {len(ROUNDS) * SEEDS} runs ({tagged}), found {len(runs)}")
+    if len(runs) != len(ROUNDS) * seeds:
+        raise SystemExit(f"figures: expected {len(ROUNDS) * seeds} runs ({tagged}), found {len(runs)}")
     ids = json.dumps([r.info.run_id for r in runs])
     return f"{url}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}"
 
@@ -112,7 +112,7 @@ def make_figures(work: Path, out: Path, chromium: str, epochs: int, seeds: int) 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(report.with_suffix(".png"), out / "report-curves.png")
     with mlflow_ui(demo / "mlflow.db") as url:
-        screenshot(chromium, compare_url(url, demo / "mlflow.db"), out / "mlflow-compare.png", work / "chromium")
+        screenshot(chromium, compare_url(url, demo / "mlflow.db", seeds), out / "mlflow-compare.png", work / "chromium")
     print(f"figures: wrote {out / 'report-curves.png'} and {out / 'mlflow-compare.png'}")
 
 
