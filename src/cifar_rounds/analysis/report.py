@@ -16,7 +16,6 @@ candidate's MLflow run, and says where the registered model's aliases should poi
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
@@ -41,7 +40,7 @@ from cifar_rounds.analysis.summary import format_mean_std, mean_std
 from cifar_rounds.analysis.verdict import DEFAULT_TARGET_GAIN, Verdict, compare_configs, wilson_interval
 from cifar_rounds.core.errors import StageError, run_stage
 from cifar_rounds.core.files import atomic_path
-from cifar_rounds.core.inputs import output_file
+from cifar_rounds.core.inputs import command_parser, output_file
 from cifar_rounds.core.names import REPORT_ARTIFACTS, RUN_CONDITIONS
 from cifar_rounds.core.params import Params, ReportParams, load_params
 from cifar_rounds.tracking.run import Tracker
@@ -264,12 +263,7 @@ def decide_aliases(
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.splitlines()[0],
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog, __doc__.splitlines()[0], EXAMPLE)
     parser.add_argument(
         "baseline",
         help="round: DVC experiment (or NAME-s0, NAME-s1, ...), git revision, MLflow "

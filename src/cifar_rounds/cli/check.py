@@ -10,7 +10,6 @@ if any is bad.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
 from cifar_rounds.core.errors import ParamsError, StageError
-from cifar_rounds.core.inputs import FileArgumentError
+from cifar_rounds.core.inputs import FileArgumentError, command_parser
 from cifar_rounds.core.params import PARAMS_FILE, load_params
 from cifar_rounds.search.spec import load_sweep
 
@@ -42,12 +41,7 @@ def checks(params: list[Path], presets: list[str], sweeps: list[Path]) -> list[t
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.splitlines()[0],
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog, __doc__.splitlines()[0], EXAMPLE)
     parser.add_argument(
         "params", nargs="*", type=Path, metavar="FILE", help=f"a params file (default: {PARAMS_FILE} if nothing else)"
     )

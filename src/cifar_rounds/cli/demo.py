@@ -8,7 +8,6 @@ params.yaml is never touched.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from cifar_rounds.cli.headline import print_headline
 from cifar_rounds.core.errors import StageError, run_stage
-from cifar_rounds.core.inputs import folder
+from cifar_rounds.core.inputs import command_parser, folder
 from cifar_rounds.core.params import PARAMS_FILE, Params, dump_params, load_params, with_overrides
 from cifar_rounds.data.synthetic import write_archive
 
@@ -93,12 +92,7 @@ def offline_params(base: Params, archive: Path, md5: str, overrides: dict[str, o
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.splitlines()[0],
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog, __doc__.splitlines()[0], EXAMPLE)
     parser.add_argument("--dir", type=Path, default=Path("offline-demo"), help="project folder to create or reuse")
     parser.add_argument("--train-size", type=int, default=2000, help="generated training images")
     parser.add_argument("--test-size", type=int, default=500, help="generated test images")

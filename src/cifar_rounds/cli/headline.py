@@ -7,12 +7,12 @@ demo end with it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from cifar_rounds.analysis.replicates import ArtifactPaths
 from cifar_rounds.core.errors import run_stage
 from cifar_rounds.core.files import read_json
+from cifar_rounds.core.inputs import command_parser
 from cifar_rounds.core.params import Params, load_params
 from cifar_rounds.core.urls import without_password
 from cifar_rounds.tracking.store import repo_root, tracking_uri
@@ -44,12 +44,7 @@ def print_headline(root: Path, params: Params) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.splitlines()[0],
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ).parse_args(argv)
+    command_parser(prog, __doc__.splitlines()[0], EXAMPLE).parse_args(argv)
     print_headline(repo_root(), load_params())
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from cifar_rounds.core.errors import run_stage
+from cifar_rounds.core.inputs import command_parser
 
 PROG = "cifar-rounds"
 
@@ -45,11 +46,10 @@ def sweep(args: list[str]) -> None:
 
 def promote(args: list[str]) -> None:
     """`promote SWEEP_FILE NAME [--force]`: the sweep's `--no-run --promote NAME`, the study as it is."""
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} promote",
-        description="write a sweep's best complete trial onto its baseline preset as rounds/NAME.yaml",
-        epilog=f"example:\n  {COMMANDS['promote'].example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        f"{PROG} promote",
+        "write a sweep's best complete trial onto its baseline preset as rounds/NAME.yaml",
+        f"example:\n  {COMMANDS['promote'].example}",
     )
     parser.add_argument("sweep_file", metavar="SWEEP_FILE", help="the sweep file, e.g. sweeps/round-3.yaml")
     parser.add_argument("name", metavar="NAME", help="the new preset's name: rounds/NAME.yaml")
@@ -63,11 +63,10 @@ def promote(args: list[str]) -> None:
 
 def show(args: list[str]) -> None:
     """`show PRESET` (its values) or `show --headline` (what the last run of the pipeline here ended with)."""
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} show",
-        description="a preset's values, or the headline of the last run of the pipeline in this repository",
-        epilog=f"examples:\n  {COMMANDS['show'].example}\n  {PROG} show --headline",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        f"{PROG} show",
+        "a preset's values, or the headline of the last run of the pipeline in this repository",
+        f"examples:\n  {COMMANDS['show'].example}\n  {PROG} show --headline",
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("preset", nargs="?", metavar="PRESET", help="a preset in rounds/, e.g. round-2")
@@ -138,12 +137,7 @@ def listing() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Tune ResNet-18 on CIFAR-10 in rounds, with DVC, MLflow and Optuna.",
-        epilog=listing(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(PROG, "Tune ResNet-18 on CIFAR-10 in rounds, with DVC, MLflow and Optuna.", listing())
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments (COMMAND --help)")
     argv = sys.argv[1:] if argv is None else argv

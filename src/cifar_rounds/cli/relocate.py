@@ -7,9 +7,8 @@ copy (`mlflow models serve`, `mlflow.pytorch.load_model`, `mlflow ui`).
 
 from __future__ import annotations
 
-import argparse
-
 from cifar_rounds.core.errors import StageError, run_stage
+from cifar_rounds.core.inputs import command_parser
 from cifar_rounds.core.params import load_params
 from cifar_rounds.core.urls import without_password
 from cifar_rounds.tracking.store import (
@@ -27,12 +26,7 @@ EXAMPLE = """example, in a copied or moved repository:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.splitlines()[0],
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ).parse_args(argv)
+    command_parser(prog, __doc__.splitlines()[0], EXAMPLE).parse_args(argv)
     params = load_params()
     root = repo_root()
     uri = tracking_uri(params, root)

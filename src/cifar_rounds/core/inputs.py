@@ -1,4 +1,5 @@
-"""File arguments checked before a command works: a folder, binary or empty file where another was expected.
+"""A command's arguments: its parser, and file arguments checked before it works (a folder, binary or empty file
+where another was expected).
 
 Each refusal is one line naming the path and what was expected. This module imports
 nothing of the package, so that the params reader can use it too.
@@ -6,7 +7,15 @@ nothing of the package, so that the params reader can use it too.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+
+def command_parser(prog: str | None, description: str, example: str) -> argparse.ArgumentParser:
+    """A command's parser: its one-line description, and `example` (already laid out) after the options in --help."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 class FileArgumentError(ValueError):
