@@ -97,3 +97,26 @@ def test_an_interrupt_reaches_the_child_once_and_the_child_is_waited_for(tmp_pat
     signum = signal.SIGINT if how == "ctrl-c to the group" else signal.SIGTERM
     assert out.split() == ["3", f"[{signum.value}]"], out  # its exit code, and the signal remembered
     assert parent.returncode != 0 and "KeyboardInterrupt: signal" in err and "at child" in err
+
+
+def test_each_signal_reaches_every_running_child_group_once_and_an_ended_one_not_at_all():
+    """Children started side by side (a sweep's workers, replicates in clones) hear each signal the parent got."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cifar_rounds.core.interrupts import Interrupts
+
+    wait = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(7)); time.sleep(60)"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"], process_group=0)
+    ended.wait()
+    running = [subprocess.Popen([sys.executable, "-c", wait], process_group=0) for _ in range(2)]
+    interrupts = Interrupts()
+    time.sleep(1.0)  # the children have set their handlers
+    interrupts.pass_on_to_all([ended, *running], signal.SIGINT)  # nothing received yet: nothing sent
+    assert all(p.poll() is None for p in running)
+    interrupts.signals.append(signal.SIGTERM)
+    interrupts.pass_on_to_all([ended, *running], signal.SIGINT)
+    assert [p.wait(timeout=30) for p in running] == [7, 7] and ended.returncode == 0
+    interrupts.pass_on_to_all(running, signal.SIGINT)  # passed on already: not again (and no error for ended ones)

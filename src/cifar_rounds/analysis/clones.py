@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import suppress
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -151,7 +150,7 @@ def run_in_clones(runs: list[tuple[str, list[str]]], workers: int, interrupts: I
     """Each named experiment command in a clone, `workers` at once, each pushed to the repository once saved; raises
     if any failed or a signal came (passed on to each running experiment as Ctrl-C)."""
     root = repo_root()
-    commit, todo, running, failed, passed_on = head_commit(root), list(runs), {}, [], 0
+    commit, todo, running, failed = head_commit(root), list(runs), {}, []
     free = [take_clone(root) for _ in range(min(workers, len(runs)))]
     while (todo and not interrupts.signals) or running:
         while todo and free and not interrupts.signals:
@@ -160,11 +159,7 @@ def run_in_clones(runs: list[tuple[str, list[str]]], workers: int, interrupts: I
             log = root / LOGS_DIR / f"{name}.log"
             print(f"{name}: runs in {clone.path.relative_to(root)}; DVC's output: {log.relative_to(root)}", flush=True)
             running[clone.start(command, log, workers)] = (clone, name)
-        if len(interrupts.signals) > passed_on:
-            passed_on = len(interrupts.signals)
-            for proc in running:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGINT)
+        interrupts.pass_on_to_all(list(running), signal.SIGINT)
         for proc in [p for p in running if p.poll() is not None]:
             clone, name = running.pop(proc)
             if proc.returncode == 0:

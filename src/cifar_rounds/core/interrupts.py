@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 class Interrupts:
@@ -35,6 +35,16 @@ class Interrupts:
                 os.killpg(self.child.pid, signal.SIGINT)
             except ProcessLookupError:  # it has just ended
                 return
+
+    def pass_on_to_all(self, procs: list[subprocess.Popen], signum: int) -> None:
+        """Each signal received since the last call, as `signum`, once to the process group of each of `procs`
+        still running (children started side by side, each in its own group)."""
+        while self.passed_on < len(self.signals):
+            self.passed_on += 1
+            for proc in procs:
+                if proc.poll() is None:
+                    with suppress(ProcessLookupError):  # it has just ended
+                        os.killpg(proc.pid, signum)
 
     def exit_code(self, command: list[str]) -> int:
         """Run `command` to its end in its own process group (a terminal's Ctrl-C reaches it through here, once)."""

@@ -14,7 +14,6 @@ fails the trials whose workers died and tries their values again.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -54,13 +53,8 @@ def run_workers(d: Driver, sweep: Path, workers: int, ready: int, team: str | No
     with interrupts_caught() as interrupts:
         # each in its own process group: a terminal's Ctrl-C reaches them once, through here
         procs = [subprocess.Popen(command, process_group=0) for _ in range(workers + ready)]
-        passed_on = 0
         while any(p.poll() is None for p in procs):
-            if len(interrupts.signals) > passed_on:
-                passed_on = len(interrupts.signals)
-                for p in procs:
-                    if p.poll() is None:
-                        os.kill(p.pid, signal.SIGTERM)
+            interrupts.pass_on_to_all(procs, signal.SIGTERM)
             time.sleep(POLL_S)
     codes = [p.returncode for p in procs]
     interrupts.stop_if_any("the sweep (its workers stopped; the same command continues the study)")
