@@ -29,7 +29,7 @@ SPLIT_ARGS = ["--raw", "data/raw", "--out", "data/out.npz"]
 
 # (command, its arguments, the file it is given, the kinds of file it must refuse there)
 CASES = [
-    ("cifar_rounds.core.params", ["p.yaml"], "p.yaml", KINDS),
+    ("cifar_rounds.cli.check", ["p.yaml"], "p.yaml", KINDS),
     ("cifar_rounds.analysis.rounds", ["show", "bad"], "rounds/bad.yaml", KINDS),
     ("cifar_rounds.analysis.rounds", ["run", "bad"], "rounds/bad.yaml", KINDS),
     ("cifar_rounds.analysis.report", ["a", "b", "--out", "r.md"], "r.md", ("folder",)),

@@ -1,5 +1,3 @@
-import sys
-
 import pytest
 import yaml
 
@@ -99,25 +97,25 @@ def test_overrides_are_validated():
         with_overrides(repo_params(), {"train.epochs": 3})
 
 
-def params_cli_refusal(path, monkeypatch) -> str:
-    """What `python -m cifar_rounds.core.params PATH` prints to stderr as it exits 1, run in this process."""
-    from cifar_rounds.core.params import main
+def params_cli_refusal(path, capsys) -> str:
+    """What `cifar-rounds check PATH` prints to stderr as it exits 1, run in this process."""
+    from cifar_rounds.cli.check import main
 
-    monkeypatch.setattr(sys, "argv", ["params", str(path)])
     with pytest.raises(SystemExit) as stopped:
-        main()
-    assert isinstance(stopped.value.code, str)  # Python prints it and exits 1
-    return stopped.value.code
+        main([str(path)])
+    assert stopped.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing else printed
+    return err
 
 
-def test_cli_prints_one_line_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(_raw(**{"train.lr_gamma": 2.0})))
-    message = params_cli_refusal(bad, monkeypatch)
-    assert message.startswith("error: ") and "\n" not in message and "train.lr_gamma" in message
+    message = params_cli_refusal(bad, capsys)
+    assert message.startswith("error: ") and message.count("\n") == 1 and "train.lr_gamma" in message
     (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
-    assert "not valid YAML" in params_cli_refusal(tmp_path / "broken.yaml", monkeypatch)
-    assert capsys.readouterr() == ("", "")  # nothing else printed
+    assert "not valid YAML" in params_cli_refusal(tmp_path / "broken.yaml", capsys)
 
 
 def test_a_registered_model_name_that_a_models_uri_cannot_carry_is_refused_by_name():

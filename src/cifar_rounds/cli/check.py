@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from cifar_rounds.analysis.rounds import PRESETS_DIR, load_preset
-from cifar_rounds.core.errors import ParamsError, StageError
+from cifar_rounds.core.errors import ParamsError, StageError, run_stage
 from cifar_rounds.core.inputs import FileArgumentError, command_parser
 from cifar_rounds.core.params import PARAMS_FILE, load_params
 from cifar_rounds.search.spec import load_sweep
@@ -62,3 +62,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             print(f"{what}: valid", flush=True)
     if bad:
         raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    run_stage(main)

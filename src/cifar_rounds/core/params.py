@@ -7,7 +7,6 @@ missing field is an error that names it, never a silent default.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import json
@@ -301,21 +300,3 @@ def params_from_text(text: str, source: Path) -> Params:
 
 def dump_params(params: Params, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-
-
-def main() -> None:
-    """`python -m cifar_rounds.core.params [FILE]`: validate a params file, exit non-zero if bad."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument(
-        "path", nargs="?", type=Path, default=PARAMS_FILE, help="params file to check (default: params.yaml)"
-    )
-    args = parser.parse_args()
-    try:
-        load_params(args.path)
-    except ParamsError as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"{args.path}: valid")
-
-
-if __name__ == "__main__":
-    main()
