@@ -1,8 +1,9 @@
 """The README's two images, made from the offline demo: the round report's figure and MLflow's comparison page.
 
 Runs what the README's first hour runs (`cifar-rounds demo`, two short rounds of three seeds,
-`cifar-rounds report round-1 round-2`) in a temporary folder, then serves that demo's store with
-`mlflow ui` on 127.0.0.1 and photographs the runs' comparison page in headless Chromium.
+`cifar-rounds report round-1 round-2`) in a temporary folder, or in a demo made before (`--demo DIR`),
+then serves that demo's store with `mlflow ui` on 127.0.0.1 and photographs the runs' comparison page in
+headless Chromium.
 Writes `report-curves.png` and `mlflow-compare.png` into `--out` (default docs/images/).
 Without Chromium it says so and exits 1 before any work: no image is drawn any other way.
 """
@@ -102,9 +103,10 @@ def screenshot(chromium: str, url: str, path: Path, profile: Path) -> None:
         raise SystemExit(f"figures: chromium made no screenshot of {url}: {result.stderr.strip()[-500:]}")
 
 
-def make_figures(work: Path, out: Path, chromium: str, epochs: int, seeds: int) -> None:
-    demo = work / "demo"
-    command(["cifar-rounds", "demo", "--dir", str(demo)], REPO)
+def make_figures(work: Path, out: Path, chromium: str, epochs: int, seeds: int, demo: Path | None) -> None:
+    if demo is None:
+        demo = work / "demo"
+        command(["cifar-rounds", "demo", "--dir", str(demo)], REPO)
     for name in ROUNDS:
         command(["cifar-rounds", "run", name, "--epochs", str(epochs), "--seeds", str(seeds)], demo)
     report = work / "report" / "round-1-vs-round-2.md"
@@ -121,9 +123,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images", help="folder for the two PNG files")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="each round's epochs (the README's: %(default)s)")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="each round's seeds (the README's: %(default)s)")
+    parser.add_argument(
+        "--demo",
+        type=Path,
+        help="the folder of an offline demo `cifar-rounds demo` made, to use instead of a new one (replicates it "
+        "already trained are not trained again)",
+    )
     args = parser.parse_args()
     if args.epochs < 1 or args.seeds < 2:
         parser.error("--epochs: at least 1; --seeds: at least 2 (the report's bands)")
+    if args.demo and not (args.demo / "mlflow.db").is_file():
+        parser.error(f"--demo: {args.demo} is not a folder `cifar-rounds demo` made (it has no mlflow.db)")
     chromium = browser()
     if chromium is None:
         raise SystemExit(
@@ -131,7 +141,8 @@ def main() -> None:
             "photographed, so no image was made"
         )
     with tempfile.TemporaryDirectory(prefix="cifar-rounds-figures-") as work:
-        make_figures(Path(work), args.out.resolve(), chromium, args.epochs, args.seeds)
+        demo = args.demo.resolve() if args.demo else None
+        make_figures(Path(work), args.out.resolve(), chromium, args.epochs, args.seeds, demo)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,9 @@
-"""scripts/figures.sh, as the README names it: both images made from the offline demo; without Chromium, one line.
+"""scripts/figures.sh refuses what it cannot do in one line, before any work. Both images made from the offline
+demo are tested with the first hour (e2e/test_readme.py), on the demo that test makes."""
 
-The run needs Chromium (Debian: `apt-get install chromium`) and is skipped without it, as the UI test is.
-"""
-
-import shutil
 import sys
 
-import numpy as np
-import pytest
-from matplotlib.image import imread
-
-from helpers import BIN, REPO, repository_copy, run
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-IMAGES = ("report-curves.png", "mlflow-compare.png")
+from helpers import BIN, REPO, run
 
 
 def test_without_chromium_the_script_says_so_and_makes_nothing(tmp_path):
@@ -26,17 +16,12 @@ def test_without_chromium_the_script_says_so_and_makes_nothing(tmp_path):
     assert not (tmp_path / "images").exists()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
-@pytest.mark.timeout(2400)  # the demo and four trainings of 2 epochs: minutes on 2 shared cores
-def test_the_figures_script_makes_both_images_from_the_offline_demo(tmp_path):
-    repo = repository_copy(tmp_path / "repo")
-    images = repo / "docs" / "images"
-    for name in IMAGES:
-        (images / name).unlink(missing_ok=True)
-    out = run(["scripts/figures.sh", "--epochs", "2", "--seeds", "2"], repo).stdout
-    assert f"figures: wrote {images / IMAGES[0]} and {images / IMAGES[1]}" in out
-    curves, page = (imread(images / name) for name in IMAGES)  # height x width x channels
-    assert curves.shape[1] > 2 * curves.shape[0]  # the report's three panels side by side
-    assert page.shape[:2] == (900, 1400)
-    # drawn pages, not blank ones: the curves in two colours with their bands, the page's table and charts
-    assert all(len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 100 for image in (curves, page))
+def test_a_demo_folder_that_is_not_one_is_refused_in_one_line(tmp_path):
+    result = run([sys.executable, "scripts/figures.py", "--demo", str(tmp_path)], REPO, False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"--demo: {tmp_path} is not a folder `cifar-rounds demo` made (it has no mlflow.db)")
+    )
+    assert not list(tmp_path.iterdir())

@@ -9,14 +9,18 @@ first-hour page: at most 200 lines, linking every page of docs/.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import socket
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from cifar_rounds.core.params import dump_params, load_params, with_overrides
@@ -42,13 +46,13 @@ ROUNDS = "e2e/test_rounds.py::rounds_project"
 LOOP = "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written"
 REPORT = "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements"
 OVERRIDES = "e2e/test_rounds.py::test_overrides_force_and_queue_work_as_the_readme_shows"
-SWEEP = "e2e/test_sweep_workers.py::test_a_pruned_sweep_survives_kills_of_a_training_a_worker_and_itself_and_its_best_trial_becomes_a_round"
+SWEEP = "e2e/test_sweep_workers.py::test_a_pruned_sweep_survives_kills_at_several_moments_and_its_best_trial_becomes_a_round"
 # As written these train full rounds (200-250 epochs at full width), or the demo's rounds and sweep (minutes each):
 # the named test runs the same command with tiny settings (a generated archive, width 8, a few epochs) on a real
 # DVC repository.
 AT_TINY_SETTINGS = {
     'mlflow run . --env-manager local --experiment-name cifar-rounds -P preset=round-1 -P overrides="train.patience=40"': "e2e/test_tracking.py::test_mlflow_run_entry_point_runs_the_pipeline_without_touching_params",
-    "scripts/figures.sh": "e2e/test_figures.py::test_the_figures_script_makes_both_images_from_the_offline_demo",
+    "scripts/figures.sh": "e2e/test_readme.py::test_the_first_hour_opening_then_every_after_a_run_command_and_the_ui_as_written",
     # README, the first hour (in offline-demo/)
     "cifar-rounds run round-1 --epochs 4 --seeds 3": ROUNDS,
     "cifar-rounds run round-2 --epochs 4 --seeds 3": ROUNDS,
@@ -74,7 +78,7 @@ AT_TINY_SETTINGS = {
 }
 # As written these need what one test machine lacks: 8 GPUs, a team's server host, a shared remote, a clone URL.
 # The named test runs the same flow on 127.0.0.1, a local remote and a local clone.
-SHARED = "e2e/test_shared_store.py::test_two_machines_run_one_study_on_postgresql_and_a_third_compares_their_rounds"
+SHARED = "e2e/test_shared_store.py::test_two_machines_run_one_study_on_stores_behind_passwords_and_a_third_compares_their_rounds"
 TEAM = "e2e/test_team.py::test_push_clone_pull_reruns_nothing_and_runs_are_on_the_server"
 DDP = "e2e/test_distributed.py::test_ddp_training_matches_single_process_logs_once_and_resumes"
 ELSEWHERE = {
@@ -106,6 +110,10 @@ RUN_BY_TEST = {
     "cifar-rounds relocate": "e2e/test_record.py::test_a_copy_whose_original_is_gone_loads_and_serves_its_champion_after_one_command",
 }
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# the README's images need Chromium (Debian: `apt-get install chromium`); CI installs it and requires them
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REQUIRE_BROWSER = os.environ.get("CIFAR_ROUNDS_REQUIRE_BROWSER") == "1"
+IMAGES = ("report-curves.png", "mlflow-compare.png")
 
 
 def page_commands(page: Path) -> list[str]:
@@ -225,6 +233,24 @@ def test_the_first_hour_opening_then_every_after_a_run_command_and_the_ui_as_wri
 
     gpu = run(shlex.split("scripts/test.sh -m gpu"), repo)  # skips cleanly without CUDA, exit 0
     assert " skipped" in gpu.stdout or " passed" in gpu.stdout
+
+    if CHROMIUM or REQUIRE_BROWSER:  # the README's images, from this demo (the rounds trained at 2 epochs, 2 seeds)
+        figures_from(demo, repo)
+
+
+def figures_from(demo: Path, repo: Path) -> None:
+    """scripts/figures.sh on a demo already made: both images drawn."""
+    images = repo / "docs" / "images"
+    for name in IMAGES:
+        (images / name).unlink(missing_ok=True)
+    out = run(["scripts/figures.sh", "--demo", str(demo), "--epochs", "2", "--seeds", "2"], repo).stdout
+    assert f"figures: wrote {images / IMAGES[0]} and {images / IMAGES[1]}" in out
+    assert "figures: cifar-rounds demo" not in out  # the demo given, not a new one
+    curves, page = (imread(images / name) for name in IMAGES)  # height x width x channels
+    assert curves.shape[1] > 2 * curves.shape[0]  # the report's three panels side by side
+    assert page.shape[:2] == (900, 1400)
+    # drawn pages, not blank ones: the curves in two colours with their bands, the page's table and charts
+    assert all(len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 100 for image in (curves, page))
 
 
 def readme_block(marker: str) -> list[str]:

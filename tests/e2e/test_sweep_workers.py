@@ -1,5 +1,6 @@
-"""A sweep's workers, end to end: a training, a worker and the sweep killed, the same command finishing it, trials
-pruned, the best promoted to a round."""
+"""A sweep's workers, end to end: a training, a worker and the sweep each SIGKILLed at two moments (a training before
+and after its first epoch; a worker while its trial trains and while its experiment is pushed; the sweep while its
+workers set up and while they train), the same command finishing it, trials pruned, the best promoted to a round."""
 
 from __future__ import annotations
 
@@ -79,21 +80,108 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
-def _ended(project: Path) -> int:
-    return sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in _trials(project))
+def _trial_of(process: psutil.Process) -> int:
+    """The trial a training or a push runs for: the experiment's name (`-n s-t007`, or the push's last argument) on
+    its command line or its parents'."""
+    for p in [process, *process.parents()]:
+        cmd = _cmdline(p)
+        if cmd[1:5] == ["-m", "dvc", "exp", "run"]:
+            return int(cmd[cmd.index("-n") + 1].rsplit("-t", 1)[1])
+        if cmd[1:5] == ["-m", "dvc", "exp", "push"]:
+            return int(cmd[-1].rsplit("-t", 1)[1])
+    raise AssertionError(f"no experiment above {_cmdline(process)}")
 
 
-def _wait_for(what, driver: subprocess.Popen, deadline: float) -> None:
-    while not what():
+def _worker_of(process: psutil.Process) -> psutil.Process:
+    (worker,) = [p for p in process.parents() if _cmdline(p)[1:3] == ["-m", "cifar_rounds.search.worker"]]
+    return worker
+
+
+def _epochs(project: Path, number: int) -> int:
+    return len(next(t for t in _trials(project) if t.number == number).intermediate_values)
+
+
+def _find(what, driver: subprocess.Popen, deadline: float, poll_s: float = 0.3):
+    """The first thing `what()` returns, polled until the deadline while the sweep runs."""
+    while True:
+        found = what()
+        if found:
+            return found
         assert driver.poll() is None and time.time() < deadline, "the sweep ended before the moment came"
-        time.sleep(0.5)
+        time.sleep(poll_s)
+
+
+def _training(project: Path, driver: subprocess.Popen, trained_epochs: bool) -> psutil.Process | None:
+    """A training of the sweep's whose trial has reported an epoch (or none yet)."""
+    for training in _descendants(driver, "cifar_rounds.stages.train"):
+        try:
+            if (_epochs(project, _trial_of(training)) > 0) == trained_epochs:
+                return training
+        except (psutil.NoSuchProcess, StopIteration):  # ended, or its trial not yet in the study
+            continue
+    return None
+
+
+def _pushing(driver: subprocess.Popen) -> psutil.Process | None:
+    """A `dvc exp push` a worker runs: its trial has trained and its experiment is saved."""
+    found = [
+        p
+        for p in psutil.Process(driver.pid).children(recursive=True)
+        if _cmdline(p)[1:5] == ["-m", "dvc", "exp", "push"]
+    ]
+    return found[0] if found else None
+
+
+def _kill_driver(driver: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILL to the sweep alone; its workers and what they run, left to stop by themselves."""
+    left = [p for w in _descendants(driver, "cifar_rounds.search.worker") for p in [w, *w.children(recursive=True)]]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    return left
+
+
+def _start(cmd: list[str], project: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=project, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def kill_at_each_moment(project: Path, cmd: list[str]) -> tuple[dict[str, list[int]], list[psutil.Process]]:
+    """Two sweeps of `cmd`, each SIGKILLed; between, a training, a worker and the sweep killed at two moments each.
+    Returns the trials each kill stopped, by moment, and the processes left running."""
+    kills, deadline = {}, time.time() + 1200
+    # the sweep, while its workers set up their first trials (before any training)
+    driver = _start(cmd, project)
+    _find(lambda: any(t.state.name == "RUNNING" for t in _trials(project)), driver, deadline)
+    kills["sweep, setting up"] = [t.number for t in _trials(project) if t.state.name == "RUNNING"]
+    assert not _descendants(driver, "cifar_rounds.stages.train")
+    psutil.wait_procs(_kill_driver(driver), timeout=300)  # the workers stop their trials once their sweep is gone
+
+    driver = _start(cmd, project)
+    # a training before its first epoch, then one after an epoch
+    for moment, epochs in (("training, before its first epoch", False), ("training, after an epoch", True)):
+        training = _find(lambda: _training(project, driver, epochs), driver, deadline)
+        kills[moment] = [_trial_of(training)]
+        training.kill()
+    # a worker while its trial's experiment is pushed, then one while its trial trains (what each ran is left to end)
+    left = []
+    for moment, find in (
+        ("worker, pushing", lambda: _pushing(driver)),
+        ("worker, training", lambda: _training(project, driver, True)),
+    ):
+        running = _find(find, driver, deadline, 0.1)
+        kills[moment], worker = [_trial_of(running)], _worker_of(running)
+        left += worker.children(recursive=True)
+        worker.kill()
+    # the sweep, while a worker trains
+    _find(lambda: _training(project, driver, True), driver, deadline)
+    kills["sweep, training"] = [_trial_of(t) for t in _descendants(driver, "cifar_rounds.stages.train")]
+    return kills, left + _kill_driver(driver)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_a_pruned_sweep_survives_kills_of_a_training_a_worker_and_itself_and_its_best_trial_becomes_a_round(
-    tmp_path,
-):
+def test_a_pruned_sweep_survives_kills_at_several_moments_and_its_best_trial_becomes_a_round(tmp_path):
     archive = tmp_path / "a.tar.gz"
     md5 = write_archive(archive, train_size=700, test_size=200, seed=1)
     project = make_project(tmp_path / "p", (archive, md5), **TRIAL_SETTINGS)
@@ -101,30 +189,10 @@ def test_a_pruned_sweep_survives_kills_of_a_training_a_worker_and_itself_and_its
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "sweep file"], project)
     cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/s.yaml", "--workers", "2"]
-
-    driver = subprocess.Popen(
-        cmd, cwd=project, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline, orphans = time.time() + 900, []
-    # a training, once a trial has ended and two train
-    _wait_for(
-        lambda: _ended(project) >= 1 and len(_descendants(driver, "cifar_rounds.stages.train")) >= 2, driver, deadline
-    )
-    _descendants(driver, "cifar_rounds.stages.train")[0].kill()
-    # a worker, while its trial trains (its experiment and training are left to end by themselves)
-    ended = _ended(project)
-    _wait_for(lambda: _ended(project) > ended and _descendants(driver, "cifar_rounds.stages.train"), driver, deadline)
-    training = _descendants(driver, "cifar_rounds.stages.train")[0]
-    (worker,) = [p for p in training.parents() if _cmdline(p)[1:3] == ["-m", "cifar_rounds.search.worker"]]
-    orphans += worker.children(recursive=True)
-    worker.kill()
-    # the sweep itself, while the other worker trains
-    _wait_for(lambda: _descendants(driver, "cifar_rounds.stages.train"), driver, deadline)
-    orphans += [p for w in _descendants(driver, "cifar_rounds.search.worker") for p in [w, *w.children(recursive=True)]]
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    kills, orphans = kill_at_each_moment(project, cmd)
     out = run(cmd + ["--promote", "s-best"], project).stdout
-    psutil.wait_procs(orphans, timeout=300)  # the killed worker's training stops at its next epoch, or ends
+    psutil.wait_procs(orphans, timeout=300)  # a killed worker's training stops at its next epoch, or ends
+    print("killed:", kills)
 
     trials = _trials(project)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -132,7 +200,11 @@ def test_a_pruned_sweep_survives_kills_of_a_training_a_worker_and_itself_and_its
     assert len(finished) == 6 and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     killed = [t for t in trials if t.state.name == "FAIL" and not t.user_attrs.get("surplus")]
     # the training, the worker and the sweep (its workers') stopped trials: failed, and their values tried again
-    assert len(killed) >= 3 and {t.number for t in killed} == retried, [(t.number, t.state.name) for t in trials]
+    assert {t.number for t in killed} == retried, [(t.number, t.state.name) for t in trials]
+    for moment, numbers in kills.items():  # every kill stopped its trials, whose values were tried again
+        assert numbers and set(numbers) <= retried, (moment, numbers, retried)
+    ran = {t.number: len(t.intermediate_values) for t in trials}
+    assert ran[kills["training, before its first epoch"][0]] == 0 and ran[kills["training, after an epoch"][0]] >= 1
     (done,) = [line for line in out.splitlines() if line.startswith("sweep: done; ")]
     assert f"{len(retried)} retried" in done and " fail" not in done, out[-3000:]
     for t in killed:  # its values again, by Optuna's retry (itself killed, perhaps, and retried), to the end
