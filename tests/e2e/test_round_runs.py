@@ -105,26 +105,24 @@ def test_ctrl_c_puts_params_yaml_back_and_a_rerun_runs_only_the_replicates_not_f
 
 
 def test_a_round_named_apart_from_its_preset_is_its_own_round_in_mlflow_and_the_report(project, monkeypatch):
-    run([*ROUNDS, "round-1", "--seeds", "2", "--epochs", "2"], project)
-    run([*ROUNDS, "round-1", "-n", "round-3", "--seeds", "2", "--epochs", "2", "-S", "train.patience=7"], project)
+    run([*ROUNDS, "round-1", "--epochs", "2"], project)  # one seed a side: names, not statistics
+    run([*ROUNDS, "round-1", "-n", "round-3", "--epochs", "2", "-S", "train.patience=7"], project)
     tags = {r.info.run_name: r.data.tags for r in mlflow_runs(project)}
     assert {name: (t["round"], t["preset"]) for name, t in tags.items()} == {
-        "round-1-s0": ("round-1", "round-1"),
-        "round-1-s1": ("round-1", "round-1"),
-        "round-3-s0": ("round-3", "round-1"),
-        "round-3-s1": ("round-3", "round-1"),
+        "round-1": ("round-1", "round-1"),
+        "round-3": ("round-3", "round-1"),
     }
     run(["dvc", "exp", "remove", "--all-commits"], project)  # no DVC experiments: MLflow alone holds the rounds
     assert exp_names(project) == []
     run([*REPORT, "round-1", "round-3", "--out", "reports/mlflow.md"], project)
     report = (project / "reports/mlflow.md").read_text()
-    assert "Seeds: 2 (round-1-s0, round-1-s1)" in report and "Seeds: 2 (round-3-s0, round-3-s1)" in report
+    assert "Seeds: 1 (round-1)" in report and "Seeds: 1 (round-3)" in report
     assert re.findall(r"^\| `([\w.]+)` \|", report, re.M) == ["train.patience"]  # the configurations' one change
     monkeypatch.chdir(project)
     paths = ArtifactPaths.from_dvc(project)
     for name in ("round-1", "round-3"):
         found = find_round(name, load_params(), project, paths)
-        assert [rep.label for rep in found.replicates] == [f"{name}-s0", f"{name}-s1"]
+        assert [rep.label for rep in found.replicates] == [name]
 
 
 def test_a_new_round_with_the_last_runs_values_trains_its_own_runs_and_a_rerun_adds_only_new_seeds(

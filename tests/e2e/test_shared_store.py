@@ -131,7 +131,7 @@ def test_two_machines_run_one_study_on_stores_behind_passwords_and_a_third_compa
     for repo in ("first", "second", "third", "origin.git", "dvc-remote"):
         records |= repository_records(tmp_path / repo)
     records |= {f"output {i}": text.encode() for i, text in enumerate(outputs)}
-    assert any(".dvc/tmp/clones/w1/.git" in k for k in records)  # the workers' clones were searched
+    assert any(".dvc/tmp/clones/w0/.git" in k for k in records)  # the workers' clones were searched
     header = b"Authorization: Basic " + base64.b64encode(f"{MLFLOW_USER}:{MLFLOW_SECRET}".encode())
     assert leaks({"a basic-auth header": header}, [MLFLOW_SECRET]) == ["a basic-auth header"]  # the search finds
     assert leaks(records, [PG_SECRET, MLFLOW_SECRET]) == []

@@ -26,16 +26,25 @@ QUIET_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # MLflow's own retries 
 
 
 def study_trials(url: str) -> list:
-    """The study's trials; none before the sweep has created it."""
+    """The study's trials; none before the sweep has created it. Each call's connections are closed before it
+    returns: this test asks every second, and pools left to the garbage collector filled PostgreSQL's 100
+    connections ("too many clients already"), failing the sweep's trainings."""
     try:
-        return optuna.load_study(study_name="night", storage=url).trials
-    except Exception:  # no tables yet, or no study
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except Exception:  # no tables yet
         return []
+    try:
+        return optuna.load_study(study_name="night", storage=storage).trials
+    except Exception:  # no study yet
+        return []
+    finally:
+        storage.engine.dispose()
 
 
-def wait_for(what: str, condition, timeout: float = 600) -> None:
+def wait_for(what: str, condition, timeout: float = 600, sweep: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while not condition():
+        assert sweep is None or sweep.poll() is None, f"the sweep ended before {what}"
         assert time.time() < deadline, f"waited {timeout:.0f} s for {what}"
         time.sleep(1)
 
@@ -95,14 +104,16 @@ def test_a_database_outage_is_waited_out_and_one_past_the_patience_stops_everyth
         run(["git", "add", "-A"], project)
         run(["git", "commit", "-qm", "night sweep"], project)
         shared = env(MLFLOW_TRACKING_URI=server, **QUIET_CLIENT)
-        # no ready worker: two trainings at once, and `--ready 0` end to end
-        cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/night.yaml", "--workers", "2", "--ready", "0"]
+        # two trainings at once, no ready worker (the default)
+        cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/night.yaml", "--workers", "2"]
         log = open(tmp_path / "driver.log", "w+")
         driver = subprocess.Popen(cmd, cwd=project, env=shared, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             # 1. shorter than the patience, while two trials train: waited out
             wait_for(
-                "a trial's first epoch", lambda: any(t.intermediate_values for t in study_trials(pg.url("optuna")))
+                "a trial's first epoch",
+                lambda: any(t.intermediate_values for t in study_trials(pg.url("optuna"))),
+                sweep=driver,
             )
             caught = {t.number for t in study_trials(pg.url("optuna")) if t.intermediate_values}
             pg.stop()
@@ -116,12 +127,19 @@ def test_a_database_outage_is_waited_out_and_one_past_the_patience_stops_everyth
                 done = {t.number for t in trials if BEST_EPOCH in t.user_attrs}
                 return caught <= done and any(t.intermediate_values and t.number not in done for t in trials)
 
-            wait_for("the caught trials to end and a later one to train", later_trial_training)
+            # ten minutes or more under a whole suite's load: twelve epochs of two trainings, then a third's set-up
+            wait_for("the caught trials to end and a later one to train", later_trial_training, 1200, driver)
             pg.stop()
             # a worker may meet the outage up to three times in a row (its training's report, ending the trial's
             # run, telling the study), and once more starting its next trial: each waits out the patience
             driver.wait(timeout=4 * PATIENCE_S + 120)
             wait_for("the trials' experiments to stop", lambda: not experiments_running(project), 600)
+        except AssertionError:  # what the driver and each trial said, for the one who reads the failure
+            log.seek(0)
+            print(log.read()[-6000:])
+            for n, text in trial_logs(project, range(TRIALS + 4)).items():
+                print(f"--- trial {n}:\n{text[-3000:]}")
+            raise
         finally:
             if driver.poll() is None:
                 driver.kill()

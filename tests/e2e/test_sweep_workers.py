@@ -188,7 +188,9 @@ def test_a_pruned_sweep_survives_kills_at_several_moments_and_its_best_trial_bec
     (project / "sweeps" / "s.yaml").write_text(yaml.safe_dump(TINY_SWEEP))
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "sweep file"], project)
-    cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/s.yaml", "--workers", "2"]
+    # two ready workers: that path end to end (the outage test runs the default, none), and workers to spare for
+    # the kills below
+    cmd = [sys.executable, "-m", "cifar_rounds.search.sweep", "sweeps/s.yaml", "--workers", "2", "--ready", "2"]
     kills, orphans = kill_at_each_moment(project, cmd)
     out = run(cmd + ["--promote", "s-best"], project).stdout
     psutil.wait_procs(orphans, timeout=300)  # a killed worker's training stops at its next epoch, or ends

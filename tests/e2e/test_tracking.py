@@ -1,8 +1,7 @@
-"""MLflow beyond the default store: a real `mlflow server`, queued DVC experiments, `mlflow run`."""
+"""MLflow beyond the default store: a real `mlflow server`, DVC's temporary copies, `mlflow run`."""
 
 import json
 import sys
-import time
 
 import pytest
 import yaml
@@ -38,36 +37,23 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(tmp_path, archive, mlfl
     assert version.source == f"models:/{logged.model_id}"
 
 
-def test_queued_experiments_with_two_workers_all_land_in_the_root_store(tmp_path, archive):
+def test_an_experiment_run_in_dvcs_temporary_copy_lands_in_the_root_store(tmp_path, archive):
+    # `--temp` runs where `rounds run --queue`'s experiments run: a copy under .dvc/tmp/exps
     project = make_project(tmp_path / "p", archive, **TWO_EPOCHS, **NO_MODEL)
-    names = ["q0", "q1"]  # two workers run them at the same time
-    for i, name in enumerate(names):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr_gamma={0.2 + 0.1 * i:.1f}"], project)
-    run(["dvc", "queue", "start", "-j", "2"], project, OMP_NUM_THREADS="1")  # a core each, as the README says
-    deadline = time.time() + 600
-    while True:
-        status = run(["dvc", "queue", "status"], project).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        assert time.time() < deadline, status
-        time.sleep(5)
-    assert status.count("Success") == len(names), (
-        status + run(["dvc", "queue", "logs", names[0]], project, check=False).stdout
-    )
+    run(["dvc", "exp", "run", "--temp", "-n", "q0", "-S", "train.lr_gamma=0.2"], project)
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    runs = {r.info.run_name: r for r in finished_runs(client)}
-    assert sorted(runs) == names
+    (r,) = finished_runs(client)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     exp_run_ids = {
         e["name"]: e["data"]["metrics"]["metrics.json"]["data"]["mlflow_run_id"]
         for baseline in shown
         for e in (x for exps in baseline["experiments"] or [] for x in exps["revs"])
     }
-    for name, r in runs.items():
-        assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] == name
-        assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
-        assert exp_run_ids[name] == r.info.run_id
+    assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] == r.info.run_name == "q0"
+    assert r.data.params["train.lr_gamma"] == "0.2"
+    assert r.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
+    assert exp_run_ids == {"q0": r.info.run_id}
     assert (project / "mlartifacts").is_dir() and not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
 
 

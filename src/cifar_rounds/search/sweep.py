@@ -2,9 +2,9 @@
 
 The study lives in Optuna's storage (sqlite optuna.db at the repository root, or any
 database URL, which lets sweeps on several machines share one study). The sweep trains
-`--workers` trials at once: it starts that many worker processes (search/worker.py) and
-`--ready` more, each running the study's trials in its own clone of the repository at
-this commit, its trainings capped at `--workers` (a ready worker's trial gets through
+`--workers` trials at once: it starts that many worker processes (search/worker.py), and
+`--ready` more if asked, each running the study's trials in its own clone of the repository
+at this commit, its trainings capped at `--workers` (a ready worker's trial gets through
 DVC's set-up while the others train, and takes the first place that frees). Each trial is
 the DVC experiment STUDY-t007, pushed to this repository, and one MLflow run under the
 sweep's parent run. Killed and run again, the sweep continues the same study: Optuna
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         "--ready",
         type=int,
         metavar="N",
-        help="workers more, whose trials get ready while the others train (default: as many as --workers; "
-        "benchmarks/RESULTS.md measures both)",
+        default=0,
+        help="workers more, whose trials get through DVC's set-up while the others train (default 0: on trials "
+        "of minutes they did not shorten the sweep; benchmarks/RESULTS.md)",
     )
     parser.add_argument(
         "--push",
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers: at least 1")
-    if args.ready is not None and args.ready < 0:
+    if args.ready < 0:
         parser.error("--ready: 0 or more")
     base = load_params()
     sweep = load_sweep(args.sweep, base, load_preset)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     d = new_driver(sweep, base)
     with sweep_run_ended(d):
         if not args.no_run:
-            run_workers(d, args.sweep, args.workers, args.workers if args.ready is None else args.ready, args.push)
+            run_workers(d, args.sweep, args.workers, args.ready, args.push)
         write_sweep_report(d, None if args.no_run else args.workers)
     if args.promote:
         promote(d, args.promote, args.force)
