@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ def pytest_configure(config) -> None:
     from cifar_rounds.training.runtime import configure_cpu
 
     configure_cpu(torch.device("cpu"))
+    # Ctrl-C at its default, as a terminal starts a command, even when the suite runs as a background job
+    # (which ignores it, and so would every process the tests start: the tests that press Ctrl-C need it)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)

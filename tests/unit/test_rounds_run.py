@@ -60,7 +60,8 @@ CHILD = textwrap.dedent(
     got = []
     signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
     print("ready", flush=True)
-    while not got:
+    deadline = time.monotonic() + 120  # never reached: it ends by itself if the test failed
+    while not got and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.5)
     open(sys.argv[1], "w").write(str(len(got)))
@@ -97,6 +98,48 @@ def test_an_interrupt_reaches_the_child_once_and_the_child_is_waited_for(tmp_pat
     signum = signal.SIGINT if how == "ctrl-c to the group" else signal.SIGTERM
     assert out.split() == ["3", f"[{signum.value}]"], out  # its exit code, and the signal remembered
     assert parent.returncode != 0 and "KeyboardInterrupt: signal" in err and "at child" in err
+
+
+# a background job's (`nohup ... &`): Ctrl-C ignored from its start
+IN_THE_BACKGROUND = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + PARENT
+# a child as DVC is: Ctrl-C as Python sets it up at start (KeyboardInterrupt), no handler of its own
+PLAIN_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        open(sys.argv[1], "w").write("stopped")
+        sys.exit(3)
+    """
+)
+
+
+def test_a_background_job_ignores_ctrl_c_but_stops_its_child_with_it_on_sigterm(tmp_path):
+    """An ignored signal stays ignored across exec: the child must not inherit it, or it cannot be stopped."""
+    stopped = tmp_path / "stopped"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", IN_THE_BACKGROUND, PLAIN_CHILD, str(stopped)],
+        env=env(PYTHONPATH=str(REPO / "src")),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        os.killpg(parent.pid, signal.SIGINT)  # ignored, as a background job ignores it
+        time.sleep(0.5)
+        assert parent.poll() is None and not stopped.exists()
+        os.kill(parent.pid, signal.SIGTERM)  # `kill PID`: passed on to the child as Ctrl-C
+        out, err = parent.communicate(timeout=30)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert stopped.read_text() == "stopped"
+    assert out.split() == ["3", f"[{signal.SIGTERM.value}]"], out  # the child's exit code, SIGTERM remembered
 
 
 def test_each_signal_reaches_every_running_child_group_once_and_an_ended_one_not_at_all():

@@ -61,14 +61,25 @@ class Interrupts:
             raise KeyboardInterrupt(f"signal {self.signals[0]} at {where}")
 
 
+def not_for_this_process(signum: int, frame: object) -> None:
+    """Ctrl-C where it was ignored: still ignored here, but no longer inherited as ignored by the children."""
+
+
 @contextmanager
 def interrupts_caught() -> Iterator[Interrupts]:
-    """Ctrl-C (unless ignored, as in background jobs) and SIGTERM go to an `Interrupts` for the block."""
+    """Ctrl-C and SIGTERM go to an `Interrupts` for the block.
+
+    Ctrl-C ignored (a background job, `nohup ... &`) stays ignored by this process; it is handled by a
+    function that does nothing instead, because an ignored signal stays ignored across exec and a
+    handled one does not: the children, which this process stops with Ctrl-C, must not ignore it.
+    """
     interrupts = Interrupts()
-    handled = [signal.SIGTERM] + (
-        [signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else []
-    )
-    previous = {signum: signal.signal(signum, interrupts.receive) for signum in handled}
+    handlers = {signal.SIGTERM: interrupts.receive}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handlers[signal.SIGINT] = interrupts.receive
+    elif signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        handlers[signal.SIGINT] = not_for_this_process
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield interrupts
     finally:
