@@ -21,6 +21,7 @@ from cifar_rounds.core.params import PARAMS_FILE, Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
+NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -75,11 +76,17 @@ def free_port() -> int:
 def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **extra_env: str) -> Iterator[None]:
     """A server this test starts as `cmd`, in its own process group; ready once `probe` (a URL) answers.
 
-    Afterwards that group alone is stopped: the server and the workers it started.
+    Afterwards that group alone is stopped: the server and the workers it started. An MLflow server runs
+    without its job runner (GenAI jobs: eight more processes, each importing MLflow: about 50 s of CPU a start).
     """
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env(**extra_env), start_new_session=True, stdout=subprocess.DEVNULL, stderr=log
+            cmd,
+            cwd=cwd,
+            env=env(**{**NO_JOB_RUNNER, **extra_env}),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )
         try:
             deadline = time.time() + timeout_s
