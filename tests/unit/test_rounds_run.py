@@ -6,6 +6,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -70,11 +73,12 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("how", ["ctrl-c to the group", "sigterm to the process"])
-def test_an_interrupt_reaches_the_child_once_and_the_child_is_waited_for(tmp_path, how):
-    count = tmp_path / "count"
+@contextmanager
+def parent_of_a_ready_child(parent_code: str, child_code: str, out: Path) -> Iterator[subprocess.Popen]:
+    """`parent_code` run in its own session with `child_code` and `out` as arguments, once its child says "ready";
+    killed with its group afterwards if still running."""
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, CHILD, str(count)],
+        [sys.executable, "-c", parent_code, child_code, str(out)],
         env=env(PYTHONPATH=str(REPO / "src")),
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -83,16 +87,23 @@ def test_an_interrupt_reaches_the_child_once_and_the_child_is_waited_for(tmp_pat
     )
     try:
         assert parent.stdout.readline().strip() == "ready"
+        yield parent
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+
+
+@pytest.mark.parametrize("how", ["ctrl-c to the group", "sigterm to the process"])
+def test_an_interrupt_reaches_the_child_once_and_the_child_is_waited_for(tmp_path, how):
+    count = tmp_path / "count"
+    with parent_of_a_ready_child(PARENT, CHILD, count) as parent:
         if how == "ctrl-c to the group":
             os.killpg(parent.pid, signal.SIGINT)  # as a terminal sends it
         else:
             os.kill(parent.pid, signal.SIGTERM)
         started = time.monotonic()
         out, err = parent.communicate(timeout=60)
-    finally:
-        if parent.poll() is None:
-            os.killpg(parent.pid, signal.SIGKILL)
-            parent.wait()
     assert time.monotonic() - started > 1  # it waited for the child to end
     assert count.read_text() == "1"  # the child got exactly one Ctrl-C
     signum = signal.SIGINT if how == "ctrl-c to the group" else signal.SIGTERM
@@ -119,25 +130,12 @@ PLAIN_CHILD = textwrap.dedent(
 def test_a_background_job_ignores_ctrl_c_but_stops_its_child_with_it_on_sigterm(tmp_path):
     """An ignored signal stays ignored across exec: the child must not inherit it, or it cannot be stopped."""
     stopped = tmp_path / "stopped"
-    parent = subprocess.Popen(
-        [sys.executable, "-c", IN_THE_BACKGROUND, PLAIN_CHILD, str(stopped)],
-        env=env(PYTHONPATH=str(REPO / "src")),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert parent.stdout.readline().strip() == "ready"
+    with parent_of_a_ready_child(IN_THE_BACKGROUND, PLAIN_CHILD, stopped) as parent:
         os.killpg(parent.pid, signal.SIGINT)  # ignored, as a background job ignores it
         time.sleep(0.5)
         assert parent.poll() is None and not stopped.exists()
         os.kill(parent.pid, signal.SIGTERM)  # `kill PID`: passed on to the child as Ctrl-C
-        out, err = parent.communicate(timeout=30)
-    finally:
-        if parent.poll() is None:
-            os.killpg(parent.pid, signal.SIGKILL)
-            parent.wait()
+        out, _ = parent.communicate(timeout=30)
     assert stopped.read_text() == "stopped"
     assert out.split() == ["3", f"[{signal.SIGTERM.value}]"], out  # the child's exit code, SIGTERM remembered
 
