@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cifar_rounds.core.names import MLFLOW_SERVER_QUIET_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = ("round-1", "round-2")
 EPOCHS, SEEDS = 4, 3  # the README's first hour
@@ -57,8 +59,7 @@ def mlflow_ui(store: Path) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{store}"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # without MLflow's job runner (GenAI jobs): eight more processes, each importing MLflow, for nothing here
-    quiet = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    quiet = {**os.environ, **MLFLOW_SERVER_QUIET_ENV}
     server = subprocess.Popen(
         cmd, env=quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cifar_rounds.cli.demo import init_project, offline_params
+from cifar_rounds.core.names import MLFLOW_SERVER_QUIET_ENV
 from cifar_rounds.core.params import PARAMS_FILE, Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
-NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -77,13 +77,13 @@ def serving(cmd: list[str], cwd: Path, probe: str, timeout_s: float = 120, **ext
     """A server this test starts as `cmd`, in its own process group; ready once `probe` (a URL) answers.
 
     Afterwards that group alone is stopped: the server and the workers it started. An MLflow server runs
-    without its job runner (GenAI jobs: eight more processes, each importing MLflow: about 50 s of CPU a start).
+    without its job runner (MLFLOW_SERVER_QUIET_ENV).
     """
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             cmd,
             cwd=cwd,
-            env=env(**{**NO_JOB_RUNNER, **extra_env}),
+            env=env(**{**MLFLOW_SERVER_QUIET_ENV, **extra_env}),
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=log,

@@ -75,9 +75,10 @@ def interrupts_caught() -> Iterator[Interrupts]:
     """
     interrupts = Interrupts()
     handlers = {signal.SIGTERM: interrupts.receive}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    if ctrl_c is signal.default_int_handler:
         handlers[signal.SIGINT] = interrupts.receive
-    elif signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    elif ctrl_c == signal.SIG_IGN:
         handlers[signal.SIGINT] = not_for_this_process
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:

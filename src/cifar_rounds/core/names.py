@@ -17,3 +17,7 @@ RUN_CONDITIONS = ("device", "precision", "denormals", "layout")  # what params.y
 
 # set for the trainings that workers start side by side (a sweep's, replicates'): how many the project trains at once
 TRAININGS_ENV = "CIFAR_ROUNDS_TRAININGS"
+
+# the environment an `mlflow server` or `mlflow ui` of ours runs with: without MLflow's job runner (its GenAI jobs),
+# eight more processes, each importing MLflow (about 50 s of CPU a start on 2 cores), that nothing here uses
+MLFLOW_SERVER_QUIET_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
