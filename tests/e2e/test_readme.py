@@ -9,13 +9,18 @@ first-hour page: at most 200 lines, linking every page of docs/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import socket
+import subprocess
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +107,7 @@ ELSEWHERE = {
     # the suite itself, as CI runs it, and its fast subset
     "scripts/test.sh": "CI",
     'scripts/test.sh -m "not slow"': "CI",
-    "scripts/test.sh tests/e2e/test_ui.py": "CI",
+    "scripts/test.sh tests/e2e/test_readme.py": "CI",
 }
 # As written, run by the named test.
 RUN_BY_TEST = {
@@ -229,13 +234,15 @@ def test_the_first_hour_opening_then_every_after_a_run_command_and_the_ui_as_wri
         == run(["git", "rev-parse", "HEAD~1"], demo).stdout.strip()
     )
 
-    ui_answers(demo, metrics["mlflow_run_id"])
-
     gpu = run(shlex.split("scripts/test.sh -m gpu"), repo)  # skips cleanly without CUDA, exit 0
     assert " skipped" in gpu.stdout or " passed" in gpu.stdout
 
-    if CHROMIUM or REQUIRE_BROWSER:  # the README's images, from this demo (the rounds trained at 2 epochs, 2 seeds)
+    browser = CHROMIUM or REQUIRE_BROWSER
+    if browser:  # the README's images, from this demo (the rounds trained at 2 epochs, 2 seeds)
         figures_from(demo, repo)
+    with ui_as_written(demo, metrics["mlflow_run_id"]) as url:
+        if browser:
+            compare_page_draws_each_rounds_charts(url, demo, tmp_path)
 
 
 def figures_from(demo: Path, repo: Path) -> None:
@@ -260,15 +267,69 @@ def readme_block(marker: str) -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
-def ui_answers(demo: Path, run_id: str) -> None:
-    """The README's `mlflow ui`, as written (port 5000), answers with the demo's run."""
+@contextmanager
+def ui_as_written(demo: Path, run_id: str) -> Iterator[str]:
+    """The README's `mlflow ui`, as written (port 5000), answering with the demo's run; yields its URL."""
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 5000)) == 0:
             pytest.skip("port 5000 is taken here: the UI command as written cannot start")
-    with serving(shlex.split(UI), demo, "http://127.0.0.1:5000/health", 60):
-        body = (
-            urllib.request.urlopen(f"http://127.0.0.1:5000/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10)
-            .read()
-            .decode()
-        )
-    assert run_id in body
+    url = "http://127.0.0.1:5000"
+    with serving(shlex.split(UI), demo, f"{url}/health", 60):
+        body = urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10).read().decode()
+        assert run_id in body
+        yield url
+
+
+def compare_page_draws_each_rounds_charts(url: str, demo: Path, tmp_path: Path) -> None:
+    """In headless Chromium, the compare page of the rounds' runs draws their metric charts, and the `val_loss`
+    chart page one curve per run."""
+    client = MlflowClient(f"sqlite:///{demo}/mlflow.db")
+    experiment = client.get_experiment_by_name("cifar-rounds").experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment], "tags.round LIKE 'round-%'")}
+    names = [f"{name}-s{seed}" for name in ("round-1", "round-2") for seed in range(2)]
+    assert set(names) <= set(runs), sorted(runs)
+    ids, experiments = json.dumps([runs[n] for n in names]), json.dumps([experiment])
+    dom, text = rendered_text(f"{url}/#/compare-runs?runs={ids}&experiments={experiments}", tmp_path)
+    assert "Comparing 4 Runs" in text and all(n in text for n in names), text[:2000]
+    assert "js-plotly-plot" in dom and "val_loss" in text  # the metrics' chart, drawn by plotly
+    key = urllib.parse.quote(json.dumps(["val_loss"]))
+    dom, text = rendered_text(
+        f"{url}/#/metric?runs={ids}&metric={urllib.parse.quote(json.dumps('val_loss'))}"
+        f"&experiments={experiments}&plot_metric_keys={key}&plot_layout={{}}&x_axis=step"
+        "&y_axis_scale=linear&line_smoothness=1&show_point=false&deselected_curves=[]"
+        "&last_linear_y_axis_range=[]",
+        tmp_path,
+    )
+    assert all(f"{n} (val_loss)" in text for n in names), text[:2000]  # one curve per run
+    assert len(re.findall(r'class="trace scatter', dom)) >= len(names)
+
+
+def rendered_text(url: str, tmp_path: Path) -> tuple[str, str]:
+    """(the page's DOM after its scripts ran, its visible text), from headless Chromium."""
+    assert CHROMIUM is not None, "CIFAR_ROUNDS_REQUIRE_BROWSER=1 but no chromium on PATH"
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-proxy-server",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=30000",
+            "--window-size=1400,2000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S))
+    return dom, " ".join(text.split())

@@ -33,7 +33,7 @@ from cifar_rounds.data.synthetic import write_archive
 from helpers import env, make_project, run, tracking_server
 from pg import SMALL, postgresql
 
-TRIALS = 4
+TRIALS = 3  # the study's budget, shared by the two machines (one worker each)
 PG_SECRET, MLFLOW_SECRET, MLFLOW_USER = "PgS3cretQ7v2Lx9K", "MlS3cretW4n8Tz6R", "alice"
 CREDENTIALS = {
     "PGPASSWORD": PG_SECRET,
