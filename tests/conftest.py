@@ -46,6 +46,34 @@ def mlflow_server(tmp_path):
 
 
 FOLDER_MARKS = {"e2e": "slow", "gpu": "gpu"}  # a test's folder says what it needs
+TESTS = Path(__file__).parent
+# The files that take longest, longest first (their tests' summed times, 2026-12-07: benchmarks/RESULTS.md). Each
+# file runs on one worker (`--dist loadfile`), in this order (`--no-loadscope-reorder`), the others after them: the
+# short files then fill the end of the run, where one long file starting last kept one worker busy and the
+# other idle (xdist's own order puts the files with the most tests first).
+LONGEST_FIRST = (
+    "e2e/test_rounds.py",
+    "e2e/test_recovery.py",
+    "e2e/test_readme.py",
+    "e2e/test_record.py",
+    "e2e/test_shared_store.py",
+    "e2e/test_sweep_workers.py",
+    "e2e/test_round_runs.py",
+    "e2e/test_store_outage.py",
+    "e2e/test_pipeline.py",
+    "e2e/test_distributed.py",
+    "e2e/test_tracking.py",
+    "e2e/test_reliability.py",
+    "e2e/test_gpu_script.py",
+    "e2e/test_team.py",
+    "e2e/test_sweep_trials.py",
+)
+
+
+def file_rank(item: pytest.Item) -> int:
+    """Where the item's file comes in LONGEST_FIRST; after all of them if it is not there."""
+    name = item.path.relative_to(TESTS).as_posix()
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -53,3 +81,4 @@ def pytest_collection_modifyitems(config, items) -> None:
         mark = FOLDER_MARKS.get(item.path.parent.name)
         if mark:
             item.add_marker(mark)
+    items.sort(key=file_rank)  # stable: each file's tests, and the files not listed, keep their order

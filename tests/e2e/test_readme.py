@@ -187,6 +187,7 @@ def test_pipeline_offline_fails_with_the_download_error_whose_advice_works_as_wr
         re.M,
     )
     assert advice.groups() == ("scripts/pipeline.sh", "scripts/offline.sh")
+    assert "pipeline: no GPU here" not in first.stdout  # the data first: no training step measured in vain
     assert (repo / "params.yaml").read_bytes() == before and "Traceback" not in first.stderr
 
     # the advice, followed: a local copy at a path in data.url, then the same command; a file that is not the

@@ -197,3 +197,10 @@ def test_the_code_is_formatted_and_lint_free():
     for check in (["format", "--check", "."], ["check", "."]):
         result = subprocess.run([*ruff, *check], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+def test_the_suites_longest_first_order_names_test_files_that_exist():
+    from conftest import LONGEST_FIRST, TESTS
+
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    assert [name for name in LONGEST_FIRST if not (TESTS / name).is_file()] == []
