@@ -46,7 +46,7 @@ AFTER_A_RUN = [
 ]
 UI = "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
 # the first hour's opening, run in this order by the demo test: set up, the demo, into its folder, then each command
-RUN_HERE = ["scripts/pipeline.sh", SET_UP, DEMO, "cd offline-demo", "scripts/test.sh -m gpu", *AFTER_A_RUN, UI]
+RUN_HERE = ["scripts/pipeline.sh", SET_UP, DEMO, "cd offline-demo", "scripts/test.sh tests/gpu", *AFTER_A_RUN, UI]
 ROUNDS = "e2e/test_rounds.py::rounds_project"
 LOOP = "e2e/test_rounds.py::test_the_readme_loop_runs_on_the_files_the_report_writes_as_written"
 REPORT = "e2e/test_rounds.py::test_report_over_seeds_comes_from_the_replicates_measurements"
@@ -235,7 +235,7 @@ def test_the_first_hour_opening_then_every_after_a_run_command_and_the_ui_as_wri
         == run(["git", "rev-parse", "HEAD~1"], demo).stdout.strip()
     )
 
-    gpu = run(shlex.split("scripts/test.sh -m gpu"), repo)  # skips cleanly without CUDA, exit 0
+    gpu = run(shlex.split("scripts/test.sh tests/gpu"), repo)  # skips cleanly without CUDA, exit 0
     assert " skipped" in gpu.stdout or " passed" in gpu.stdout
 
     browser = CHROMIUM or REQUIRE_BROWSER
