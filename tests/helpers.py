@@ -52,7 +52,12 @@ def make_project(target: Path, archive: tuple[Path, str], **overrides: object) -
 
 
 def repository_copy(target: Path) -> Path:
-    """The repository's files (tracked and new, as git lists them) with this .venv linked: a fresh clone, set up."""
+    """The repository's files (tracked and new, as git lists them) with this .venv linked: a fresh clone, set up.
+
+    The .venv is set up here first, for the pins as they are now: the copy's own `scripts/setup.sh`, finding it
+    stale, would install the package into it from the copy, which is deleted after the test.
+    """
+    run(["scripts/setup.sh"], REPO)
     files = run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.splitlines()
     for name in files:
         if (REPO / name).is_file():
