@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from cifar_rounds.analysis.proposals import proposals
 from cifar_rounds.analysis.replicates import ArtifactPaths, find_round, mlflow_replicate, mlflow_runs
 from cifar_rounds.analysis.rounds import load_preset
+from cifar_rounds.core.names import CHECKPOINT_ARTIFACTS
 from cifar_rounds.core.params import load_params
 from cifar_rounds.data.synthetic import write_archive
 from cifar_rounds.search.spec import load_sweep
@@ -413,8 +414,14 @@ def test_the_readme_loop_runs_on_the_files_the_report_writes_as_written(rounds_p
     assert [t for t in study.trials if t not in finished] == []  # nothing failed, nothing retried
     for t in finished:
         exp = f"{spec['study']}-t{t.number:03d}"
-        ran = yaml.safe_load(dvc.api.read("params.yaml", repo=str(project), rev=exp))["train"]
+        ran_with = yaml.safe_load(dvc.api.read("params.yaml", repo=str(project), rev=exp))
+        ran = ran_with["train"]
         assert (ran["patience"], ran["num_epochs"], ran["min_delta"]) == (t.params["train.patience"], 3, 10.0)
+        # the rounds log their models (tracking.log_model), a trial its checkpoints only: no version per trial
+        assert ran_with["tracking"]["log_model"] is False and load_params(project / "params.yaml").tracking.log_model
+        trial_run = json.loads(dvc.api.read("reports/train_summary.json", repo=str(project), rev=exp))["mlflow_run_id"]
+        assert [a.path for a in client.list_artifacts(trial_run, CHECKPOINT_ARTIFACTS)] != []
+        assert client.search_model_versions(f"name = '{name}' AND run_id = '{trial_run}'") == []
         history = list(csv.DictReader(io.StringIO(dvc.api.read("reports/history.csv", repo=str(project), rev=exp))))
         assert [int(row["epoch"]) for row in history] == sorted(t.intermediate_values)  # trained what it reported
         if t.state.name == "COMPLETE":  # the objective: validation accuracy at the epoch a round would evaluate

@@ -66,6 +66,9 @@ class Driver:
                 "tracking.round": self.trial_name(trial.number),
                 "tracking.preset": self.sweep.baseline,  # not what the last `rounds run` left in params.yaml
                 "tracking.planned_seeds": None,
+                # a trial selects values; the registry holds the rounds' replicates, not a version per trial
+                # (the trial's checkpoints are logged as for any run)
+                "tracking.log_model": False,
                 "sweep.study": self.sweep.study,
                 "sweep.trial": trial.number,
                 "sweep.storage": self.sweep.storage,
