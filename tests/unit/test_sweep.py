@@ -460,6 +460,18 @@ def test_a_trial_whose_worker_died_is_failed_by_optunas_heartbeat_and_retried_wi
     assert "sent no heartbeat" in ended.data.tags["cifar_rounds.end_reason"]
 
 
+def test_a_stale_trial_that_two_workers_failed_at_the_same_moment_is_tried_again_once(tmp_path, monkeypatch, capsys):
+    """Both workers' check-and-set of its state can succeed on SQLite (Optuna relies on SELECT ... FOR UPDATE), and
+    each then calls back: its values are queued once, and said once."""
+    d = _git_driver(tmp_path, monkeypatch, enqueue=[])
+    trial = d.study.ask()
+    d.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    for worker in (_worker(d), _worker(d)):
+        worker.ended(d.study, d.study.get_trials()[trial.number])
+    assert [t.state.name for t in d.study.trials] == ["FAIL", "WAITING"]
+    assert capsys.readouterr().out.count("trying its values again") == 1
+
+
 def test_a_worker_takes_the_first_free_clone_and_resets_it_to_the_commit_and_the_workspaces_params(tmp_path):
     from cifar_rounds.analysis.clones import head_commit, take_clone, uncommitted
 

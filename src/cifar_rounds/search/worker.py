@@ -25,7 +25,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifar_rounds.analysis.clones import LOGS_DIR, Clone, take_clone
+from filelock import FileLock
+
+from cifar_rounds.analysis.clones import CLONES_DIR, LOGS_DIR, Clone, take_clone
 from cifar_rounds.analysis.rounds import exp_run_command, load_preset
 from cifar_rounds.core.errors import StageError, causes, run_stage
 from cifar_rounds.core.interrupts import Interrupts, interrupts_caught
@@ -49,6 +51,7 @@ GRACE_S = 60  # a trial silent this long is failed (its worker died) and tried a
 POLL_S = 5.0  # how often a worker with nothing to start looks at the study again (others' trials may fail)
 FINAL_ATTR = "not_retried"  # why a FAIL trial is not tried again (its values are invalid, or it diverged)
 FAILURES_ATTR = "failures"  # experiments of these values that failed by themselves (not stopped by a signal)
+RETRY_LOCK = "retry.lock"  # in the repository's clones folder: one worker at a time queues a failed trial again
 
 
 class TrialFailed(Exception):
@@ -115,8 +118,6 @@ class Worker:
         """Optuna's callback after each trial: its end said in one line; a FAIL tried again with the same values
         (Optuna's retry) unless it was surplus, its values cannot succeed, or their experiment failed twice by
         itself (a trial stopped with its sweep or worker is always tried again)."""
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
         name = self.d.trial_name(trial.number)
         if trial.state.name != "FAIL":
             print(f"sweep: trial {trial.number} ({name}) {trial.state.name.lower()}", flush=True)
@@ -124,10 +125,10 @@ class Worker:
         if trial.user_attrs.get(SURPLUS_ATTR):
             return
         again = FINAL_ATTR not in trial.user_attrs and trial.user_attrs.get(FAILURES_ATTR, 0) < 2
+        if again and not retried_once(study, trial):
+            return  # another worker failed it at the same moment, queued it again and said so
         why = "trying its values again" if again else trial.user_attrs.get(FINAL_ATTR, "its values failed twice")
         print(f"sweep: trial {trial.number} ({name}) failed; {why}", flush=True)
-        if again:
-            RetryHeartbeatStaleTrialCallback()(study, trial)
 
     def stale(self, study, trial) -> None:
         """Optuna's callback for a trial whose heartbeat stopped (its worker died): its runs ended, then as `ended`."""
@@ -159,6 +160,21 @@ class Worker:
                 time.sleep(POLL_S)  # another trial may yet fail, and its values need a worker
             else:
                 return
+
+
+def retried_once(study, trial) -> bool:
+    """Optuna's retry of the failed `trial`, unless a worker of this repository has already queued it: whether
+    this call did. Two workers may both fail one stale trial: Optuna's check-and-set of its state relies on
+    SELECT ... FOR UPDATE, which SQLite (a sweep's default storage) ignores, and each worker then calls back."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+    lock = repo_root() / CLONES_DIR / RETRY_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        queued = [t for t in study.get_trials(deepcopy=False) if Retry.retry_history(t)[-1:] == [trial.number]]
+        if not queued:
+            Retry()(study, trial)
+    return not queued
 
 
 def surplus(study, number: int, budget: int) -> bool:
