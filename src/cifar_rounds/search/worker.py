@@ -171,10 +171,10 @@ def retried_once(study, trial) -> bool:
     lock = repo_root() / CLONES_DIR / RETRY_LOCK
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
-        queued = [t for t in study.get_trials(deepcopy=False) if Retry.retry_history(t)[-1:] == [trial.number]]
-        if not queued:
-            Retry()(study, trial)
-    return not queued
+        if any(Retry.retry_history(t)[-1:] == [trial.number] for t in study.get_trials(deepcopy=False)):
+            return False
+        Retry()(study, trial)
+    return True
 
 
 def surplus(study, number: int, budget: int) -> bool:
